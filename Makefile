@@ -1,0 +1,97 @@
+# piapi — LLM coding-assistant gateway (FastCGI responder)
+VERSION  := 0.1.0
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+BUILD    ?= build
+CC       ?= cc
+PKGS     := fcgi libcurl yaml-0.1 libcjson
+
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lcurl -lyaml -lcjson)
+CUNIT_LIBS := $(shell pkg-config --libs cunit 2>/dev/null || echo -lcunit)
+
+OPT      ?= -O2
+CFLAGS   ?= $(OPT) -g
+SAN      ?=
+ifeq ($(SAN),1)
+SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+endif
+ALL_CFLAGS  = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -pthread \
+              -Iinclude -DPIAPI_VERSION='"$(VERSION)"' $(PKG_CFLAGS) \
+              $(SANFLAGS) $(CFLAGS) -MMD -MP
+ALL_LDFLAGS = -pthread $(SANFLAGS) $(LDFLAGS)
+
+SRCS     := $(wildcard src/*.c)
+OBJS     := $(SRCS:src/%.c=$(BUILD)/obj/%.o)
+LIB_OBJS := $(filter-out $(BUILD)/obj/main.o,$(OBJS))
+UNIT_SRC := $(wildcard tests/unit/test_*.c)
+UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+
+Q := $(if $(V),,@)
+
+.PHONY: all test unit integration check deps run install uninstall clean bench fuzz asan
+all: $(BUILD)/piapi
+
+$(BUILD)/piapi: $(OBJS)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(PKG_LIBS)
+
+$(BUILD)/obj/%.o: src/%.c
+	@mkdir -p $(@D)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS)
+	@mkdir -p $(@D)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(ALL_CFLAGS) -Itests/unit -o $@ $< $(LIB_OBJS) $(ALL_LDFLAGS) $(PKG_LIBS) $(CUNIT_LIBS)
+
+# `make test` is the one command CI and developers run: it installs what is
+# missing, builds, runs every unit and integration test and ends with one
+# "N passed, M failed" line.
+test: deps
+	$(Q)$(MAKE) --no-print-directory all unit-bins
+	$(Q)BUILD=$(BUILD) tests/run.sh
+
+unit-bins: $(UNIT_BIN)
+
+unit: all unit-bins
+	$(Q)BUILD=$(BUILD) tests/run.sh unit
+
+integration: all
+	$(Q)BUILD=$(BUILD) tests/run.sh integration
+
+# Sanitizer build of the same suites (ASan + UBSan), in its own tree.
+asan: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build/asan SAN=1 OPT=-O1 all unit-bins
+	$(Q)BUILD=build/asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 tests/run.sh
+
+deps:
+	$(Q)scripts/install-deps.sh
+
+# nginx (private prefix under build/) + piapi on :9200, in the foreground.
+run: deps all
+	$(Q)scripts/run.sh
+
+bench: deps all
+	$(Q)tests/bench/run.sh
+
+fuzz: deps
+	$(Q)tests/fuzz/run.sh
+
+check: all
+	$(Q)$(BUILD)/piapi --check-config --config $${CONFIG:-config.yaml.example}
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/doc/piapi
+	install -m 0755 $(BUILD)/piapi $(DESTDIR)$(PREFIX)/bin/piapi
+	install -m 0644 config.yaml.example README.md $(DESTDIR)$(PREFIX)/share/doc/piapi/
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/piapi
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/piapi
+
+clean:
+	rm -rf build
+
+-include $(OBJS:.o=.d) $(UNIT_BIN:=.d)

@@ -1,0 +1,103 @@
+/* config.yaml → immutable, reference-counted snapshot.
+ *
+ * Nothing outside config.c sees a libyaml type. A snapshot never changes
+ * after it is built; every pointer it hands out stays valid until the
+ * snapshot's last reference is released. */
+#ifndef PIAPI_CONFIG_H
+#define PIAPI_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum piapi_auth_mode {
+    PIAPI_AUTH_HEADER,  /* <name>: <prefix><key> */
+    PIAPI_AUTH_QUERY    /* ?<name>=<key> */
+};
+
+struct piapi_auth {
+    enum piapi_auth_mode mode;
+    const char *name;    /* header or query parameter name */
+    const char *prefix;  /* header mode only; "" when none */
+};
+
+struct piapi_provider;
+
+struct piapi_service {
+    const char *type;
+    const char *base_url;            /* absolute http(s) URL, as configured */
+    struct piapi_auth auth;
+    const struct piapi_provider *provider;
+};
+
+struct piapi_provider_key {
+    const char *name;   /* safe to log */
+    const char *value;  /* secret: never log, print or put in a metric */
+};
+
+struct piapi_provider {
+    const char *name;
+    const struct piapi_provider_key *keys;
+    size_t nkeys;
+    const struct piapi_service *services;
+    size_t nservices;
+};
+
+struct piapi_user {
+    const char *name;
+    const char *api_key;  /* secret */
+    size_t api_key_len;
+    const struct piapi_provider *provider;
+    const struct piapi_provider_key *key;
+};
+
+/* Optional top-level `settings:` block; every field has a default. */
+struct piapi_settings {
+    uint64_t max_body_bytes;        /* maxBodyBytes, default 32 MiB */
+    uint32_t connect_timeout_ms;    /* connectTimeoutMs, default 10000 */
+    uint32_t header_timeout_ms;     /* headerTimeoutMs: no upstream headers by then -> 504, default 300000 */
+    uint32_t idle_timeout_ms;       /* idleTimeoutMs: silence mid-stream ends it, default 300000 */
+    uint32_t sse_keepalive_ms;      /* sseKeepaliveMs: ": ping" during silence, 0 = off, default 15000 */
+    const char *ca_file;            /* caFile, NULL = system store */
+};
+
+struct piapi_config;
+
+/* Loads and validates. On success returns a snapshot holding one
+ * reference. On failure returns NULL and sets *errors to a malloc'd,
+ * newline-separated list of every problem found, each naming the place:
+ *   "config.yaml:14: users[1].providerKeyName: key 'x' not defined for provider 'p'"
+ * *warnings (may be NULL on either path) lists non-fatal findings such as
+ * a world-readable file or plain http to a non-loopback host. The caller
+ * frees both strings. */
+struct piapi_config *piapi_config_load_file(const char *path, char **errors,
+                                            char **warnings);
+/* Same, from memory; `name` prefixes messages instead of a path. */
+struct piapi_config *piapi_config_parse(const char *text, size_t len,
+                                        const char *name, char **errors,
+                                        char **warnings);
+
+struct piapi_config *piapi_config_acquire(struct piapi_config *cfg);
+void piapi_config_release(struct piapi_config *cfg);  /* NULL is fine */
+
+/* O(1); constant-time comparison of the candidate key. NULL when unknown. */
+const struct piapi_user *piapi_config_find_user(const struct piapi_config *cfg,
+                                                const char *key, size_t len);
+/* O(1). NULL when the provider offers no service of that type. */
+const struct piapi_service *
+piapi_config_find_service(const struct piapi_config *cfg,
+                          const struct piapi_provider *provider,
+                          const char *type, size_t len);
+
+const struct piapi_settings *piapi_config_settings(const struct piapi_config *cfg);
+/* Short hex digest of the file's bytes (12 chars); identifies what is live. */
+const char *piapi_config_hash(const struct piapi_config *cfg);
+void piapi_config_counts(const struct piapi_config *cfg, size_t *providers,
+                         size_t *services, size_t *users);
+
+/* The live snapshot shared by all threads. current() returns an acquired
+ * reference (or NULL before the first publish); publish() takes over the
+ * caller's reference and releases the previous snapshot's. */
+struct piapi_config *piapi_config_current(void);
+void piapi_config_publish(struct piapi_config *cfg);
+
+#endif

@@ -1,0 +1,52 @@
+/* What crosses in each direction. FastCGI hands request headers over as
+ * HTTP_* params; this module turns them back into headers for libcurl,
+ * applying one policy table, and decides which upstream response headers
+ * reach the client. */
+#ifndef PIAPI_HEADERS_H
+#define PIAPI_HEADERS_H
+
+#include <stddef.h>
+#include "piapi/config.h"
+
+struct curl_slist;
+
+#define PIAPI_HEADERS_MAX_COUNT  100
+#define PIAPI_HEADERS_MAX_BYTES  (64 * 1024)
+
+enum piapi_key_status {
+    PIAPI_KEY_OK = 0,
+    PIAPI_KEY_MISSING,    /* 401 */
+    PIAPI_KEY_DUPLICATE   /* the same credential header twice: 400 */
+};
+
+/* The member's key candidates: from "Authorization: Bearer <k>" (scheme
+ * case-insensitive) and from "x-api-key: <k>". Either may be absent (NULL).
+ * Views into envp. */
+struct piapi_client_keys {
+    const char *bearer;  size_t bearer_len;
+    const char *api_key; size_t api_key_len;
+};
+
+enum piapi_key_status piapi_headers_client_keys(char **envp,
+                                                struct piapi_client_keys *k);
+
+/* Builds the upstream request header list from the FastCGI params: every
+ * client header except the policy's drops (credentials, Host, hop-by-hop,
+ * headers named in Connection, the injected auth header), then
+ * Content-Type, the provider key for header-mode auth, X-Request-ID and an
+ * empty "Expect:" (no 100-continue stalls). Returns 0 and sets *out (the
+ * caller frees it with curl_slist_free_all), or the HTTP status to answer
+ * (400: CR/LF/NUL in a value; 431: too many or too large headers) with a
+ * client-safe *why. */
+int piapi_headers_forward(char **envp, const struct piapi_service *svc,
+                          const char *provider_key, const char *request_id,
+                          struct curl_slist **out, const char **why);
+
+/* 1 when an upstream response header may be relayed to the client. */
+int piapi_headers_response_allowed(const char *name, size_t len);
+
+/* Value of FastCGI param `name`; *count gets how many times it appears
+ * (nginx passes repeated headers as repeated params). NULL when absent. */
+const char *piapi_headers_param(char **envp, const char *name, int *count);
+
+#endif

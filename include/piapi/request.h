@@ -1,0 +1,26 @@
+/* One request's life, from FCGX_Accept_r to the log line: parse params,
+ * take the live config snapshot, answer /healthz and /metrics, or
+ * authenticate, route and proxy; then log, record metrics and release. */
+#ifndef PIAPI_REQUEST_H
+#define PIAPI_REQUEST_H
+
+#include <fcgiapp.h>
+#include <stdatomic.h>
+
+/* Per-thread state (curl handles, scratch buffers). `aborting` is set at
+ * shutdown once the grace period is over; `stopping` as soon as the pool
+ * stops accepting (health then reports 503). */
+struct piapi_worker;
+
+struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
+                                                 const atomic_int *aborting);
+void piapi_request_worker_destroy(struct piapi_worker *w);
+
+void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r);
+
+/* Answers without routing (e.g. 503 when the pool is saturated), logs
+ * and records it like any other request. */
+void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,
+                          const char *message);
+
+#endif

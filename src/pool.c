@@ -1,0 +1,202 @@
+/* Responder threads. Every thread owns a worker (curl handles, buffers)
+ * for its whole life, so connections to the upstream are reused. */
+#include "piapi/pool.h"
+
+#include <errno.h>
+#include <fcgiapp.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "piapi/log.h"
+#include "piapi/metrics.h"
+#include "piapi/request.h"
+#include "piapi/util.h"
+
+static struct {
+    struct piapi_pool_opts o;
+    unsigned cap;               /* threads at most: request slots + accepters */
+    pthread_attr_t attr;
+    pthread_mutex_t lock;       /* threads[] and spawning */
+    pthread_t *threads;
+    atomic_uint nthreads;
+    atomic_uint active;         /* accepted and not finished */
+    sem_t accept_slots;
+    sem_t request_slots;
+    atomic_int stopping;
+    atomic_int aborting;
+} pool = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static void *worker_main(void *arg);
+
+static void probe(unsigned *busy, unsigned *idle)
+{
+    unsigned n = atomic_load(&pool.nthreads), a = atomic_load(&pool.active);
+    *busy = a;
+    *idle = n > a ? n - a : 0;
+}
+
+static int spawn_locked(char *err, size_t errlen)
+{
+    unsigned n = atomic_load(&pool.nthreads);
+    if (n >= pool.cap || atomic_load(&pool.stopping))
+        return 0;
+    int rc = pthread_create(&pool.threads[n], &pool.attr, worker_main, NULL);
+    if (rc != 0) {
+        if (err)
+            snprintf(err, errlen, "pthread_create: %s", strerror(rc));
+        return -1;
+    }
+    atomic_store(&pool.nthreads, n + 1);
+    return 0;
+}
+
+/* Called by a thread that just took a request: if nobody is left to
+ * accept the next one, add a thread (up to the cap). */
+static void grow_if_needed(void)
+{
+    if (atomic_load(&pool.active) < atomic_load(&pool.nthreads))
+        return;
+    pthread_mutex_lock(&pool.lock);
+    if (atomic_load(&pool.active) >= atomic_load(&pool.nthreads) &&
+        spawn_locked(NULL, 0) != 0)
+        piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+static void sem_wait_nointr(sem_t *s)
+{
+    while (sem_wait(s) != 0 && errno == EINTR)
+        ;
+}
+
+/* A request slot now, or within the queue timeout. */
+static int take_request_slot(void)
+{
+    if (sem_trywait(&pool.request_slots) == 0)
+        return 1;
+    piapi_metrics_pool_saturated();
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += pool.o.queue_timeout_ms / 1000;
+    ts.tv_nsec += (long)(pool.o.queue_timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    int rc;
+    while ((rc = sem_timedwait(&pool.request_slots, &ts)) != 0 && errno == EINTR)
+        ;
+    return rc == 0;
+}
+
+static void serve(struct piapi_worker *w, FCGX_Request *req)
+{
+    atomic_fetch_add(&pool.active, 1);
+    grow_if_needed();
+    if (take_request_slot()) {
+        piapi_request_handle(w, req);
+        sem_post(&pool.request_slots);
+    } else {
+        piapi_request_reject(w, req, 503, "gateway saturated; retry shortly");
+    }
+    FCGX_Finish_r(req);
+    atomic_fetch_sub(&pool.active, 1);
+}
+
+static void *worker_main(void *arg)
+{
+    (void)arg;
+    struct piapi_worker *w = piapi_request_worker_create(&pool.stopping, &pool.aborting);
+    FCGX_Request req;
+
+    FCGX_InitRequest(&req, pool.o.fd, 0);
+    for (;;) {
+        sem_wait_nointr(&pool.accept_slots);
+        if (atomic_load(&pool.stopping)) {
+            sem_post(&pool.accept_slots);
+            break;
+        }
+        int rc = FCGX_Accept_r(&req);
+        sem_post(&pool.accept_slots);
+        if (rc < 0) {
+            if (atomic_load(&pool.stopping))
+                break;
+            /* EMFILE and friends: back off instead of spinning. */
+            usleep(10000);
+            continue;
+        }
+        serve(w, &req);
+    }
+    FCGX_Free(&req, 1);
+    piapi_request_worker_destroy(w);
+    return NULL;
+}
+
+int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
+{
+    pool.o = *o;
+    pool.cap = o->max_requests + o->accepters;
+    pool.threads = piapi_xcalloc(pool.cap, sizeof *pool.threads);
+    if (sem_init(&pool.accept_slots, 0, o->accepters) != 0 ||
+        sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
+        snprintf(err, errlen, "sem_init: %s", strerror(errno));
+        return -1;
+    }
+    pthread_attr_init(&pool.attr);
+    if (pthread_attr_setstacksize(&pool.attr, o->stack_size) != 0) {
+        snprintf(err, errlen, "invalid thread stack size %zu", o->stack_size);
+        return -1;
+    }
+    piapi_metrics_set_pool_probe(probe);
+
+    unsigned initial = o->accepters * 2 < pool.cap ? o->accepters * 2 : pool.cap;
+    pthread_mutex_lock(&pool.lock);
+    int rc = 0;
+    for (unsigned i = 0; i < initial && rc == 0; i++)
+        rc = spawn_locked(err, errlen);
+    pthread_mutex_unlock(&pool.lock);
+    return rc;
+}
+
+void piapi_pool_stop_accepting(void)
+{
+    if (atomic_exchange(&pool.stopping, 1))
+        return;
+    /* Wakes every thread blocked in accept(): it returns EINVAL at once
+     * (fastcgi-notes §1.5). */
+    shutdown(pool.o.fd, SHUT_RDWR);
+    for (unsigned i = 0; i < pool.cap; i++)
+        sem_post(&pool.accept_slots);
+}
+
+unsigned piapi_pool_active(void)
+{
+    return atomic_load(&pool.active);
+}
+
+void piapi_pool_abort(void)
+{
+    atomic_store(&pool.aborting, 1);
+}
+
+void piapi_pool_join(void)
+{
+    pthread_mutex_lock(&pool.lock);
+    unsigned n = atomic_load(&pool.nthreads);
+    pthread_mutex_unlock(&pool.lock);
+    for (unsigned i = 0; i < n; i++)
+        pthread_join(pool.threads[i], NULL);
+    piapi_metrics_set_pool_probe(NULL);
+    free(pool.threads);
+    pool.threads = NULL;
+    sem_destroy(&pool.accept_slots);
+    sem_destroy(&pool.request_slots);
+    pthread_attr_destroy(&pool.attr);
+}

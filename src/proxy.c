@@ -1,0 +1,526 @@
+/* The upstream transfer. A per-thread curl multi handle drives one easy
+ * handle so the loop can also watch the FastCGI connection: nginx closes it
+ * the moment the client goes away, and a silent upstream would otherwise
+ * keep the transfer alive until its next byte (fastcgi-notes §3). */
+#include "piapi/proxy.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "piapi/headers.h"
+#include "piapi/http.h"
+#include "piapi/util.h"
+
+/* Bodies up to this size are read whole and handed to libcurl in one
+ * piece; larger ones stream through the read callback. */
+#define INLINE_BODY_MAX (64 * 1024)
+/* Upper bound on one wait, so shutdown and timers are seen promptly. */
+#define POLL_SLICE_MS 1000
+
+struct piapi_proxy {
+    CURLM *multi;
+    CURL *easy;
+    char *body;             /* INLINE_BODY_MAX bytes, reused */
+    struct piapi_buf head;  /* response head under construction */
+};
+
+/* Per-transfer state shared by the libcurl callbacks. */
+struct xfer {
+    struct piapi_transfer *t;
+    struct piapi_proxy *p;
+    double start;
+    double last_upstream;   /* last byte from the upstream */
+    double last_write;      /* last byte to the client */
+    int stdin_eof;          /* only then does POLLIN on the fd mean "gone" */
+    int in_block;           /* inside a non-1xx header block */
+    int head_sent;
+    int sse;                /* text/event-stream without Content-Encoding */
+    int at_boundary;        /* last body bytes ended an SSE event */
+    int client_gone;
+    int body_over_limit;
+    size_t inline_len, inline_off;  /* pre-read body served first */
+    char tail[2];           /* last two body bytes, for SSE boundaries */
+};
+
+struct piapi_proxy *piapi_proxy_create(void)
+{
+    struct piapi_proxy *p = piapi_xcalloc(1, sizeof *p);
+    p->multi = curl_multi_init();
+    p->easy = curl_easy_init();
+    if (!p->multi || !p->easy)
+        abort();
+    p->body = piapi_xmalloc(INLINE_BODY_MAX);
+    return p;
+}
+
+void piapi_proxy_destroy(struct piapi_proxy *p)
+{
+    if (!p)
+        return;
+    curl_easy_cleanup(p->easy);
+    curl_multi_cleanup(p->multi);
+    free(p->body);
+    piapi_buf_dispose(&p->head);
+    free(p);
+}
+
+/* ---- client side ---------------------------------------------------- */
+
+static int client_write(struct xfer *x, const char *data, size_t n)
+{
+    FCGX_Stream *out = x->t->fcgi->out;
+    if (x->client_gone)
+        return -1;
+    if ((n && FCGX_PutStr(data, (int)n, out) != (int)n) || FCGX_FFlush(out) != 0) {
+        x->client_gone = 1;
+        return -1;
+    }
+    x->last_write = piapi_now_mono();
+    return 0;
+}
+
+/* After stdin's end nothing more arrives on the FastCGI connection, so any
+ * readability means the web server closed it: the client is gone. */
+static int client_hung_up(struct xfer *x)
+{
+    struct pollfd pfd = { .fd = x->t->fcgi->ipcFd, .events = POLLRDHUP };
+    if (!x->stdin_eof || pfd.fd < 0)
+        return 0;
+    return poll(&pfd, 1, 0) > 0 &&
+           (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLIN));
+}
+
+/* Makes the FastCGI stream invalid (bytes outside any record) so nginx
+ * drops the client connection: a cut upstream answer must look cut, not
+ * like a clean end (fastcgi-notes §10). */
+static void poison_stream(struct xfer *x)
+{
+    static const char junk[8] = {0};
+    FCGX_FFlush(x->t->fcgi->out);
+    if (x->t->fcgi->ipcFd >= 0) {
+        ssize_t r = write(x->t->fcgi->ipcFd, junk, sizeof junk);
+        (void)r;
+    }
+}
+
+/* ---- request body --------------------------------------------------- */
+
+/* Consumes the empty FCGI_STDIN record that ends the body. Until it is
+ * read, readability of the connection means nothing about the client. */
+static void consume_stdin_end(struct xfer *x)
+{
+    char c;
+    if (!x->stdin_eof && FCGX_GetStr(&c, 1, x->t->fcgi->in) == 0)
+        x->stdin_eof = 1;
+}
+
+
+static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t want = size * nitems;
+
+    if (x->inline_off < x->inline_len) {
+        size_t n = x->inline_len - x->inline_off;
+        if (n > want)
+            n = want;
+        memcpy(buf, x->p->body + x->inline_off, n);
+        x->inline_off += n;
+        return n;
+    }
+    if (x->stdin_eof)
+        return 0;
+    int got = FCGX_GetStr(buf, (int)want, x->t->fcgi->in);
+    if (got <= 0) {
+        x->stdin_eof = 1;
+        return 0;
+    }
+    x->t->bytes_in += (uint64_t)got;
+    if (x->t->bytes_in > x->t->settings->max_body_bytes) {
+        x->body_over_limit = 1;
+        return CURL_READFUNC_ABORT;
+    }
+    if (x->t->content_length >= 0 &&
+        x->t->bytes_in >= (uint64_t)x->t->content_length)
+        consume_stdin_end(x);
+    return (size_t)got;
+}
+
+/* Reads up to `limit` (<= INLINE_BODY_MAX) bytes into p->body. Returns 1
+ * when that is the whole body, 0 when more is left to stream. */
+static int preread_body(struct xfer *x, size_t limit, int exact)
+{
+    FCGX_Stream *in = x->t->fcgi->in;
+    while (x->inline_len < limit) {
+        int got = FCGX_GetStr(x->p->body + x->inline_len,
+                              (int)(limit - x->inline_len), in);
+        if (got <= 0) {
+            x->stdin_eof = 1;
+            return 1;
+        }
+        x->inline_len += (size_t)got;
+    }
+    if (exact) {
+        consume_stdin_end(x);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- response head -------------------------------------------------- */
+
+static int parse_status_line(const char *line, size_t n)
+{
+    /* "HTTP/1.1 200 OK" or "HTTP/2 200" */
+    const char *sp = memchr(line, ' ', n);
+    if (!sp || (size_t)(sp - line) + 4 > n)
+        return 0;
+    int code = 0;
+    for (int i = 1; i <= 3; i++) {
+        char c = sp[i];
+        if (c < '0' || c > '9')
+            return 0;
+        code = code * 10 + (c - '0');
+    }
+    return code >= 100 && code <= 599 ? code : 0;
+}
+
+/* Pads the head to a multiple of 8 bytes: libfcgi pads every record to 8,
+ * and nginx holds a padded header-only record until the first body byte
+ * (fastcgi-notes §0.6). The spaces go into X-Accel-Buffering, which nginx
+ * reads leniently and never shows the client. */
+static void finish_head(struct piapi_buf *h)
+{
+    static const char pre[] = "X-Accel-Buffering:", post[] = "no\r\n\r\n";
+    size_t len = h->len + sizeof pre - 1 + 1 + sizeof post - 1;
+    size_t pad = (8 - len % 8) % 8;
+
+    piapi_buf_puts(h, pre);
+    for (size_t i = 0; i <= pad; i++)
+        piapi_buf_putc(h, ' ');
+    piapi_buf_puts(h, post);
+}
+
+static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t n = size * nitems;
+    struct piapi_buf *h = &x->p->head;
+
+    if (x->head_sent)
+        return n;  /* trailers: not relayed */
+    if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        int code = parse_status_line(data, n);
+        if (!code)
+            return 0;
+        x->t->status = code;
+        x->in_block = code >= 200;
+        x->sse = 0;
+        piapi_buf_reset(h);
+        piapi_buf_printf(h, "Status: %d %s\r\n", code, piapi_http_reason(code));
+        return n;
+    }
+    if (!x->in_block)
+        return n;  /* 1xx block: nothing to relay */
+    if (n <= 2) {  /* the empty line: the head is complete */
+        piapi_buf_printf(h, "X-Request-ID: %s\r\n", x->t->request_id);
+        finish_head(h);
+        x->head_sent = 1;
+        x->t->ttfb = piapi_now_mono() - x->start;
+        x->last_upstream = piapi_now_mono();
+        return client_write(x, h->data, h->len) == 0 ? n : 0;
+    }
+
+    size_t len = n;
+    while (len && (data[len - 1] == '\r' || data[len - 1] == '\n'))
+        len--;
+    const char *colon = memchr(data, ':', len);
+    if (!colon)
+        return n;
+    size_t name_len = (size_t)(colon - data);
+    if (!piapi_headers_response_allowed(data, name_len))
+        return n;
+    if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
+        const char *v = colon + 1;
+        while (*v == ' ')
+            v++;
+        x->sse = strncasecmp(v, "text/event-stream", 17) == 0;
+    } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
+        x->sse = -1;  /* never inject into a compressed body */
+    }
+    piapi_buf_append(h, data, len);
+    piapi_buf_puts(h, "\r\n");
+    return n;
+}
+
+static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t n = size * nitems;
+
+    x->last_upstream = piapi_now_mono();
+    if (client_write(x, data, n) != 0)
+        return 0;
+    x->t->bytes_out += n;
+    if (n >= 2) {
+        x->tail[0] = data[n - 2];
+        x->tail[1] = data[n - 1];
+    } else if (n == 1) {
+        x->tail[0] = x->tail[1];
+        x->tail[1] = data[0];
+    }
+    x->at_boundary = x->tail[0] == '\n' && x->tail[1] == '\n';
+    return n;
+}
+
+/* ---- the transfer --------------------------------------------------- */
+
+static void set_method_and_body(struct xfer *x)
+{
+    CURL *e = x->p->easy;
+    struct piapi_transfer *t = x->t;
+    const char *m = t->method;
+    int64_t cl = t->content_length;
+    int whole;
+
+    if (cl >= 0 && cl <= INLINE_BODY_MAX)
+        whole = preread_body(x, (size_t)cl, 1);
+    else if (cl < 0)
+        whole = preread_body(x, INLINE_BODY_MAX, 0);
+    else
+        whole = 0;
+    if (whole)
+        t->bytes_in = x->inline_len;
+
+    if (strcmp(m, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+        return;
+    }
+    int bodyless = whole && x->inline_len == 0 &&
+                   (!strcmp(m, "GET") || !strcmp(m, "DELETE") || !strcmp(m, "OPTIONS"));
+    if (bodyless) {
+        if (strcmp(m, "GET") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, m);
+        return;
+    }
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    if (strcmp(m, "POST") != 0)
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, m);
+    if (whole) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->p->body);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->inline_len);
+        return;
+    }
+    t->bytes_in = x->inline_len;
+    curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
+    curl_easy_setopt(e, CURLOPT_READDATA, x);
+    if (cl >= 0)
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)cl);
+    /* Unknown length: libcurl sends it chunked. */
+}
+
+static void setup(struct xfer *x)
+{
+    CURL *e = x->p->easy;
+    const struct piapi_settings *s = x->t->settings;
+
+    curl_easy_reset(e);
+    curl_easy_setopt(e, CURLOPT_URL, x->t->url);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->t->headers);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)s->connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
+    if (s->ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, s->ca_file);
+    set_method_and_body(x);
+}
+
+/* Maps a failed transfer to the metrics reason and, when nothing reached
+ * the client yet, the status to answer with. */
+static void classify(struct xfer *x, CURLcode rc)
+{
+    struct piapi_transfer *t = x->t;
+    const char *reason;
+    int status = 502;
+    const char *msg = "upstream request failed";
+
+    switch (rc) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        reason = "connect";
+        msg = "upstream unreachable";
+        break;
+    case CURLE_OPERATION_TIMEDOUT:
+        reason = "timeout";
+        status = 504;
+        msg = "upstream timed out";
+        break;
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+        reason = "tls";
+        msg = "upstream TLS failure";
+        break;
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        reason = "reset";
+        msg = "upstream closed the connection";
+        break;
+    default:
+        reason = "protocol";
+        msg = "invalid upstream response";
+        break;
+    }
+    t->error = reason;
+    t->error_status = status;
+    t->error_message = msg;
+}
+
+/* What the loop decided on its own (timers, hang-ups, shutdown). */
+enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE };
+
+static enum verdict check_timers(struct xfer *x, int *wait_ms)
+{
+    const struct piapi_settings *s = x->t->settings;
+    double now = piapi_now_mono();
+    double next = now + POLL_SLICE_MS / 1000.0;
+
+    if (x->t->abort_flag && atomic_load_explicit(x->t->abort_flag, memory_order_relaxed))
+        return SHUTDOWN;
+    if (x->client_gone || client_hung_up(x))
+        return CLIENT_GONE;
+    if (x->body_over_limit)
+        return TOO_LARGE;
+    if (!x->head_sent) {
+        double deadline = x->start + s->header_timeout_ms / 1000.0;
+        if (now >= deadline)
+            return HEAD_TIMEOUT;
+        if (deadline < next)
+            next = deadline;
+    } else {
+        double deadline = x->last_upstream + s->idle_timeout_ms / 1000.0;
+        if (now >= deadline)
+            return IDLE_TIMEOUT;
+        if (deadline < next)
+            next = deadline;
+        if (x->sse == 1 && s->sse_keepalive_ms) {
+            double due = x->last_write + s->sse_keepalive_ms / 1000.0;
+            /* Comments only between events, so no event is split. */
+            if (now >= due && x->at_boundary) {
+                static const char ping[] = ": ping\n\n";
+                if (client_write(x, ping, sizeof ping - 1) != 0)
+                    return CLIENT_GONE;
+                due = now + s->sse_keepalive_ms / 1000.0;
+            }
+            if (due < next)
+                next = due;
+        }
+    }
+    int ms = (int)((next - now) * 1000.0) + 1;
+    *wait_ms = ms < 1 ? 1 : ms > POLL_SLICE_MS ? POLL_SLICE_MS : ms;
+    return RUNNING;
+}
+
+static void apply_verdict(struct xfer *x, enum verdict v)
+{
+    struct piapi_transfer *t = x->t;
+    switch (v) {
+    case CLIENT_GONE:
+        t->error = "client_abort";
+        t->error_status = 499;
+        t->error_message = "client closed the connection";
+        break;
+    case HEAD_TIMEOUT:
+        t->error = "timeout";
+        t->error_status = 504;
+        t->error_message = "upstream sent no response in time";
+        break;
+    case IDLE_TIMEOUT:
+        t->error = "idle_timeout";
+        t->error_status = 504;
+        t->error_message = "upstream went silent";
+        break;
+    case SHUTDOWN:
+        t->error = "shutdown";
+        t->error_status = 503;
+        t->error_message = "gateway shutting down";
+        break;
+    case TOO_LARGE:
+        t->error = NULL;
+        t->error_status = 413;
+        t->error_message = "request body too large";
+        break;
+    case RUNNING:
+        break;
+    }
+}
+
+void piapi_proxy_run(struct piapi_proxy *p, struct piapi_transfer *t)
+{
+    struct xfer x = { .t = t, .p = p };
+    CURLcode rc = CURLE_OK;
+    enum verdict v = RUNNING;
+    int running = 0;
+
+    x.start = x.last_write = piapi_now_mono();
+    t->status = 0;
+    t->ttfb = -1;
+    piapi_buf_reset(&p->head);
+    setup(&x);
+    curl_multi_add_handle(p->multi, p->easy);
+
+    for (;;) {
+        int wait_ms = POLL_SLICE_MS;
+        if (curl_multi_perform(p->multi, &running) != CURLM_OK || !running)
+            break;
+        if ((v = check_timers(&x, &wait_ms)) != RUNNING)
+            break;
+        struct curl_waitfd extra = {
+            .fd = t->fcgi->ipcFd, .events = CURL_WAIT_POLLIN, .revents = 0
+        };
+        curl_multi_poll(p->multi, &extra, x.stdin_eof && extra.fd >= 0 ? 1 : 0,
+                        wait_ms, NULL);
+    }
+
+    if (v == RUNNING) {
+        int left;
+        CURLMsg *m;
+        while ((m = curl_multi_info_read(p->multi, &left)))
+            if (m->msg == CURLMSG_DONE)
+                rc = m->data.result;
+        if (x.body_over_limit)
+            v = TOO_LARGE;
+        else if (x.client_gone)
+            v = CLIENT_GONE;
+    }
+    /* Removing an unfinished transfer closes its connection, which is what
+     * tells the upstream to stop generating. */
+    curl_multi_remove_handle(p->multi, p->easy);
+
+    if (v != RUNNING)
+        apply_verdict(&x, v);
+    else if (rc != CURLE_OK)
+        classify(&x, rc);
+
+    if (!x.head_sent) {
+        t->status = 0;
+        return;
+    }
+    if (t->error && v != CLIENT_GONE)
+        poison_stream(&x);
+}

@@ -1,0 +1,440 @@
+/* The request lifecycle. One function owns each request from accept to
+ * finish (style §5): whatever path it takes, finish() logs it once,
+ * records metrics once and releases the snapshot. */
+#include "piapi/request.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "piapi/config.h"
+#include "piapi/headers.h"
+#include "piapi/http.h"
+#include "piapi/json.h"
+#include "piapi/log.h"
+#include "piapi/metrics.h"
+#include "piapi/proxy.h"
+#include "piapi/route.h"
+#include "piapi/util.h"
+
+#define REQUEST_ID_MAX 128
+
+struct piapi_worker {
+    struct piapi_proxy *proxy;
+    const atomic_int *stopping;
+    const atomic_int *aborting;
+    struct piapi_route_url url;
+    struct piapi_buf out;      /* local responses, metrics exposition */
+    struct piapi_buf scratch;  /* redacted URL for the log */
+    uint64_t rng[2];           /* request ids */
+};
+
+struct request {
+    struct piapi_worker *w;
+    FCGX_Request *r;
+    double start;
+    const char *method;
+    const char *uri;
+    char id[REQUEST_ID_MAX + 1];
+    struct piapi_config *cfg;
+    const struct piapi_user *user;
+    const struct piapi_service *svc;
+    int status;
+    int logged_route;          /* the upstream URL is worth logging */
+    const char *error;         /* reason for the log line */
+    double ttfb;
+    uint64_t bytes_in, bytes_out;
+};
+
+struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
+                                                 const atomic_int *aborting)
+{
+    struct piapi_worker *w = piapi_xcalloc(1, sizeof *w);
+    w->proxy = piapi_proxy_create();
+    w->stopping = stopping;
+    w->aborting = aborting;
+    if (getrandom(w->rng, sizeof w->rng, 0) != (ssize_t)sizeof w->rng) {
+        w->rng[0] = (uint64_t)(uintptr_t)w ^ (uint64_t)(piapi_now_real() * 1e9);
+        w->rng[1] = 0x9e3779b97f4a7c15ULL;
+    }
+    w->rng[0] |= 1;
+    return w;
+}
+
+void piapi_request_worker_destroy(struct piapi_worker *w)
+{
+    if (!w)
+        return;
+    piapi_proxy_destroy(w->proxy);
+    piapi_buf_dispose(&w->url.buf);
+    piapi_buf_dispose(&w->out);
+    piapi_buf_dispose(&w->scratch);
+    free(w);
+}
+
+/* ---- request id ------------------------------------------------------ */
+
+/* xorshift128+: ids must be unique, not secret. */
+static uint64_t next_random(struct piapi_worker *w)
+{
+    uint64_t s1 = w->rng[0];
+    const uint64_t s0 = w->rng[1];
+    w->rng[0] = s0;
+    s1 ^= s1 << 23;
+    w->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return w->rng[1] + s0;
+}
+
+static int request_id_sane(const char *s)
+{
+    size_t n = 0;
+    for (; s[n]; n++) {
+        char c = s[n];
+        if (n >= REQUEST_ID_MAX ||
+            !((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' || c == ':'))
+            return 0;
+    }
+    return n > 0;
+}
+
+static void assign_request_id(struct request *q)
+{
+    int count;
+    const char *given = piapi_headers_param(q->r->envp, "HTTP_X_REQUEST_ID", &count);
+    if (given && count == 1 && request_id_sane(given)) {
+        snprintf(q->id, sizeof q->id, "%s", given);
+        return;
+    }
+    snprintf(q->id, sizeof q->id, "%016llx%016llx",
+             (unsigned long long)next_random(q->w),
+             (unsigned long long)next_random(q->w));
+}
+
+/* ---- responses piapi writes itself ------------------------------------ */
+
+static void respond(struct request *q, int status, const char *ctype,
+                    const char *extra_headers, const char *body, size_t len)
+{
+    struct piapi_buf *b = &q->w->out;
+    char head[512];
+    int n = snprintf(head, sizeof head,
+                     "Status: %d %s\r\nContent-Type: %s\r\n"
+                     "Content-Length: %zu\r\nCache-Control: no-store\r\n"
+                     "X-Request-ID: %s\r\n%s\r\n",
+                     status, piapi_http_reason(status), ctype, len, q->id,
+                     extra_headers ? extra_headers : "");
+    q->status = status;
+    if (n < 0 || (size_t)n >= sizeof head)
+        return;
+    FCGX_PutStr(head, n, q->r->out);
+    if (len && strcmp(q->method, "HEAD") != 0)
+        FCGX_PutStr(body, (int)len, q->r->out);
+    FCGX_FFlush(q->r->out);
+    q->bytes_out = len;
+    (void)b;
+}
+
+static void respond_error(struct request *q, int status, const char *message)
+{
+    struct piapi_buf *b = &q->w->out;
+    piapi_buf_reset(b);
+    piapi_json_error(b, piapi_http_error_type(status), message);
+    piapi_buf_putc(b, '\n');
+    respond(q, status, "application/json",
+            status == 401 ? "WWW-Authenticate: Bearer\r\n" :
+            status == 405 ? "Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" :
+            NULL, b->data, b->len);
+}
+
+/* ---- local endpoints -------------------------------------------------- */
+
+static int path_is(const char *uri, const char *path)
+{
+    size_t n = strlen(path);
+    return strncmp(uri, path, n) == 0 && (uri[n] == '\0' || uri[n] == '?');
+}
+
+static void serve_health(struct request *q)
+{
+    if (atomic_load_explicit(q->w->stopping, memory_order_relaxed)) {
+        respond_error(q, 503, "shutting down");
+        return;
+    }
+    if (!q->cfg) {
+        respond_error(q, 503, "no configuration loaded");
+        return;
+    }
+    respond(q, 200, "text/plain; charset=utf-8", NULL, "ok\n", 3);
+}
+
+static void serve_metrics(struct request *q)
+{
+    struct piapi_buf *b = &q->w->out;
+    piapi_buf_reset(b);
+    piapi_metrics_render(b);
+    /* render may reuse b's storage; copy is unnecessary because respond()
+     * only formats the head into its own buffer. */
+    respond(q, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, b->data, b->len);
+}
+
+/* ---- the gateway path ------------------------------------------------- */
+
+static int method_allowed(const char *m)
+{
+    static const char *const ok[] = {
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", NULL
+    };
+    for (const char *const *p = ok; *p; p++)
+        if (strcmp(m, *p) == 0)
+            return 1;
+    return 0;
+}
+
+/* Authorization first, then x-api-key: SDKs may send both, and either one
+ * naming a member is enough. Unknown and malformed keys look the same. */
+static const struct piapi_user *authenticate(struct request *q,
+                                             const struct piapi_client_keys *k)
+{
+    const struct piapi_user *u = NULL;
+    if (k->bearer_len)
+        u = piapi_config_find_user(q->cfg, k->bearer, k->bearer_len);
+    if (!u && k->api_key_len)
+        u = piapi_config_find_user(q->cfg, k->api_key, k->api_key_len);
+    return u;
+}
+
+/* CONTENT_LENGTH: absent or empty means unknown (chunked upload with
+ * nginx request buffering off); anything else must be a clean number. */
+static int content_length(struct request *q, int64_t *out)
+{
+    const char *cl = piapi_headers_param(q->r->envp, "CONTENT_LENGTH", NULL);
+    uint64_t v;
+    if (!cl || !*cl) {
+        *out = -1;
+        return 0;
+    }
+    if (piapi_parse_u64(cl, 0, INT64_MAX, &v) != 0)
+        return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+static void forward(struct request *q, const struct piapi_route_target *t,
+                    const struct piapi_client_keys *keys)
+{
+    const struct piapi_settings *set = piapi_config_settings(q->cfg);
+    struct curl_slist *headers = NULL;
+    const char *why = NULL;
+    int64_t cl;
+
+    if (content_length(q, &cl) != 0) {
+        respond_error(q, 400, "invalid Content-Length");
+        return;
+    }
+    if (cl > 0 && (uint64_t)cl > set->max_body_bytes) {
+        respond_error(q, 413, "request body too large");
+        return;
+    }
+    int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value,
+                                   q->id, &headers, &why);
+    if (st) {
+        respond_error(q, st, why);
+        return;
+    }
+    const char *member_key = keys->bearer_len ? keys->bearer : keys->api_key;
+    size_t member_len = keys->bearer_len ? keys->bearer_len : keys->api_key_len;
+    piapi_route_upstream_url(&q->w->url, q->svc, t, q->user->key->value,
+                             member_key, member_len);
+    q->logged_route = 1;
+
+    struct piapi_transfer x = {
+        .fcgi = q->r,
+        .method = q->method,
+        .url = q->w->url.buf.data,
+        .headers = headers,
+        .settings = set,
+        .request_id = q->id,
+        .content_length = cl,
+        .abort_flag = q->w->aborting,
+    };
+    piapi_proxy_run(q->w->proxy, &x);
+    curl_slist_free_all(headers);
+
+    q->bytes_in = x.bytes_in;
+    q->ttfb = x.ttfb;
+    q->error = x.error;
+    if (x.error)
+        piapi_metrics_upstream_error(q->svc->provider->name, x.error);
+    if (x.status) {
+        q->status = x.status;
+        q->bytes_out = x.bytes_out;
+    } else if (x.error_status == 499) {
+        q->status = 499;  /* nobody to answer; nginx's convention in the log */
+    } else {
+        respond_error(q, x.error_status, x.error_message);
+    }
+}
+
+static void dispatch(struct request *q)
+{
+    struct piapi_route_target t;
+    struct piapi_client_keys keys;
+    const char *why = NULL;
+
+    if (!q->uri || !*q->uri || !q->method || !*q->method) {
+        respond_error(q, 400, "missing request line");
+        return;
+    }
+    if (path_is(q->uri, "/healthz")) {
+        serve_health(q);
+        return;
+    }
+    if (path_is(q->uri, "/metrics")) {
+        serve_metrics(q);
+        return;
+    }
+    switch (piapi_route_parse(q->uri, &t, &why)) {
+    case PIAPI_ROUTE_OK:
+        break;
+    case PIAPI_ROUTE_NOT_FOUND:
+        respond_error(q, 404, why);
+        return;
+    case PIAPI_ROUTE_TOO_LONG:
+        respond_error(q, 414, why);
+        return;
+    case PIAPI_ROUTE_BAD_PATH:
+        respond_error(q, 400, why);
+        return;
+    }
+    if (!method_allowed(q->method)) {
+        respond_error(q, 405, "method not allowed");
+        return;
+    }
+    if (!q->cfg) {
+        respond_error(q, 503, "no configuration loaded");
+        return;
+    }
+    switch (piapi_headers_client_keys(q->r->envp, &keys)) {
+    case PIAPI_KEY_OK:
+        break;
+    case PIAPI_KEY_DUPLICATE:
+        respond_error(q, 400, "credential header sent more than once");
+        return;
+    case PIAPI_KEY_MISSING:
+        respond_error(q, 401, "missing API key (send Authorization: Bearer <key> or x-api-key)");
+        return;
+    }
+    q->user = authenticate(q, &keys);
+    if (!q->user) {
+        respond_error(q, 401, "invalid API key");
+        return;
+    }
+    q->svc = piapi_config_find_service(q->cfg, q->user->provider, t.type, t.type_len);
+    if (!q->svc) {
+        respond_error(q, 404, "service type not available for this key");
+        return;
+    }
+    forward(q, &t, &keys);
+}
+
+/* ---- finish ----------------------------------------------------------- */
+
+static enum piapi_log_level level_for(int status)
+{
+    return status >= 500 ? PIAPI_LOG_ERROR : status >= 400 ? PIAPI_LOG_WARN
+                                                           : PIAPI_LOG_INFO;
+}
+
+/* The path as logged: without the query, which may carry secrets. */
+static size_t path_len(const char *uri)
+{
+    const char *qm = strchr(uri, '?');
+    return qm ? (size_t)(qm - uri) : strlen(uri);
+}
+
+static void log_request(struct request *q, double latency)
+{
+    struct piapi_log_line l;
+    if (!piapi_log_begin(&l, level_for(q->status), "request completed"))
+        return;
+    piapi_log_str(&l, "request_id", q->id);
+    piapi_log_str(&l, "method", q->method);
+    if (q->uri)
+        piapi_log_strn(&l, "path", q->uri, path_len(q->uri));
+    piapi_log_str(&l, "user", q->user ? q->user->name : NULL);
+    piapi_log_str(&l, "service_type", q->svc ? q->svc->type : NULL);
+    piapi_log_str(&l, "upstream_provider", q->user ? q->user->provider->name : NULL);
+    piapi_log_str(&l, "upstream_key", q->user ? q->user->key->name : NULL);
+    if (q->logged_route) {
+        piapi_route_redacted(&q->w->url, &q->w->scratch);
+        piapi_log_str(&l, "upstream_url", q->w->scratch.data);
+    }
+    piapi_log_int(&l, "status", q->status);
+    piapi_log_double(&l, "latency_ms", latency * 1000.0);
+    if (q->ttfb >= 0)
+        piapi_log_double(&l, "ttfb_ms", q->ttfb * 1000.0);
+    piapi_log_int(&l, "bytes_in", (int64_t)q->bytes_in);
+    piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
+    if (q->error)
+        piapi_log_str(&l, "error", q->error);
+    piapi_log_end(&l);
+}
+
+static void finish(struct request *q)
+{
+    double latency = piapi_now_mono() - q->start;
+    struct piapi_metrics_request m = {
+        .service_type = q->svc ? q->svc->type : PIAPI_METRICS_UNKNOWN,
+        .provider = q->svc ? q->svc->provider->name : NULL,
+        .user = q->user ? q->user->name : NULL,
+        .status = q->status,
+        .latency_s = latency,
+        .ttfb_s = q->ttfb,
+        .bytes_in = q->bytes_in,
+        .bytes_out = q->bytes_out,
+    };
+    piapi_metrics_request(&m);
+    log_request(q, latency);
+    piapi_config_release(q->cfg);
+    q->cfg = NULL;
+}
+
+static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request *r)
+{
+    memset(q, 0, sizeof *q);
+    q->w = w;
+    q->r = r;
+    q->start = piapi_now_mono();
+    q->ttfb = -1;
+    q->method = FCGX_GetParam("REQUEST_METHOD", r->envp);
+    q->uri = FCGX_GetParam("REQUEST_URI", r->envp);
+    if (!q->method)
+        q->method = "";
+    assign_request_id(q);
+}
+
+void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r)
+{
+    struct request q;
+
+    request_init(&q, w, r);
+    piapi_metrics_in_flight(1);
+    q.cfg = piapi_config_current();
+    dispatch(&q);
+    finish(&q);
+    piapi_metrics_in_flight(-1);
+}
+
+void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,
+                          const char *message)
+{
+    struct request q;
+
+    request_init(&q, w, r);
+    respond_error(&q, status, message);
+    q.error = "pool_saturated";
+    finish(&q);
+}

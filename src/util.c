@@ -1,0 +1,220 @@
+/* Allocation, bounded parsing, constant-time compare, hashing, clocks and
+ * the growable buffer shared by all modules. */
+#include "piapi/util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+static void oom(void)
+{
+    static const char msg[] = "piapi: out of memory\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+    abort();
+}
+
+void *piapi_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+void *piapi_xcalloc(size_t count, size_t size)
+{
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+void *piapi_xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (!q)
+        oom();
+    return q;
+}
+
+char *piapi_xstrdup(const char *s)
+{
+    return piapi_xstrndup(s, strlen(s));
+}
+
+char *piapi_xstrndup(const char *s, size_t n)
+{
+    char *p = piapi_xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+int piapi_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out)
+{
+    uint64_t v = 0;
+
+    if (!s || !*s)
+        return -1;
+    for (const char *p = s; *p; p++) {
+        if (*p < '0' || *p > '9')
+            return -1;
+        unsigned d = (unsigned)(*p - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return -1;
+        v = v * 10 + d;
+    }
+    if (v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int piapi_ct_equal(const void *a, size_t alen, const void *b, size_t blen)
+{
+    const volatile unsigned char *x = a;
+    const volatile unsigned char *y = b;
+    unsigned char diff = alen != blen;
+    size_t n = alen < blen ? alen : blen;
+
+    /* Compare over the shorter length and fold the length mismatch in, so
+     * the time never depends on where the first differing byte sits. */
+    for (size_t i = 0; i < n; i++)
+        diff |= x[i] ^ y[i];
+    return diff == 0;
+}
+
+/* SipHash-2-4: keyed, so table positions of member keys or client-chosen
+ * strings cannot be predicted or flooded. */
+static uint64_t sip_k0, sip_k1;
+static pthread_once_t sip_once = PTHREAD_ONCE_INIT;
+
+static void sip_seed(void)
+{
+    uint64_t k[2] = { 0x736f6d6570736575ULL, 0x646f72616e646f6dULL };
+    if (getrandom(k, sizeof k, 0) != (ssize_t)sizeof k) {
+        k[0] ^= (uint64_t)time(NULL);
+        k[1] ^= (uint64_t)getpid();
+    }
+    sip_k0 = k[0];
+    sip_k1 = k[1];
+}
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                     \
+    do {                                                             \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);    \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                       \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                       \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);    \
+    } while (0)
+
+uint64_t piapi_hash(const void *data, size_t len)
+{
+    const unsigned char *in = data;
+    pthread_once(&sip_once, sip_seed);
+    uint64_t v0 = 0x736f6d6570736575ULL ^ sip_k0;
+    uint64_t v1 = 0x646f72616e646f6dULL ^ sip_k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ sip_k0;
+    uint64_t v3 = 0x7465646279746573ULL ^ sip_k1;
+    uint64_t b = (uint64_t)len << 56;
+    size_t i = 0;
+
+    for (; i + 8 <= len; i += 8) {
+        uint64_t m;
+        memcpy(&m, in + i, 8);
+        v3 ^= m;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= m;
+    }
+    for (size_t j = 0; i + j < len; j++)
+        b |= (uint64_t)in[i + j] << (8 * j);
+    v3 ^= b;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static double clock_seconds(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+double piapi_now_mono(void) { return clock_seconds(CLOCK_MONOTONIC); }
+double piapi_now_real(void) { return clock_seconds(CLOCK_REALTIME); }
+
+void piapi_buf_reserve(struct piapi_buf *b, size_t extra)
+{
+    if (b->len + extra + 1 <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra + 1)
+        cap *= 2;
+    b->data = piapi_xrealloc(b->data, cap);
+    b->cap = cap;
+}
+
+void piapi_buf_append(struct piapi_buf *b, const void *p, size_t n)
+{
+    piapi_buf_reserve(b, n);
+    if (n)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+void piapi_buf_puts(struct piapi_buf *b, const char *s)
+{
+    piapi_buf_append(b, s, strlen(s));
+}
+
+void piapi_buf_putc(struct piapi_buf *b, char c)
+{
+    piapi_buf_append(b, &c, 1);
+}
+
+void piapi_buf_printf(struct piapi_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n <= 0)
+        return;
+    piapi_buf_reserve(b, (size_t)n);
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+void piapi_buf_reset(struct piapi_buf *b)
+{
+    b->len = 0;
+    if (b->data)
+        b->data[0] = '\0';
+}
+
+void piapi_buf_dispose(struct piapi_buf *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
