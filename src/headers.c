@@ -145,6 +145,21 @@ static void param_to_header(const char *p, size_t n, struct piapi_buf *b)
     }
 }
 
+/* CGI turns header names into [A-Z0-9_]; anything else did not come from
+ * a well-formed header and must not become one. */
+static int name_ok(const char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+              (c >= '0' && c <= '9') || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
 static int value_ok(const char *v)
 {
     for (; *v; v++)
@@ -204,6 +219,11 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
             (bytes += nlen + strlen(val)) > PIAPI_HEADERS_MAX_BYTES) {
             *why = "request headers too large";
             status = 431;
+            goto fail;
+        }
+        if (!name_ok(name, nlen)) {
+            *why = "invalid request header name";
+            status = 400;
             goto fail;
         }
         piapi_buf_reset(&line);

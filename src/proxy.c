@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "piapi/headers.h"
@@ -95,16 +96,20 @@ static int client_hung_up(struct xfer *x)
            (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLIN));
 }
 
-/* Makes the FastCGI stream invalid (bytes outside any record) so nginx
- * drops the client connection: a cut upstream answer must look cut, not
- * like a clean end (fastcgi-notes §10). */
+/* A cut upstream answer must look cut to the client, not like a clean
+ * end (fastcgi-notes §10). Bytes outside any record make nginx drop the
+ * client connection; lighttpd ignores them but treats a connection that
+ * closes without FCGI_END_REQUEST as a failed response. So: both, and the
+ * END_REQUEST libfcgi later tries to write goes nowhere. */
 static void poison_stream(struct xfer *x)
 {
     static const char junk[8] = {0};
+    int fd = x->t->fcgi->ipcFd;
     FCGX_FFlush(x->t->fcgi->out);
-    if (x->t->fcgi->ipcFd >= 0) {
-        ssize_t r = write(x->t->fcgi->ipcFd, junk, sizeof junk);
+    if (fd >= 0) {
+        ssize_t r = write(fd, junk, sizeof junk);
         (void)r;
+        shutdown(fd, SHUT_RDWR);
     }
 }
 

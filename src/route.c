@@ -87,7 +87,7 @@ enum piapi_route_status piapi_route_parse(const char *uri,
         t->query_len = len - (size_t)(t->query - uri);
         for (size_t i = 0; i < t->query_len; i++) {
             unsigned char c = (unsigned char)t->query[i];
-            if (c <= 0x20 || c == 0x7f) {
+            if (c <= 0x20 || c >= 0x7f) {
                 *why = "invalid character in query";
                 return PIAPI_ROUTE_BAD_PATH;
             }
@@ -155,7 +155,8 @@ static size_t query_decode(const char *s, size_t n, char *out)
 
 /* A client parameter is dropped when it is the service's auth parameter
  * (the provider key must be the only value upstream sees) or when its
- * value is the member's own key (never forward it in any form). */
+ * name or value contains the member's own key (never forward it in any
+ * form). */
 static int param_dropped(const char *p, size_t n,
                          const struct piapi_service *svc,
                          const char *member_key, size_t member_key_len)
@@ -170,9 +171,9 @@ static int param_dropped(const char *p, size_t n,
     if (svc->auth.mode == PIAPI_AUTH_QUERY &&
         dn == strlen(svc->auth.name) && memcmp(dec, svc->auth.name, dn) == 0)
         drop = 1;
-    if (!drop && eq && member_key_len) {
-        size_t vn = query_decode(eq + 1, n - name_len - 1, dec);
-        drop = piapi_ct_equal(dec, vn, member_key, member_key_len);
+    if (!drop && member_key_len) {
+        size_t whole = query_decode(p, n, dec);
+        drop = memmem(dec, whole, member_key, member_key_len) != NULL;
     }
     if (dec != small)
         free(dec);

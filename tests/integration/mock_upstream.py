@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Mock LLM provider for piapi's integration tests. Standard library only.
+
+    python3 mock_upstream.py --port 0 --record FILE [--host 127.0.0.1]
+
+Prints `PORT <n>` on stdout (flushed) once it listens. Every request it gets
+(except the control endpoints) is kept in memory and appended to FILE as one
+JSON line:
+    {"seq", "conn", "t", "method", "path", "headers": [[name, value], ...],
+     "body_b64", "body_len"}
+`path` is the request target exactly as received (self.path); `conn` numbers
+the TCP connection it came on (keep-alive reuse shows as a repeated number).
+Events such as {"event": "client_gone", "path", "t"} go to the same file and
+to GET /__mock/events.
+
+Control endpoints (call the mock directly, not through piapi):
+    GET  /__mock/requests   JSON list of the recorded requests
+    GET  /__mock/events     JSON list of events (client_gone, ...)
+    GET  /__mock/stats      {"connections", "open_connections", "requests", "accepted"}
+    POST /__mock/reset      forget requests, events and counters
+
+Behaviour is chosen by the last segments of the path, whatever comes before
+them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
+    .../echo                      200 JSON of what was received
+    .../sse?n=10&interval=0.2     SSE: n events `data: {"i":k}`, interval apart,
+                                  each flushed on its own, then `data: [DONE]`
+    .../gzip                      GZIP_TEXT, gzip'd when Accept-Encoding has gzip
+    .../status/NNN                status NNN with a small JSON body
+    .../slow-headers?delay=S      sleeps S, then 200 JSON
+    .../stall?after=N&delay=S     SSE: N events, S seconds of silence, then one
+                                  more event and [DONE]; records client_gone
+    .../close-mid                 Content-Length 1000, sends 100 bytes, closes
+    .../reset                     closes with RST, no answer
+    .../garbage                   non-HTTP bytes, then closes
+    .../big?bytes=N               200 with big_content(N)
+    anything else                 like echo
+To add an endpoint: write `def ep_<name>(self, args, query)` on Handler and
+add it to ENDPOINTS with the number of path segments it takes after its name.
+"""
+import argparse
+import base64
+import gzip
+import hashlib
+import json
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GZIP_TEXT = ("piapi mock upstream: this text travels gzip-compressed and must reach "
+             "the client byte for byte, still compressed.\n") * 20
+
+_PATTERN = bytes((i * 7 + 3) % 256 for i in range(251))
+
+
+def big_content(n):
+    """Deterministic n bytes: a 251-byte pattern repeated (misalignment shows)."""
+    reps, rest = divmod(n, len(_PATTERN))
+    return _PATTERN * reps + _PATTERN[:rest]
+
+
+# name -> number of path segments that follow it (e.g. status/404 takes 1)
+ENDPOINTS = {
+    "echo": 0, "sse": 0, "gzip": 0, "status": 1, "slow-headers": 0,
+    "stall": 0, "close-mid": 0, "reset": 0, "garbage": 0, "big": 0,
+}
+
+
+class State:
+    def __init__(self, record_path):
+        self.lock = threading.Lock()
+        self.record_path = record_path
+        self.open_connections = 0      # survive a reset: they are still open
+        self.next_conn = 0             # connection ids stay unique across resets
+        self.reset()
+
+    def reset(self):
+        with self.lock:
+            self.requests = []
+            self.events = []
+            self.connections = 0       # connections that carried a non-control request
+            self.accepted = 0          # every accepted TCP connection
+
+    def write_line(self, obj):
+        if self.record_path:
+            with open(self.record_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(obj) + "\n")
+
+    def add_request(self, rec):
+        with self.lock:
+            rec["seq"] = len(self.requests)
+            self.requests.append(rec)
+            self.write_line(rec)
+
+    def add_event(self, ev):
+        with self.lock:
+            self.events.append(ev)
+            self.write_line(ev)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def process_request(self, request, client_address):
+        with self.state.lock:
+            self.state.accepted += 1
+        super().process_request(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "piapi-mock/1"
+    conn_id = None          # set on the first non-control request
+    counted_open = False
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            sys.stderr.write("mock: " + (fmt % args) + "\n")
+
+    # ---- plumbing -------------------------------------------------------
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.counted_open:
+                with self.server.state.lock:
+                    self.server.state.open_connections -= 1
+                self.counted_open = False
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except ClientGone:
+            self.close_connection = True
+        except (ConnectionError, BrokenPipeError, socket.timeout):
+            self.close_connection = True
+
+    def read_body(self):
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            parts = []
+            while True:
+                line = self.rfile.readline(65537)
+                if not line:
+                    break
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while True:  # trailers up to the empty line
+                        t = self.rfile.readline(65537)
+                        if t in (b"\r\n", b"\n", b""):
+                            break
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(parts)
+        length = self.headers.get("Content-Length")
+        if length:
+            return self.rfile.read(int(length))
+        return b""
+
+    def send_bytes(self, status, body, ctype="application/json", extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        for k, v in extra:
+            self.send_header(k, v)
+        no_body = status in (204, 304) or 100 <= status < 200 or self.command == "HEAD"
+        if status not in (204, 304) and not 100 <= status < 200:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not no_body:
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def send_json(self, status, obj, extra=()):
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json", extra)
+
+    def start_chunked(self, status=200, ctype="text/event-stream"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def write_chunk(self, data):
+        """One HTTP chunk, flushed; raises ClientGone (and records it) on failure."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except OSError:
+            self.client_gone("write failed")
+            raise ClientGone()
+
+    def client_gone(self, how):
+        self.server.state.add_event({"event": "client_gone", "path": self.path,
+                                     "t": time.time(), "how": how, "conn": self.conn_id})
+
+    def wait_or_gone(self, seconds):
+        """Sleep `seconds`, but notice (and record) the peer closing meanwhile."""
+        deadline = time.monotonic() + seconds
+        sock = self.connection
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            r, _, _ = select.select([sock], [], [], left)
+            if r:
+                try:
+                    peek = sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    peek = b""
+                if not peek:
+                    self.client_gone("closed")
+                    raise ClientGone()
+                time.sleep(min(left, 0.05))  # pipelined data: not a close
+
+    def hard_close(self, rst=False):
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+        except OSError:
+            pass
+        if rst:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        else:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.connection.close()
+
+    # ---- dispatch -------------------------------------------------------
+
+    def handle_any(self):
+        raw_path = self.path
+        path, _, query_s = raw_path.partition("?")
+        st = self.server.state
+        if path.startswith("/__mock/"):
+            self.body = self.read_body()
+            return self.control(path[len("/__mock/"):])
+        if self.conn_id is None:
+            with st.lock:
+                st.next_conn += 1
+                self.conn_id = st.next_conn
+                st.connections += 1
+                st.open_connections += 1
+            self.counted_open = True
+        t = time.time()
+        self.body = self.read_body()
+        st.add_request({
+            "conn": self.conn_id, "t": t, "method": self.command, "path": raw_path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_b64": base64.b64encode(self.body).decode(), "body_len": len(self.body),
+        })
+        query = dict(urllib.parse.parse_qsl(query_s, keep_blank_values=True))
+        segs = [s for s in path.split("/") if s]
+        for nargs in (0, 1):
+            if len(segs) > nargs:
+                name = segs[-1 - nargs]
+                if ENDPOINTS.get(name) == nargs:
+                    fn = getattr(self, "ep_" + name.replace("-", "_"))
+                    return fn(segs[len(segs) - nargs:], query)
+        return self.ep_echo([], query)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = handle_any
+
+    def control(self, what):
+        st = self.server.state
+        if what == "requests":
+            with st.lock:
+                data = list(st.requests)
+            return self.send_json(200, data)
+        if what == "events":
+            with st.lock:
+                data = list(st.events)
+            return self.send_json(200, data)
+        if what == "stats":
+            with st.lock:
+                data = {"connections": st.connections, "open_connections": st.open_connections,
+                        "requests": len(st.requests), "accepted": st.accepted}
+            return self.send_json(200, data)
+        if what == "reset" and self.command == "POST":
+            st.reset()
+            # this connection was counted as accepted before the reset
+            return self.send_json(200, {"ok": True})
+        return self.send_json(404, {"error": "unknown control endpoint"})
+
+    # ---- endpoints ------------------------------------------------------
+
+    def ep_echo(self, _args, _query):
+        self.send_json(200, {
+            "method": self.command, "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_len": len(self.body),
+            "body_sha256": hashlib.sha256(self.body).hexdigest(),
+        })
+
+    def ep_sse(self, _args, query):
+        n, interval = int(query.get("n", "10")), float(query.get("interval", "0.2"))
+        self.start_chunked()
+        for k in range(n):
+            self.wait_or_gone(interval)
+            self.write_chunk(b'data: {"i":%d}\n\n' % k)
+        self.write_chunk(b"data: [DONE]\n\n")
+        self.write_chunk(b"")
+
+    def ep_gzip(self, _args, _query):
+        text = GZIP_TEXT.encode()
+        if "gzip" in (self.headers.get("Accept-Encoding") or "").lower():
+            self.send_bytes(200, gzip.compress(text, mtime=0), "text/plain; charset=utf-8",
+                            [("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])
+        else:
+            self.send_bytes(200, text, "text/plain; charset=utf-8", [("Vary", "Accept-Encoding")])
+
+    def ep_status(self, args, _query):
+        code = int(args[0])
+        self.send_json(code, {"mock_status": code,
+                              "error": {"type": "mock_error", "message": "status %d" % code}})
+
+    def ep_slow_headers(self, _args, query):
+        self.wait_or_gone(float(query.get("delay", "1")))
+        self.send_json(200, {"slow": True})
+
+    def ep_stall(self, _args, query):
+        after, delay = int(query.get("after", "2")), float(query.get("delay", "5"))
+        self.start_chunked()
+        for k in range(after):
+            self.write_chunk(b'data: {"i":%d}\n\n' % k)
+        self.wait_or_gone(delay)
+        self.write_chunk(b'data: {"i":%d}\n\n' % after)
+        self.write_chunk(b"data: [DONE]\n\n")
+        self.write_chunk(b"")
+
+    def ep_close_mid(self, _args, _query):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(big_content(100))
+        self.hard_close()
+
+    def ep_reset(self, _args, _query):
+        self.hard_close(rst=True)
+
+    def ep_garbage(self, _args, _query):
+        self.wfile.write(b"\x00\x01garbage, not HTTP at all\r\n\xff\xfe\r\n\r\n")
+        self.hard_close()
+
+    def ep_big(self, _args, query):
+        n = int(query.get("bytes", "1048576"))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        off = 0
+        while off < n:
+            step = min(65536 * 4, n - off)
+            # the pattern is periodic, so any window can be cut from a long copy
+            start = off % len(_PATTERN)
+            self.wfile.write(big_content(start + step)[start:])
+            off += step
+        self.wfile.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--record", help="append one JSON line per request/event here")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    server = Server((args.host, args.port), Handler)
+    server.state = State(args.record)
+    server.verbose = args.verbose
+    print("PORT %d" % server.server_address[1], flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
