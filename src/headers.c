@@ -23,7 +23,7 @@ static const struct header_rule header_rules[] = {
     { "authorization",       DROP_REQ },              /* member's key */
     { "x-api-key",           DROP_REQ },              /* member's key */
     { "host",                DROP_REQ },              /* libcurl sets the upstream's */
-    { "content-length",      DROP_REQ | DROP_RESP },  /* framing: libcurl / the web server */
+    { "content-length",      DROP_REQ },              /* libcurl frames the upstream body; relayed back so a cut body looks cut */
     { "content-type",        DROP_REQ },              /* taken from CONTENT_TYPE */
     { "expect",              DROP_REQ },
     { "x-request-id",        DROP_REQ | DROP_RESP },  /* piapi sets its own */

@@ -160,7 +160,7 @@ static void test_response_policy(void)
         { "Set-Cookie", 1 }, { "Connection", 0 }, { "Keep-Alive", 0 },
         { "Transfer-Encoding", 0 }, { "TE", 0 }, { "Trailer", 0 }, { "Upgrade", 0 },
         { "Proxy-Authenticate", 0 }, { "Status", 0 }, { "X-Accel-Redirect", 0 },
-        { "X-Accel-Buffering", 0 }, { "X-Sendfile", 0 }, { "Content-Length", 0 },
+        { "X-Accel-Buffering", 0 }, { "X-Sendfile", 0 }, { "Content-Length", 1 },
         { "X-Request-ID", 0 },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
