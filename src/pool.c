@@ -106,6 +106,11 @@ static void serve(struct piapi_worker *w, FCGX_Request *req)
     } else {
         piapi_request_reject(w, req, 503, "gateway saturated; retry shortly");
     }
+    /* Detached, libfcgi ends the connection with a plain close() instead
+     * of shutdown() and a poll of up to 2 s for the web server to close
+     * first (fastcgi-notes §1.2, §10): both web servers close on
+     * FCGI_END_REQUEST anyway, and the drain costs syscalls per request. */
+    FCGX_Detach(req);
     FCGX_Finish_r(req);
     atomic_fetch_sub(&pool.active, 1);
 }

@@ -43,6 +43,8 @@ struct xfer {
     int sse;                /* text/event-stream without Content-Encoding */
     int at_boundary;        /* last body bytes ended an SSE event */
     int client_gone;
+    int unflushed;          /* bytes queued in libfcgi's buffer */
+    int fcgi_readable;      /* the last wait saw the FastCGI fd readable */
     int body_over_limit;
     size_t inline_len, inline_off;  /* pre-read body served first */
     char tail[2];           /* last two body bytes, for SSE boundaries */
@@ -72,12 +74,28 @@ void piapi_proxy_destroy(struct piapi_proxy *p)
 
 /* ---- client side ---------------------------------------------------- */
 
-static int client_write(struct xfer *x, const char *data, size_t n)
+/* Queues bytes for the client. They go out at the next client_flush(),
+ * which the transfer loop does before it waits for the upstream again:
+ * every chunk still leaves as soon as libcurl has handed it over, but
+ * the last one travels with FCGI_END_REQUEST in a single write. */
+static int client_put(struct xfer *x, const char *data, size_t n)
 {
-    FCGX_Stream *out = x->t->fcgi->out;
     if (x->client_gone)
         return -1;
-    if ((n && FCGX_PutStr(data, (int)n, out) != (int)n) || FCGX_FFlush(out) != 0) {
+    if (FCGX_PutStr(data, (int)n, x->t->fcgi->out) != (int)n) {
+        x->client_gone = 1;
+        return -1;
+    }
+    x->unflushed = 1;
+    return 0;
+}
+
+static int client_flush(struct xfer *x)
+{
+    if (!x->unflushed || x->client_gone)
+        return x->client_gone ? -1 : 0;
+    x->unflushed = 0;
+    if (FCGX_FFlush(x->t->fcgi->out) != 0) {
         x->client_gone = 1;
         return -1;
     }
@@ -238,7 +256,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         x->head_sent = 1;
         x->t->ttfb = piapi_now_mono() - x->start;
         x->last_upstream = piapi_now_mono();
-        return client_write(x, h->data, h->len) == 0 ? n : 0;
+        return client_put(x, h->data, h->len) == 0 ? n : 0;
     }
 
     size_t len = n;
@@ -269,7 +287,7 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     size_t n = size * nitems;
 
     x->last_upstream = piapi_now_mono();
-    if (client_write(x, data, n) != 0)
+    if (client_put(x, data, n) != 0)
         return 0;
     x->t->bytes_out += n;
     if (n >= 2) {
@@ -407,7 +425,7 @@ static enum verdict check_timers(struct xfer *x, int *wait_ms)
 
     if (x->t->abort_flag && atomic_load_explicit(x->t->abort_flag, memory_order_relaxed))
         return SHUTDOWN;
-    if (x->client_gone || client_hung_up(x))
+    if (client_flush(x) != 0 || (x->fcgi_readable && client_hung_up(x)))
         return CLIENT_GONE;
     if (x->body_over_limit)
         return TOO_LARGE;
@@ -428,7 +446,7 @@ static enum verdict check_timers(struct xfer *x, int *wait_ms)
             /* Comments only between events, so no event is split. */
             if (now >= due && x->at_boundary) {
                 static const char ping[] = ": ping\n\n";
-                if (client_write(x, ping, sizeof ping - 1) != 0)
+                if (client_put(x, ping, sizeof ping - 1) != 0 || client_flush(x) != 0)
                     return CLIENT_GONE;
                 due = now + s->sse_keepalive_ms / 1000.0;
             }
@@ -500,6 +518,7 @@ void piapi_proxy_run(struct piapi_proxy *p, struct piapi_transfer *t)
         };
         curl_multi_poll(p->multi, &extra, x.stdin_eof && extra.fd >= 0 ? 1 : 0,
                         wait_ms, NULL);
+        x.fcgi_readable = extra.revents != 0;
     }
 
     if (v == RUNNING) {
