@@ -8,6 +8,7 @@
 #include <semaphore.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -27,6 +28,8 @@ static struct {
     pthread_t *threads;
     atomic_uint nthreads;
     atomic_uint active;         /* accepted and not finished */
+    atomic_uint parked;         /* waiting for the next request on a kept connection */
+    atomic_int *parked_fd;      /* per thread: its kept connection, or -1 */
     sem_t accept_slots;
     sem_t request_slots;
     atomic_int stopping;
@@ -39,7 +42,7 @@ static void probe(unsigned *busy, unsigned *idle)
 {
     unsigned n = atomic_load(&pool.nthreads), a = atomic_load(&pool.active);
     *busy = a;
-    *idle = n > a ? n - a : 0;
+    *idle = n > a ? n - a : 0;  /* parked threads wait for work: idle */
 }
 
 static int spawn_locked(char *err, size_t errlen)
@@ -47,7 +50,9 @@ static int spawn_locked(char *err, size_t errlen)
     unsigned n = atomic_load(&pool.nthreads);
     if (n >= pool.cap || atomic_load(&pool.stopping))
         return 0;
-    int rc = pthread_create(&pool.threads[n], &pool.attr, worker_main, NULL);
+    atomic_store(&pool.parked_fd[n], -1);
+    int rc = pthread_create(&pool.threads[n], &pool.attr, worker_main,
+                            (void *)(uintptr_t)n);
     if (rc != 0) {
         if (err)
             snprintf(err, errlen, "pthread_create: %s", strerror(rc));
@@ -57,16 +62,44 @@ static int spawn_locked(char *err, size_t errlen)
     return 0;
 }
 
+/* Threads that could take a new connection: neither serving nor parked
+ * on a kept connection. */
+static int nobody_free(void)
+{
+    return atomic_load(&pool.active) + atomic_load(&pool.parked) >=
+           atomic_load(&pool.nthreads);
+}
+
+/* At the cap, a thread parked on an idle kept connection is worth less
+ * than a new connection waiting in the backlog: close one kept connection
+ * (nginx drops it from its cache) so its thread goes back to accept(). */
+static void release_one_parked_locked(void)
+{
+    unsigned n = atomic_load(&pool.nthreads);
+    for (unsigned i = 0; i < n; i++) {
+        int fd = atomic_load(&pool.parked_fd[i]);
+        if (fd >= 0) {
+            shutdown(fd, SHUT_RDWR);
+            return;
+        }
+    }
+}
+
 /* Called by a thread that just took a request: if nobody is left to
- * accept the next one, add a thread (up to the cap). */
+ * accept the next one, add a thread (up to the cap). Threads parked on
+ * kept connections (fastcgi_keep_conn) count as taken, so idle kept
+ * connections can never starve new ones (fastcgi-notes §0.2). */
 static void grow_if_needed(void)
 {
-    if (atomic_load(&pool.active) < atomic_load(&pool.nthreads))
+    if (!nobody_free())
         return;
     pthread_mutex_lock(&pool.lock);
-    if (atomic_load(&pool.active) >= atomic_load(&pool.nthreads) &&
-        spawn_locked(NULL, 0) != 0)
-        piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
+    if (nobody_free()) {
+        if (atomic_load(&pool.nthreads) >= pool.cap)
+            release_one_parked_locked();
+        else if (spawn_locked(NULL, 0) != 0)
+            piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
+    }
     pthread_mutex_unlock(&pool.lock);
 }
 
@@ -115,21 +148,45 @@ static void serve(struct piapi_worker *w, FCGX_Request *req)
     atomic_fetch_sub(&pool.active, 1);
 }
 
+/* With fastcgi_keep_conn the web server may send the next request on the
+ * connection the last one used: libfcgi then reads it from there instead
+ * of accepting. The fd is published so shutdown can wake the thread. */
+static int accept_kept(FCGX_Request *req, unsigned slot)
+{
+    atomic_fetch_add(&pool.parked, 1);
+    atomic_store(&pool.parked_fd[slot], req->ipcFd);
+    if (atomic_load(&pool.stopping))
+        shutdown(req->ipcFd, SHUT_RDWR);
+    grow_if_needed();
+    int rc = FCGX_Accept_r(req);
+    atomic_store(&pool.parked_fd[slot], -1);
+    atomic_fetch_sub(&pool.parked, 1);
+    return rc;
+}
+
+/* Only a few threads wait in accept() at once, so the warm ones get the
+ * next connection (fastcgi-notes §10). */
+static int accept_new(FCGX_Request *req)
+{
+    sem_wait_nointr(&pool.accept_slots);
+    if (atomic_load(&pool.stopping)) {
+        sem_post(&pool.accept_slots);
+        return -1;
+    }
+    int rc = FCGX_Accept_r(req);
+    sem_post(&pool.accept_slots);
+    return rc;
+}
+
 static void *worker_main(void *arg)
 {
-    (void)arg;
+    unsigned slot = (unsigned)(uintptr_t)arg;
     struct piapi_worker *w = piapi_request_worker_create(&pool.stopping, &pool.aborting);
     FCGX_Request req;
 
     FCGX_InitRequest(&req, pool.o.fd, 0);
     for (;;) {
-        sem_wait_nointr(&pool.accept_slots);
-        if (atomic_load(&pool.stopping)) {
-            sem_post(&pool.accept_slots);
-            break;
-        }
-        int rc = FCGX_Accept_r(&req);
-        sem_post(&pool.accept_slots);
+        int rc = req.ipcFd >= 0 ? accept_kept(&req, slot) : accept_new(&req);
         if (rc < 0) {
             if (atomic_load(&pool.stopping))
                 break;
@@ -149,6 +206,7 @@ int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
     pool.o = *o;
     pool.cap = o->max_requests + o->accepters;
     pool.threads = piapi_xcalloc(pool.cap, sizeof *pool.threads);
+    pool.parked_fd = piapi_xcalloc(pool.cap, sizeof *pool.parked_fd);
     if (sem_init(&pool.accept_slots, 0, o->accepters) != 0 ||
         sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
         snprintf(err, errlen, "sem_init: %s", strerror(errno));
@@ -179,6 +237,15 @@ void piapi_pool_stop_accepting(void)
     shutdown(pool.o.fd, SHUT_RDWR);
     for (unsigned i = 0; i < pool.cap; i++)
         sem_post(&pool.accept_slots);
+    /* Threads parked on kept connections wait in read(), not accept(). */
+    pthread_mutex_lock(&pool.lock);
+    unsigned n = atomic_load(&pool.nthreads);
+    pthread_mutex_unlock(&pool.lock);
+    for (unsigned i = 0; i < n; i++) {
+        int fd = atomic_load(&pool.parked_fd[i]);
+        if (fd >= 0)
+            shutdown(fd, SHUT_RDWR);
+    }
 }
 
 unsigned piapi_pool_active(void)
@@ -200,7 +267,9 @@ void piapi_pool_join(void)
         pthread_join(pool.threads[i], NULL);
     piapi_metrics_set_pool_probe(NULL);
     free(pool.threads);
+    free(pool.parked_fd);
     pool.threads = NULL;
+    pool.parked_fd = NULL;
     sem_destroy(&pool.accept_slots);
     sem_destroy(&pool.request_slots);
     pthread_attr_destroy(&pool.attr);

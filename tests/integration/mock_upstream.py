@@ -18,6 +18,7 @@ Control endpoints (call the mock directly, not through piapi):
     GET  /__mock/events     JSON list of events (client_gone, ...)
     GET  /__mock/stats      {"connections", "open_connections", "requests", "accepted"}
     POST /__mock/reset      forget requests, events and counters
+    POST /__mock/strict     ?on=1|0: strict mode (below)
 
 Behaviour is chosen by the last segments of the path, whatever comes before
 them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
@@ -33,7 +34,35 @@ them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
     .../reset                     closes with RST, no answer
     .../garbage                   non-HTTP bytes, then closes
     .../big?bytes=N               200 with big_content(N)
-    anything else                 like echo
+    anything else                 like echo (or a JSON 404 in strict mode)
+
+It also speaks enough of the real provider APIs for real clients (Claude
+Code, Codex CLI, the openai and @anthropic-ai/sdk SDKs). Every answer's text
+is ANSWER ("PIAPI-MOCK-ANSWER-42"), sent as several deltas when streamed:
+    POST .../messages               Anthropic Messages; "stream": true gives the
+                                    real SSE sequence (message_start,
+                                    content_block_start, ping,
+                                    content_block_delta..., content_block_stop,
+                                    message_delta, message_stop)
+    POST .../messages/count_tokens  Anthropic token count {"input_tokens": n}
+    POST .../chat/completions       OpenAI Chat Completions; streamed as
+                                    `data: {chunk}` ... `data: [DONE]` (a usage
+                                    chunk when stream_options.include_usage)
+    POST .../responses              OpenAI Responses; streamed as response.created,
+                                    response.in_progress, output_item.added,
+                                    content_part.added, output_text.delta...,
+                                    output_text.done, content_part.done,
+                                    output_item.done, response.completed
+    GET  .../models                 a model list readable by both SDK families
+    GET  .../models/<id>            one model
+A body that is not a JSON object gets a 400 in the API's error format. Other
+methods on these paths (e.g. GET .../chat/completions) behave as before (echo).
+
+Strict mode, for tests driving real clients that may call anything:
+    POST /__mock/strict?on=1        unknown paths answer 404
+                                    {"type":"error","error":{"type":"not_found_error",...}}
+                                    (still recorded); on=0 goes back to echo.
+                                    /__mock/reset does not change the mode.
 To add an endpoint: write `def ep_<name>(self, args, query)` on Handler and
 add it to ENDPOINTS with the number of path segments it takes after its name.
 """
@@ -63,6 +92,12 @@ def big_content(n):
     return _PATTERN * reps + _PATTERN[:rest]
 
 
+# The text of every LLM answer, and how it is cut into streamed deltas.
+ANSWER = "PIAPI-MOCK-ANSWER-42"
+ANSWER_DELTAS = ("PIAPI-", "MOCK-", "ANSWER-", "42")
+MOCK_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1",
+               "gpt-5", "gpt-5-codex", "gpt-4o-mini")
+
 # name -> number of path segments that follow it (e.g. status/404 takes 1)
 ENDPOINTS = {
     "echo": 0, "sse": 0, "gzip": 0, "status": 1, "slow-headers": 0,
@@ -76,6 +111,8 @@ class State:
         self.record_path = record_path
         self.open_connections = 0      # survive a reset: they are still open
         self.next_conn = 0             # connection ids stay unique across resets
+        self.strict = False            # unknown paths: 404 instead of echo
+        self.next_id = 0               # ids of generated messages/responses
         self.reset()
 
     def reset(self):
@@ -95,6 +132,11 @@ class State:
             rec["seq"] = len(self.requests)
             self.requests.append(rec)
             self.write_line(rec)
+
+    def new_id(self, prefix):
+        with self.lock:
+            self.next_id += 1
+            return "%s_piapimock%06d" % (prefix, self.next_id)
 
     def add_event(self, ev):
         with self.lock:
@@ -266,12 +308,19 @@ class Handler(BaseHTTPRequestHandler):
         })
         query = dict(urllib.parse.parse_qsl(query_s, keep_blank_values=True))
         segs = [s for s in path.split("/") if s]
+        api = self.api_endpoint(segs)
+        if api is not None:
+            return api(segs, query)
         for nargs in (0, 1):
             if len(segs) > nargs:
                 name = segs[-1 - nargs]
                 if ENDPOINTS.get(name) == nargs:
                     fn = getattr(self, "ep_" + name.replace("-", "_"))
                     return fn(segs[len(segs) - nargs:], query)
+        if st.strict:
+            return self.send_json(404, {"type": "error", "error": {
+                "type": "not_found_error",
+                "message": "piapi mock: no such endpoint: %s %s" % (self.command, path)}})
         return self.ep_echo([], query)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = handle_any
@@ -291,6 +340,10 @@ class Handler(BaseHTTPRequestHandler):
                 data = {"connections": st.connections, "open_connections": st.open_connections,
                         "requests": len(st.requests), "accepted": st.accepted}
             return self.send_json(200, data)
+        if what.startswith("strict") and self.command == "POST":
+            q = dict(urllib.parse.parse_qsl(self.path.partition("?")[2]))
+            st.strict = q.get("on", "1") not in ("0", "false", "no")
+            return self.send_json(200, {"strict": st.strict})
         if what == "reset" and self.command == "POST":
             st.reset()
             # this connection was counted as accepted before the reset
@@ -372,6 +425,202 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(big_content(start + step)[start:])
             off += step
         self.wfile.flush()
+
+
+    # ---- LLM provider APIs (Anthropic Messages, OpenAI Chat / Responses) --
+
+    def api_endpoint(self, segs):
+        """The provider-API handler for this method + path, or None."""
+        m, last = self.command, segs[-1] if segs else ""
+        prev = segs[-2] if len(segs) > 1 else ""
+        if m == "POST":
+            if prev == "messages" and last == "count_tokens":
+                return self.api_count_tokens
+            if last == "messages":
+                return self.api_messages
+            if prev == "chat" and last == "completions":
+                return self.api_chat_completions
+            if last == "responses":
+                return self.api_responses
+        elif m == "GET":
+            if last == "models":
+                return self.api_models
+            if prev == "models":
+                return self.api_model
+        return None
+
+    def api_json_body(self, openai_style):
+        """The request body as a dict, or None after answering 400."""
+        body = self.body
+        if (self.headers.get("Content-Encoding") or "").lower() == "gzip":
+            try:
+                body = gzip.decompress(body)
+            except OSError:
+                pass
+        try:
+            doc = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            doc = None
+        if isinstance(doc, dict):
+            return doc
+        msg = "piapi mock: the request body is not a JSON object"
+        if openai_style:
+            err = {"error": {"message": msg, "type": "invalid_request_error",
+                             "param": None, "code": None}}
+        else:
+            err = {"type": "error", "error": {"type": "invalid_request_error", "message": msg}}
+        self.send_json(400, err)
+        return None
+
+    def input_tokens(self):
+        return max(1, len(self.body) // 4)
+
+    def start_sse(self):
+        self.start_chunked(200, "text/event-stream; charset=utf-8")
+
+    def sse_event(self, name, obj):
+        """One SSE event (`event:` line when name is given), its own HTTP chunk."""
+        data = b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+        if name:
+            data = b"event: " + name.encode() + b"\n" + data
+        self.write_chunk(data)
+
+    # Anthropic ------------------------------------------------------------
+
+    def api_messages(self, _segs, _query):
+        req = self.api_json_body(openai_style=False)
+        if req is None:
+            return
+        model = str(req.get("model") or "claude-sonnet-4-5")
+        mid = self.server.state.new_id("msg")
+        n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
+        if not req.get("stream"):
+            return self.send_json(200, {
+                "id": mid, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": ANSWER}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": n_in, "output_tokens": n_out,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+        self.start_sse()
+        self.sse_event("message_start", {"type": "message_start", "message": {
+            "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": n_in, "output_tokens": 1,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}})
+        self.sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {"type": "text", "text": ""}})
+        self.sse_event("ping", {"type": "ping"})
+        for piece in ANSWER_DELTAS:
+            self.sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": piece}})
+        self.sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        self.sse_event("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                         "usage": {"output_tokens": n_out}})
+        self.sse_event("message_stop", {"type": "message_stop"})
+        self.write_chunk(b"")
+
+    def api_count_tokens(self, _segs, _query):
+        if self.api_json_body(openai_style=False) is not None:
+            self.send_json(200, {"input_tokens": self.input_tokens()})
+
+    # OpenAI Chat Completions ----------------------------------------------
+
+    def api_chat_completions(self, _segs, _query):
+        req = self.api_json_body(openai_style=True)
+        if req is None:
+            return
+        model = str(req.get("model") or "gpt-5")
+        cid, created = self.server.state.new_id("chatcmpl"), int(time.time())
+        n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        if not req.get("stream"):
+            return self.send_json(200, {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER,
+                                                     "refusal": None},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage})
+
+        def chunk(delta, finish=None):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                 "finish_reason": finish}]}
+        self.start_sse()
+        self.sse_event(None, chunk({"role": "assistant", "content": ""}))
+        for piece in ANSWER_DELTAS:
+            self.sse_event(None, chunk({"content": piece}))
+        self.sse_event(None, chunk({}, "stop"))
+        if (req.get("stream_options") or {}).get("include_usage"):
+            last = chunk({})
+            last["choices"], last["usage"] = [], usage
+            self.sse_event(None, last)
+        self.write_chunk(b"data: [DONE]\n\n")
+        self.write_chunk(b"")
+
+    # OpenAI Responses -----------------------------------------------------
+
+    def api_responses(self, _segs, _query):
+        req = self.api_json_body(openai_style=True)
+        if req is None:
+            return
+        st = self.server.state
+        model = str(req.get("model") or "gpt-5")
+        rid, item_id, created = st.new_id("resp"), st.new_id("msg"), int(time.time())
+        n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
+        part = {"type": "output_text", "text": ANSWER, "annotations": [], "logprobs": []}
+        item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+                "content": [part]}
+        usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": n_in + n_out}
+
+        def response(status, output, use):
+            return {"id": rid, "object": "response", "created_at": created, "status": status,
+                    "error": None, "incomplete_details": None,
+                    "instructions": req.get("instructions"), "model": model,
+                    "output": output, "parallel_tool_calls": True, "previous_response_id": None,
+                    "store": bool(req.get("store", False)), "temperature": 1.0,
+                    "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
+                    "usage": use, "metadata": {}, "text": {"format": {"type": "text"}}}
+        if not req.get("stream"):
+            doc = response("completed", [item], usage)
+            doc["output_text"] = ANSWER
+            return self.send_json(200, doc)
+        seq = iter(range(1 << 30))
+
+        def ev(name, **fields):
+            self.sse_event(name, dict({"type": name, "sequence_number": next(seq)}, **fields))
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        self.start_sse()
+        ev("response.created", response=response("in_progress", [], None))
+        ev("response.in_progress", response=response("in_progress", [], None))
+        ev("response.output_item.added", output_index=0,
+           item=dict(item, status="in_progress", content=[]))
+        ev("response.content_part.added", part=dict(part, text=""), **where)
+        for piece in ANSWER_DELTAS:
+            ev("response.output_text.delta", delta=piece, logprobs=[], **where)
+        ev("response.output_text.done", text=ANSWER, logprobs=[], **where)
+        ev("response.content_part.done", part=part, **where)
+        ev("response.output_item.done", output_index=0, item=item)
+        ev("response.completed", response=response("completed", [item], usage))
+        self.write_chunk(b"")
+
+    # Models (one shape both SDK families read) ----------------------------
+
+    def model_doc(self, mid):
+        return {"id": mid, "object": "model", "type": "model", "created": 1700000000,
+                "created_at": "2023-11-14T22:13:20Z", "owned_by": "piapi-mock",
+                "display_name": mid}
+
+    def api_models(self, _segs, _query):
+        data = [self.model_doc(m) for m in MOCK_MODELS]
+        self.send_json(200, {"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+
+    def api_model(self, segs, _query):
+        mid = urllib.parse.unquote(segs[-1])
+        self.send_json(200, self.model_doc(mid))
 
 
 def main():
