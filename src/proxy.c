@@ -505,6 +505,12 @@ void piapi_proxy_run(struct piapi_proxy *p, struct piapi_transfer *t)
     t->ttfb = -1;
     piapi_buf_reset(&p->head);
     setup(&x);
+    if (x.inline_len > t->settings->max_body_bytes) {
+        /* A body without Content-Length, over the limit already in the
+         * part read ahead: refuse before anything goes upstream. */
+        apply_verdict(&x, TOO_LARGE);
+        return;
+    }
     curl_multi_add_handle(p->multi, p->easy);
 
     for (;;) {

@@ -20,6 +20,10 @@
 #include "piapi/util.h"
 
 #define REQUEST_ID_MAX 128
+/* One answer for missing, malformed and unknown keys: a caller learns
+ * nothing about which it was. */
+#define UNAUTHORIZED \
+    "invalid or missing API key (send Authorization: Bearer <key> or x-api-key: <key>)"
 
 struct piapi_worker {
     struct piapi_proxy *proxy;
@@ -324,12 +328,12 @@ static void dispatch(struct request *q)
         respond_error(q, 400, "credential header sent more than once");
         return;
     case PIAPI_KEY_MISSING:
-        respond_error(q, 401, "missing API key (send Authorization: Bearer <key> or x-api-key)");
+        respond_error(q, 401, UNAUTHORIZED);
         return;
     }
     q->user = authenticate(q, &keys);
     if (!q->user) {
-        respond_error(q, 401, "invalid API key");
+        respond_error(q, 401, UNAUTHORIZED);
         return;
     }
     q->svc = piapi_config_find_service(q->cfg, q->user->provider, t.type, t.type_len);

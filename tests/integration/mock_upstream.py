@@ -95,8 +95,7 @@ def big_content(n):
 # The text of every LLM answer, and how it is cut into streamed deltas.
 ANSWER = "PIAPI-MOCK-ANSWER-42"
 ANSWER_DELTAS = ("PIAPI-", "MOCK-", "ANSWER-", "42")
-MOCK_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1",
-               "gpt-5", "gpt-5-codex", "gpt-4o-mini")
+MOCK_MODELS = ("claude-opus-5-5", "claude-haiku-4-5", "gpt-5", "gpt-5-codex")
 
 # name -> number of path segments that follow it (e.g. status/404 takes 1)
 ENDPOINTS = {
@@ -491,7 +490,7 @@ class Handler(BaseHTTPRequestHandler):
         req = self.api_json_body(openai_style=False)
         if req is None:
             return
-        model = str(req.get("model") or "claude-sonnet-4-5")
+        model = str(req.get("model") or "claude-opus-5-5")
         mid = self.server.state.new_id("msg")
         n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
         if not req.get("stream"):
