@@ -137,7 +137,8 @@ static void serve(struct piapi_worker *w, FCGX_Request *req)
         piapi_request_handle(w, req);
         sem_post(&pool.request_slots);
     } else {
-        piapi_request_reject(w, req, 503, "gateway saturated; retry shortly");
+        piapi_request_reject(w, req, 503, "gateway saturated; retry shortly",
+                             "pool_saturated");
     }
     /* Detached, libfcgi ends the connection with a plain close() instead
      * of shutdown() and a poll of up to 2 s for the web server to close

@@ -122,7 +122,6 @@ static void assign_request_id(struct request *q)
 static void respond(struct request *q, int status, const char *ctype,
                     const char *extra_headers, const char *body, size_t len)
 {
-    struct piapi_buf *b = &q->w->out;
     char head[512];
     int n = snprintf(head, sizeof head,
                      "Status: %d %s\r\nContent-Type: %s\r\n"
@@ -138,7 +137,6 @@ static void respond(struct request *q, int status, const char *ctype,
         FCGX_PutStr(body, (int)len, q->r->out);
     FCGX_FFlush(q->r->out);
     q->bytes_out = len;
-    (void)b;
 }
 
 static void respond_error(struct request *q, int status, const char *message)
@@ -179,8 +177,6 @@ static void serve_metrics(struct request *q)
     struct piapi_buf *b = &q->w->out;
     piapi_buf_reset(b);
     piapi_metrics_render(b);
-    /* render may reuse b's storage; copy is unnecessary because respond()
-     * only formats the head into its own buffer. */
     respond(q, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, b->data, b->len);
 }
 
@@ -433,12 +429,12 @@ void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r)
 }
 
 void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,
-                          const char *message)
+                          const char *message, const char *reason)
 {
     struct request q;
 
     request_init(&q, w, r);
     respond_error(&q, status, message);
-    q.error = "pool_saturated";
+    q.error = reason;
     finish(&q);
 }

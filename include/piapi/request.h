@@ -19,8 +19,9 @@ void piapi_request_worker_destroy(struct piapi_worker *w);
 void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r);
 
 /* Answers without routing (e.g. 503 when the pool is saturated), logs
- * and records it like any other request. */
+ * and records it like any other request; `reason` goes into the log line's
+ * error field. */
 void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,
-                          const char *message);
+                          const char *message, const char *reason);
 
 #endif
