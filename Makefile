@@ -29,7 +29,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 Q := $(if $(V),,@)
 
-.PHONY: all test unit integration check deps run install uninstall clean bench fuzz asan
+.PHONY: all test unit integration check deps test-deps unit-bins run install uninstall clean bench fuzz asan
 all: $(BUILD)/piapi
 
 $(BUILD)/piapi: $(OBJS)
@@ -49,7 +49,7 @@ $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS)
 # `make test` is the one command CI and developers run: it installs what is
 # missing, builds, runs every unit and integration test and ends with one
 # "N passed, M failed" line.
-test: deps
+test: test-deps
 	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)BUILD=$(BUILD) tests/run.sh
 
@@ -62,12 +62,15 @@ integration: all
 	$(Q)BUILD=$(BUILD) tests/run.sh integration
 
 # Sanitizer build of the same suites (ASan + UBSan), in its own tree.
-asan: deps
+asan: test-deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build/asan SAN=1 OPT=-O1 all unit-bins
 	$(Q)BUILD=build/asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 tests/run.sh
 
 deps:
 	$(Q)scripts/install-deps.sh
+
+test-deps:
+	$(Q)scripts/install-deps.sh test
 
 # nginx (private prefix under build/) + piapi on :9200, in the foreground.
 run: deps all

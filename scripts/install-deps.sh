@@ -1,11 +1,18 @@
 #!/bin/sh
-# Installs the Debian packages piapi needs to build, test and run, if any
-# are missing. Idempotent and quiet when everything is present.
+# Installs the Debian packages piapi needs, if any are missing. Idempotent
+# and quiet when everything is present.
+#   scripts/install-deps.sh        build and run (make, make run)
+#   scripts/install-deps.sh test   + what the test suites use
 set -eu
 
 PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
-      libcjson-dev libcunit1-dev nginx-light lighttpd spawn-fcgi curl
-      python3 valgrind"
+      libcjson-dev nginx-light curl"
+if [ "${1:-}" = test ]; then
+    # promtool (prometheus) checks the exposition; node runs the real
+    # clients (Debian's nodejs only where no node is installed already).
+    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus"
+    command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
+fi
 [ -n "${PIAPI_EXTRA_PKGS:-}" ] && PKGS="$PKGS $PIAPI_EXTRA_PKGS"
 
 missing=""

@@ -288,14 +288,6 @@ static void dispatch(struct request *q)
         respond_error(q, 400, "missing request line");
         return;
     }
-    if (path_is(q->uri, "/healthz")) {
-        serve_health(q);
-        return;
-    }
-    if (path_is(q->uri, "/metrics")) {
-        serve_metrics(q);
-        return;
-    }
     switch (piapi_route_parse(q->uri, &t, &why)) {
     case PIAPI_ROUTE_OK:
         break;
@@ -355,10 +347,11 @@ static size_t path_len(const char *uri)
     return qm ? (size_t)(qm - uri) : strlen(uri);
 }
 
-static void log_request(struct request *q, double latency)
+static void log_request(struct request *q, enum piapi_log_level level,
+                        double latency)
 {
     struct piapi_log_line l;
-    if (!piapi_log_begin(&l, level_for(q->status), "request completed"))
+    if (!piapi_log_begin(&l, level, "request completed"))
         return;
     piapi_log_str(&l, "request_id", q->id);
     piapi_log_str(&l, "method", q->method);
@@ -397,7 +390,7 @@ static void finish(struct request *q)
         .bytes_out = q->bytes_out,
     };
     piapi_metrics_request(&m);
-    log_request(q, latency);
+    log_request(q, level_for(q->status), latency);
     piapi_config_release(q->cfg);
     q->cfg = NULL;
 }
@@ -416,11 +409,31 @@ static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request
     assign_request_id(q);
 }
 
+/* /healthz and /metrics: answered here, logged at debug level and kept
+ * out of the request metrics, so probes and scrapes do not show up as
+ * traffic (or count themselves in flight). */
+static int serve_local(struct request *q)
+{
+    void (*serve)(struct request *) =
+        !q->uri ? NULL :
+        path_is(q->uri, "/healthz") ? serve_health :
+        path_is(q->uri, "/metrics") ? serve_metrics : NULL;
+    if (!serve)
+        return 0;
+    q->cfg = piapi_config_current();
+    serve(q);
+    log_request(q, PIAPI_LOG_DEBUG, piapi_now_mono() - q->start);
+    piapi_config_release(q->cfg);
+    return 1;
+}
+
 void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r)
 {
     struct request q;
 
     request_init(&q, w, r);
+    if (serve_local(&q))
+        return;
     piapi_metrics_in_flight(1);
     q.cfg = piapi_config_current();
     dispatch(&q);
