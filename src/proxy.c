@@ -40,7 +40,8 @@ struct xfer {
     int stdin_eof;          /* only then does POLLIN on the fd mean "gone" */
     int in_block;           /* inside a non-1xx header block */
     int head_sent;
-    int sse;                /* text/event-stream without Content-Encoding */
+    int event_stream;       /* Content-Type: text/event-stream */
+    int encoded;            /* any Content-Encoding: never inject into it */
     int at_boundary;        /* last body bytes ended an SSE event */
     int client_gone;
     int unflushed;          /* bytes queued in libfcgi's buffer */
@@ -243,7 +244,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
             return 0;
         x->t->status = code;
         x->in_block = code >= 200;
-        x->sse = 0;
+        x->event_stream = x->encoded = 0;
         piapi_buf_reset(h);
         piapi_buf_printf(h, "Status: %d %s\r\n", code, piapi_http_reason(code));
         return n;
@@ -254,6 +255,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         piapi_buf_printf(h, "X-Request-ID: %s\r\n", x->t->request_id);
         finish_head(h);
         x->head_sent = 1;
+        x->at_boundary = 1;  /* before the first event is between events */
         x->t->ttfb = piapi_now_mono() - x->start;
         x->last_upstream = piapi_now_mono();
         return client_put(x, h->data, h->len) == 0 ? n : 0;
@@ -272,9 +274,9 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         const char *v = colon + 1;
         while (*v == ' ')
             v++;
-        x->sse = strncasecmp(v, "text/event-stream", 17) == 0;
+        x->event_stream = strncasecmp(v, "text/event-stream", 17) == 0;
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
-        x->sse = -1;  /* never inject into a compressed body */
+        x->encoded = 1;
     }
     piapi_buf_append(h, data, len);
     piapi_buf_puts(h, "\r\n");
@@ -441,7 +443,7 @@ static enum verdict check_timers(struct xfer *x, int *wait_ms)
             return IDLE_TIMEOUT;
         if (deadline < next)
             next = deadline;
-        if (x->sse == 1 && s->sse_keepalive_ms) {
+        if (x->event_stream && !x->encoded && s->sse_keepalive_ms) {
             double due = x->last_write + s->sse_keepalive_ms / 1000.0;
             /* Comments only between events, so no event is split. */
             if (now >= due && x->at_boundary) {
