@@ -119,6 +119,11 @@ enum piapi_key_status piapi_headers_client_keys(char **envp,
         k->api_key = skip_ws(xkey);
         k->api_key_len = trimmed_len(k->api_key);
     }
+    /* lighttpd joins repeated headers with ", " where nginx passes two
+     * params: a comma in a credential is the same ambiguity. */
+    if (memchr(k->bearer ? k->bearer : "", ',', k->bearer_len) ||
+        memchr(k->api_key ? k->api_key : "", ',', k->api_key_len))
+        return PIAPI_KEY_DUPLICATE;
     if (!k->bearer_len && !k->api_key_len)
         return PIAPI_KEY_MISSING;
     return PIAPI_KEY_OK;

@@ -334,10 +334,15 @@ static void dispatch(struct request *q)
 
 /* ---- finish ----------------------------------------------------------- */
 
-static enum piapi_log_level level_for(int status)
+/* By status; a stream that broke after its head went out is an error
+ * even though its status says 200 (a client leaving is only a warning). */
+static enum piapi_log_level level_for(int status, const char *error)
 {
-    return status >= 500 ? PIAPI_LOG_ERROR : status >= 400 ? PIAPI_LOG_WARN
-                                                           : PIAPI_LOG_INFO;
+    if (status >= 500 || (error && status < 400 && strcmp(error, "client_abort") != 0))
+        return PIAPI_LOG_ERROR;
+    if (status >= 400 || error)
+        return PIAPI_LOG_WARN;
+    return PIAPI_LOG_INFO;
 }
 
 /* The path as logged: without the query, which may carry secrets. */
@@ -390,7 +395,7 @@ static void finish(struct request *q)
         .bytes_out = q->bytes_out,
     };
     piapi_metrics_request(&m);
-    log_request(q, level_for(q->status), latency);
+    log_request(q, level_for(q->status, q->error), latency);
     piapi_config_release(q->cfg);
     q->cfg = NULL;
 }

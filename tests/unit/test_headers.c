@@ -197,6 +197,11 @@ static void test_client_keys(void)
     CU_ASSERT_EQUAL(piapi_headers_client_keys(dup, &k), PIAPI_KEY_DUPLICATE);
     char *dupx[] = { "HTTP_X_API_KEY=a", "HTTP_X_API_KEY=a", NULL };
     CU_ASSERT_EQUAL(piapi_headers_client_keys(dupx, &k), PIAPI_KEY_DUPLICATE);
+    /* lighttpd's spelling of the same: one param, values joined by ", " */
+    char *joined[] = { "HTTP_AUTHORIZATION=Bearer a, Bearer b", NULL };
+    CU_ASSERT_EQUAL(piapi_headers_client_keys(joined, &k), PIAPI_KEY_DUPLICATE);
+    char *joinedx[] = { "HTTP_AUTHORIZATION=Bearer a", "HTTP_X_API_KEY=b, c", NULL };
+    CU_ASSERT_EQUAL(piapi_headers_client_keys(joinedx, &k), PIAPI_KEY_DUPLICATE);
 }
 
 static void test_param(void)
