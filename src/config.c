@@ -1589,9 +1589,11 @@ struct piapi_config *piapi_config_load_file(const char *path, char **errors,
         err_file(&c, "config file is not a regular file", 0);
         goto out;
     }
-    if (st.st_mode & 077)
-        warn(&c, NULL, "(file)", "config file is readable by others and holds "
-                                 "secrets; chmod 600");
+    /* Group access is how the service user reads it (0640 root:piapi,
+     * Kubernetes fsGroup); only world access is worth a warning. */
+    if (st.st_mode & 007)
+        warn(&c, NULL, "(file)", "config file is accessible to every user and "
+                                 "holds secrets; chmod o-rwx (e.g. 0640 or 0600)");
     text = read_file(&c, fd, &len);
     if (!text)
         goto out;

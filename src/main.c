@@ -290,13 +290,15 @@ int main(int argc, char **argv)
         .fd = fd, .max_requests = o.threads, .accepters = o.threads < 4 ? o.threads : 4,
         .stack_size = 512 * 1024, .queue_timeout_ms = o.queue_timeout_ms,
     };
-    if (piapi_pool_start(&po, err, sizeof err) != 0) {
-        piapi_log_msg(PIAPI_LOG_ERROR, "cannot start the pool", "error", err);
-        goto out_socket;
-    }
+    /* The watcher takes the file as it is now as its baseline: start it
+     * right after the load, before anyone can be served and edit. */
     if (piapi_config_watch_start(o.config, err, sizeof err) != 0)
         piapi_log_msg(PIAPI_LOG_WARN, "config watcher not running; SIGHUP still reloads",
                       "error", err);
+    if (piapi_pool_start(&po, err, sizeof err) != 0) {
+        piapi_log_msg(PIAPI_LOG_ERROR, "cannot start the pool", "error", err);
+        goto out_watch;
+    }
 
     struct piapi_log_line l;
     if (piapi_log_begin(&l, PIAPI_LOG_INFO, "piapi started")) {
@@ -319,10 +321,10 @@ int main(int argc, char **argv)
                       NULL, NULL);
     piapi_pool_abort();
     piapi_pool_join();
-    piapi_config_watch_stop();
     rc = 0;
     piapi_log_msg(PIAPI_LOG_INFO, "piapi stopped", NULL, NULL);
-out_socket:
+out_watch:
+    piapi_config_watch_stop();
     close(fd);
     piapi_listen_cleanup();
 out:
