@@ -30,7 +30,7 @@ static struct {
     atomic_uint active;         /* accepted and not finished */
     atomic_uint parked;         /* waiting for the next request on a kept connection */
     atomic_int *parked_fd;      /* per thread: its kept connection, or -1 */
-    sem_t accept_slots;
+    atomic_int in_accept;       /* threads inside accept() */
     sem_t request_slots;
     atomic_int stopping;
     atomic_int aborting;
@@ -103,12 +103,6 @@ static void grow_if_needed(void)
     pthread_mutex_unlock(&pool.lock);
 }
 
-static void sem_wait_nointr(sem_t *s)
-{
-    while (sem_wait(s) != 0 && errno == EINTR)
-        ;
-}
-
 /* A request slot now, or within the queue timeout. */
 static int take_request_slot(void)
 {
@@ -140,12 +134,6 @@ static void serve(struct piapi_worker *w, FCGX_Request *req)
         piapi_request_reject(w, req, 503, "gateway saturated; retry shortly",
                              "pool_saturated");
     }
-    /* Detached, libfcgi ends the connection with a plain close() instead
-     * of shutdown() and a poll of up to 2 s for the web server to close
-     * first (fastcgi-notes §1.2, §10): both web servers close on
-     * FCGI_END_REQUEST anyway, and the drain costs syscalls per request. */
-    FCGX_Detach(req);
-    FCGX_Finish_r(req);
     atomic_fetch_sub(&pool.active, 1);
 }
 
@@ -165,17 +153,61 @@ static int accept_kept(FCGX_Request *req, unsigned slot)
     return rc;
 }
 
-/* Only a few threads wait in accept() at once, so the warm ones get the
- * next connection (fastcgi-notes §10). */
+/* Idle threads beyond the few in accept() wait on a most-recent-first
+ * stack: the warmest thread is called in first, and only when the last
+ * accepter has just taken a connection, so under load a request costs no
+ * extra wake-up (fastcgi-notes §10). */
+struct idler {
+    pthread_cond_t cv;
+    int woken;
+    struct idler *next;
+};
+static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct idler *idle_top;
+
+static void idle_wait(struct idler *me)
+{
+    pthread_mutex_lock(&idle_lock);
+    /* Re-checked under the lock: an accepter leaving after this point
+     * finds us on the stack. */
+    if (atomic_load(&pool.in_accept) > 0 && !atomic_load(&pool.stopping)) {
+        me->woken = 0;
+        me->next = idle_top;
+        idle_top = me;
+        while (!me->woken)
+            pthread_cond_wait(&me->cv, &idle_lock);
+    }
+    pthread_mutex_unlock(&idle_lock);
+}
+
+static void idle_wake(int all)
+{
+    pthread_mutex_lock(&idle_lock);
+    do {
+        struct idler *t = idle_top;
+        if (!t)
+            break;
+        idle_top = t->next;
+        t->woken = 1;
+        pthread_cond_signal(&t->cv);
+    } while (all);
+    pthread_mutex_unlock(&idle_lock);
+}
+
 static int accept_new(FCGX_Request *req)
 {
-    sem_wait_nointr(&pool.accept_slots);
-    if (atomic_load(&pool.stopping)) {
-        sem_post(&pool.accept_slots);
-        return -1;
+    static _Thread_local struct idler me = { .cv = PTHREAD_COND_INITIALIZER };
+    for (;;) {
+        if (atomic_load(&pool.stopping))
+            return -1;
+        if (atomic_fetch_add(&pool.in_accept, 1) < (int)pool.o.accepters)
+            break;
+        atomic_fetch_sub(&pool.in_accept, 1);
+        idle_wait(&me);
     }
     int rc = FCGX_Accept_r(req);
-    sem_post(&pool.accept_slots);
+    if (atomic_fetch_sub(&pool.in_accept, 1) == 1)
+        idle_wake(0);  /* nobody is accepting any more: call one in */
     return rc;
 }
 
@@ -208,8 +240,7 @@ int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
     pool.cap = o->max_requests + o->accepters;
     pool.threads = piapi_xcalloc(pool.cap, sizeof *pool.threads);
     pool.parked_fd = piapi_xcalloc(pool.cap, sizeof *pool.parked_fd);
-    if (sem_init(&pool.accept_slots, 0, o->accepters) != 0 ||
-        sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
+    if (sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
         snprintf(err, errlen, "sem_init: %s", strerror(errno));
         return -1;
     }
@@ -236,8 +267,7 @@ void piapi_pool_stop_accepting(void)
     /* Wakes every thread blocked in accept(): it returns EINVAL at once
      * (fastcgi-notes §1.5). */
     shutdown(pool.o.fd, SHUT_RDWR);
-    for (unsigned i = 0; i < pool.cap; i++)
-        sem_post(&pool.accept_slots);
+    idle_wake(1);
     /* Threads parked on kept connections wait in read(), not accept(). */
     pthread_mutex_lock(&pool.lock);
     unsigned n = atomic_load(&pool.nthreads);
@@ -271,7 +301,6 @@ void piapi_pool_join(void)
     free(pool.parked_fd);
     pool.threads = NULL;
     pool.parked_fd = NULL;
-    sem_destroy(&pool.accept_slots);
     sem_destroy(&pool.request_slots);
     pthread_attr_destroy(&pool.attr);
 }

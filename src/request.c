@@ -381,9 +381,38 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_end(&l);
 }
 
+/* What the log line needs from the params, which FCGX_Finish_r frees. */
+struct kept_line {
+    char method[16];
+    char path[1024];
+};
+
+/* Ends the FastCGI request before the bookkeeping, so the web server has
+ * the whole answer while the log line and metrics are written. Detached,
+ * libfcgi closes with a plain close() instead of shutdown() plus a poll of
+ * up to 2 s for the web server to close first (fastcgi-notes §1.2, §10):
+ * both web servers close on FCGI_END_REQUEST anyway. */
+static void end_fastcgi(struct request *q, struct kept_line *k)
+{
+    snprintf(k->method, sizeof k->method, "%s", q->method);
+    q->method = k->method;
+    if (q->uri) {
+        size_t n = path_len(q->uri);
+        if (n >= sizeof k->path)
+            n = sizeof k->path - 1;
+        memcpy(k->path, q->uri, n);
+        k->path[n] = '\0';
+        q->uri = k->path;
+    }
+    FCGX_Detach(q->r);
+    FCGX_Finish_r(q->r);
+}
+
 static void finish(struct request *q)
 {
     double latency = piapi_now_mono() - q->start;
+    struct kept_line k;
+    end_fastcgi(q, &k);
     struct piapi_metrics_request m = {
         .service_type = q->svc ? q->svc->type : PIAPI_METRICS_UNKNOWN,
         .provider = q->svc ? q->svc->provider->name : NULL,
@@ -427,6 +456,8 @@ static int serve_local(struct request *q)
         return 0;
     q->cfg = piapi_config_current();
     serve(q);
+    struct kept_line k;
+    end_fastcgi(q, &k);
     log_request(q, PIAPI_LOG_DEBUG, piapi_now_mono() - q->start);
     piapi_config_release(q->cfg);
     return 1;

@@ -16,6 +16,8 @@ struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
                                                  const atomic_int *aborting);
 void piapi_request_worker_destroy(struct piapi_worker *w);
 
+/* Serves one accepted request and ends it (FCGX_Finish_r): the caller
+ * only accepts the next one. */
 void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r);
 
 /* Answers without routing (e.g. 503 when the pool is saturated), logs

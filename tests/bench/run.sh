@@ -1,0 +1,49 @@
+#!/bin/sh
+# make bench: builds the bench helpers and runs tests/bench/bench.py.
+#
+#   tests/bench/run.sh            the benchmark; table in $BUILD/bench/results.md
+#   tests/bench/run.sh profile    CPU profile + syscall counts of piapi under wrk ($BUILD/bench/profile/)
+#   tests/bench/run.sh serve      start the stack and keep it up (BENCH_SERVE_SECONDS, max 3600)
+#
+# Environment (defaults in brackets):
+#   BENCH_ROUNDS [3]  BENCH_DURATION [10] s at -c64  BENCH_LAT_DURATION [DURATION/2] s at -c1
+#   BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [2]  BENCH_STREAMS [200,1000]
+#   BENCH_UNLOADED_STREAMS [5]  BENCH_SSE_CHUNKS [50]  BENCH_SSE_INTERVAL_MS [20]
+#   BENCH_PIAPI_THREADS [1100]  BENCH_FLOOR_THREADS [8]  BENCH_NGINX_WORKERS [1]
+#   BENCH_PORT [18480] (uses PORT..PORT+3 on 127.0.0.1)  BENCH_WARMUP [1]
+#   BENCH_PHASES [wrk64,wrk1,sse,unloaded]  BENCH_SETTLE [0.5] s between phases
+#   BENCH_PIAPI [$BUILD/piapi]  BENCH_PIAPI_B [unset]: a second build run side by
+#     side (own nginx server on PORT+3) with an A/B table appended to results.md
+#   BENCH_LOG_LEVEL [info]  BENCH_LOG_MAX_MB [64] (logs are truncated past this)
+#   BENCH_CONN_COUNT [stub_status if nginx has it, else log]
+# Everything listens on loopback only; every load is bounded in time.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cd "$root"
+BUILD=${BUILD:-build}
+export BUILD
+
+# wrk (and perf for `profile`) on top of the project's own dependencies.
+extra="wrk strace"
+[ "${1:-}" = profile ] && extra="$extra linux-perf"
+PIAPI_EXTRA_PKGS="$extra" scripts/install-deps.sh
+
+[ -x "${BENCH_PIAPI:-$BUILD/piapi}" ] || { echo "bench: ${BENCH_PIAPI:-$BUILD/piapi} missing; run make" >&2; exit 1; }
+
+bin="$BUILD/bench/bin"
+mkdir -p "$bin"
+CC=${CC:-cc}
+for prog in sse_server sse_client; do
+    if [ ! -x "$bin/$prog" ] || [ "$here/$prog.c" -nt "$bin/$prog" ]; then
+        $CC -O2 -Wall -Wextra -o "$bin/$prog" "$here/$prog.c"
+    fi
+done
+if [ ! -x "$bin/floor" ] || [ "$here/floor.c" -nt "$bin/floor" ]; then
+    $CC -O2 -Wall -Wextra -pthread -o "$bin/floor" "$here/floor.c" -lfcgi
+fi
+
+# 1,000 streams need ~2,000 fds in nginx and ~4,000 in piapi.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+exec python3 "$here/bench.py" "$@"
