@@ -65,7 +65,7 @@ integration: all
 asan: test-deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build/asan SAN=1 OPT=-O1 all unit-bins
 	$(Q)BUILD=build/asan ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
-	    PIAPI_LEAK_SKIP=1 tests/run.sh  # LeakSanitizer replaces valgrind here
+	    PIAPI_SANITIZED=1 PIAPI_LEAK_SKIP=1 tests/run.sh  # LeakSanitizer replaces valgrind here
 
 deps:
 	$(Q)scripts/install-deps.sh
