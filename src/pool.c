@@ -3,7 +3,9 @@
 #include "piapi/pool.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <fcgiapp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
@@ -29,7 +31,7 @@ static struct {
     atomic_uint nthreads;
     atomic_uint active;         /* accepted and not finished */
     atomic_uint parked;         /* waiting for the next request on a kept connection */
-    atomic_int *parked_fd;      /* per thread: its kept connection, or -1 */
+    int wake[2];                /* pipe, readable once stopping: wakes parked threads */
     atomic_int in_accept;       /* threads inside accept() */
     sem_t request_slots;
     atomic_int stopping;
@@ -50,9 +52,7 @@ static int spawn_locked(char *err, size_t errlen)
     unsigned n = atomic_load(&pool.nthreads);
     if (n >= pool.cap || atomic_load(&pool.stopping))
         return 0;
-    atomic_store(&pool.parked_fd[n], -1);
-    int rc = pthread_create(&pool.threads[n], &pool.attr, worker_main,
-                            (void *)(uintptr_t)n);
+    int rc = pthread_create(&pool.threads[n], &pool.attr, worker_main, NULL);
     if (rc != 0) {
         if (err)
             snprintf(err, errlen, "pthread_create: %s", strerror(rc));
@@ -70,21 +70,6 @@ static int nobody_free(void)
            atomic_load(&pool.nthreads);
 }
 
-/* At the cap, a thread parked on an idle kept connection is worth less
- * than a new connection waiting in the backlog: close one kept connection
- * (nginx drops it from its cache) so its thread goes back to accept(). */
-static void release_one_parked_locked(void)
-{
-    unsigned n = atomic_load(&pool.nthreads);
-    for (unsigned i = 0; i < n; i++) {
-        int fd = atomic_load(&pool.parked_fd[i]);
-        if (fd >= 0) {
-            shutdown(fd, SHUT_RDWR);
-            return;
-        }
-    }
-}
-
 /* Called by a thread that just took a request: if nobody is left to
  * accept the next one, add a thread (up to the cap). Threads parked on
  * kept connections (fastcgi_keep_conn) count as taken, so idle kept
@@ -94,12 +79,8 @@ static void grow_if_needed(void)
     if (!nobody_free())
         return;
     pthread_mutex_lock(&pool.lock);
-    if (nobody_free()) {
-        if (atomic_load(&pool.nthreads) >= pool.cap)
-            release_one_parked_locked();
-        else if (spawn_locked(NULL, 0) != 0)
-            piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
-    }
+    if (nobody_free() && spawn_locked(NULL, 0) != 0)
+        piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
     pthread_mutex_unlock(&pool.lock);
 }
 
@@ -138,19 +119,45 @@ static void serve(struct piapi_worker *w, FCGX_Request *req)
 }
 
 /* With fastcgi_keep_conn the web server may send the next request on the
- * connection the last one used: libfcgi then reads it from there instead
- * of accepting. The fd is published so shutdown can wake the thread. */
-static int accept_kept(FCGX_Request *req, unsigned slot)
+ * connection the last one used. The thread waits for it here, where it
+ * can also be told to stop, instead of inside libfcgi's blocking read. */
+#define KEPT_IDLE_MS 250
+
+static int at_cap_and_full(void)
 {
+    return atomic_load(&pool.nthreads) >= pool.cap && nobody_free();
+}
+
+/* 0: a request arrived; 1: the connection was given up, accept anew;
+ * < 0: stopping or an error. */
+static int accept_kept(FCGX_Request *req)
+{
+    struct pollfd p[2] = {
+        { .fd = req->ipcFd, .events = POLLIN },
+        { .fd = pool.wake[0], .events = POLLIN },
+    };
+    int give_up = 0;
+
     atomic_fetch_add(&pool.parked, 1);
-    atomic_store(&pool.parked_fd[slot], req->ipcFd);
-    if (atomic_load(&pool.stopping))
-        shutdown(req->ipcFd, SHUT_RDWR);
     grow_if_needed();
-    int rc = FCGX_Accept_r(req);
-    atomic_store(&pool.parked_fd[slot], -1);
+    for (;;) {
+        int rc = poll(p, 2, KEPT_IDLE_MS);
+        if (rc > 0 || (rc < 0 && errno != EINTR))
+            break;
+        /* Only when no thread can be added: a kept connection idle this
+         * long gives its thread back to accept(), so connections waiting
+         * in the backlog are not starved (fastcgi-notes §0.2). */
+        if (rc == 0 && at_cap_and_full()) {
+            give_up = 1;
+            break;
+        }
+    }
     atomic_fetch_sub(&pool.parked, 1);
-    return rc;
+    if (give_up || p[1].revents) {
+        FCGX_Free(req, 1);  /* closes our kept connection, nobody else's */
+        return give_up ? 1 : -1;
+    }
+    return FCGX_Accept_r(req);
 }
 
 /* Idle threads beyond the few in accept() wait on a most-recent-first
@@ -213,13 +220,15 @@ static int accept_new(FCGX_Request *req)
 
 static void *worker_main(void *arg)
 {
-    unsigned slot = (unsigned)(uintptr_t)arg;
+    (void)arg;
     struct piapi_worker *w = piapi_request_worker_create(&pool.stopping, &pool.aborting);
     FCGX_Request req;
 
     FCGX_InitRequest(&req, pool.o.fd, 0);
     for (;;) {
-        int rc = req.ipcFd >= 0 ? accept_kept(&req, slot) : accept_new(&req);
+        int rc = req.ipcFd >= 0 ? accept_kept(&req) : accept_new(&req);
+        if (rc > 0)
+            continue;
         if (rc < 0) {
             if (atomic_load(&pool.stopping))
                 break;
@@ -239,7 +248,10 @@ int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
     pool.o = *o;
     pool.cap = o->max_requests + o->accepters;
     pool.threads = piapi_xcalloc(pool.cap, sizeof *pool.threads);
-    pool.parked_fd = piapi_xcalloc(pool.cap, sizeof *pool.parked_fd);
+    if (pipe2(pool.wake, O_CLOEXEC) != 0) {
+        snprintf(err, errlen, "pipe: %s", strerror(errno));
+        return -1;
+    }
     if (sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
         snprintf(err, errlen, "sem_init: %s", strerror(errno));
         return -1;
@@ -268,15 +280,9 @@ void piapi_pool_stop_accepting(void)
      * (fastcgi-notes §1.5). */
     shutdown(pool.o.fd, SHUT_RDWR);
     idle_wake(1);
-    /* Threads parked on kept connections wait in read(), not accept(). */
-    pthread_mutex_lock(&pool.lock);
-    unsigned n = atomic_load(&pool.nthreads);
-    pthread_mutex_unlock(&pool.lock);
-    for (unsigned i = 0; i < n; i++) {
-        int fd = atomic_load(&pool.parked_fd[i]);
-        if (fd >= 0)
-            shutdown(fd, SHUT_RDWR);
-    }
+    /* Threads waiting on kept connections poll this pipe too. */
+    ssize_t w = write(pool.wake[1], "x", 1);
+    (void)w;
 }
 
 unsigned piapi_pool_active(void)
@@ -298,9 +304,9 @@ void piapi_pool_join(void)
         pthread_join(pool.threads[i], NULL);
     piapi_metrics_set_pool_probe(NULL);
     free(pool.threads);
-    free(pool.parked_fd);
+    close(pool.wake[0]);
+    close(pool.wake[1]);
     pool.threads = NULL;
-    pool.parked_fd = NULL;
     sem_destroy(&pool.request_slots);
     pthread_attr_destroy(&pool.attr);
 }

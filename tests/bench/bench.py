@@ -11,6 +11,13 @@ concurrent SSE streams, and a few unloaded streams; prints one table of
 medians with ratios and pass/fail, and writes it to $BUILD/bench/results.md
 (raw per-round figures: results.json).
 
+Keep-conn (BENCH_KEEPCONN=1, the default): the floor and piapi are also run
+behind `fastcgi_keep_conn on` + upstream `keepalive` (own processes: a floor
+with keepalive x workers + c threads, and piapi_kc with --threads as piapi),
+in the wrk phases, with a second table; then, once, an overload phase
+(`kcover`): a keep-conn piapi with a SMALL pool (BENCH_KC_OVERLOAD_THREADS)
+under wrk -c64, counting the requests its eviction at the cap breaks.
+
 `run.sh profile` instead records a CPU profile of piapi (perf, or callgrind
 when perf cannot sample) under the wrk -c64 load; see docs/performance.md.
 """
@@ -51,7 +58,7 @@ PIAPI_B = os.path.abspath(os.environ["BENCH_PIAPI_B"]) if os.environ.get("BENCH_
 
 C = {
     "rounds": env_num("BENCH_ROUNDS", 3, int),
-    "duration": env_num("BENCH_DURATION", 10.0),
+    "duration": env_num("BENCH_DURATION", 8.0),
     "conns": env_num("BENCH_CONNECTIONS", 64, int),
     "wrk_threads": env_num("BENCH_WRK_THREADS", 2, int),
     "streams": [int(x) for x in os.environ.get("BENCH_STREAMS", "200,1000").split(",") if x],
@@ -66,10 +73,20 @@ C = {
     "warmup": env_num("BENCH_WARMUP", 1, int),
     "log_level": os.environ.get("BENCH_LOG_LEVEL", "info"),
     "log_max_mb": env_num("BENCH_LOG_MAX_MB", 64, int),
-    "phases": os.environ.get("BENCH_PHASES", "wrk64,wrk1,sse,unloaded").split(","),
+    "phases": os.environ.get("BENCH_PHASES", "wrk64,wrk1,sse,unloaded,kcover").split(","),
+    "keepconn": env_num("BENCH_KEEPCONN", 1, int),
+    "kc_keepalive": env_num("BENCH_KC_KEEPALIVE", 32, int),
+    "kc_over_threads": env_num("BENCH_KC_OVERLOAD_THREADS", 4, int),
+    "kc_over_duration": env_num("BENCH_KC_OVERLOAD_DURATION", 5.0),
 }
 C["lat_duration"] = env_num("BENCH_LAT_DURATION", max(2.0, C["duration"] / 2))
 FRONT_PORT, UP_PORT, SSE_PORT, B_PORT = C["port"], C["port"] + 1, C["port"] + 2, C["port"] + 3
+KC_PORT, KCO_PORT = C["port"] + 4, C["port"] + 5
+# The keep-conn floor needs a thread per FastCGI connection nginx can hold:
+# cached idle ones (keepalive per worker) + one per request in flight.
+_workers = os.cpu_count() if C["nginx_workers"] == "auto" else int(C["nginx_workers"])
+C["floor_kc_threads"] = env_num("BENCH_FLOOR_KC_THREADS",
+                                C["kc_keepalive"] * _workers + C["conns"], int)
 
 MEMBER_KEY = "piapi-bench-user"
 PROVIDER_KEY = "sk-bench-provider-key"
@@ -108,12 +125,23 @@ SSE_PATHS = {
 if PIAPI_B:
     TARGET_PATHS["piapi_b"] = TARGET_PATHS["piapi"]
     SSE_PATHS["piapi_b"] = SSE_PATHS["piapi"]
+if C["keepconn"]:
+    TARGET_PATHS["floor_kc"] = "/floor-kc/v1/chat/completions"
+    TARGET_PATHS["piapi_kc"] = TARGET_PATHS["piapi"]
+# run once, not in the rounds (the keep-conn overload phase)
+ONCE_PATHS = {"piapi_kco": TARGET_PATHS["piapi"]} if C["keepconn"] else {}
 # which process group answers a target (the baseline has none but nginx)
-BACKEND = {"base": None, "floor": "floor", "piapi": "piapi", "piapi_b": "piapi_b"}
+BACKEND = {"base": None, "floor": "floor", "piapi": "piapi", "piapi_b": "piapi_b",
+           "floor_kc": "floor_kc", "piapi_kc": "piapi_kc", "piapi_kco": "piapi_kco"}
+PORTS = {"piapi_b": B_PORT, "piapi_kc": KC_PORT, "piapi_kco": KCO_PORT}
 
 
 def target_port(target):
-    return B_PORT if target == "piapi_b" else FRONT_PORT
+    return PORTS.get(target, FRONT_PORT)
+
+
+def is_floor(target):
+    return target.startswith("floor")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -323,10 +351,11 @@ class Stack:
         self.up_log_pos = 0
 
     def start(self):
-        for p in (FRONT_PORT, UP_PORT, SSE_PORT) + ((B_PORT,) if PIAPI_B else ()):
+        for p in ((FRONT_PORT, UP_PORT, SSE_PORT) + ((B_PORT,) if PIAPI_B else ())
+                  + ((KC_PORT, KCO_PORT) if C["keepconn"] else ())):
             if not port_free(p):
                 sys.exit(f"bench: 127.0.0.1:{p} is in use; set BENCH_PORT to a free base "
-                         f"port (it uses BENCH_PORT..BENCH_PORT+3)")
+                         f"port (it uses BENCH_PORT..BENCH_PORT+5)")
         if os.path.isdir(RUN):
             shutil.rmtree(RUN)
         os.makedirs(os.path.join(RUN, "tmp"))
@@ -348,6 +377,11 @@ class Stack:
                                        str(C["chunks"]), str(C["interval_ms"])])
         self.floor = Proc("floor", [os.path.join(BIN, "floor"), os.path.join(RUN, "floor.sock"),
                                     str(C["floor_threads"]), os.path.join(RUN, "response.json")])
+        if C["keepconn"]:
+            self.floor_kc = Proc("floor_kc", [os.path.join(BIN, "floor"),
+                                              os.path.join(RUN, "floor_kc.sock"),
+                                              str(C["floor_kc_threads"]),
+                                              os.path.join(RUN, "response.json")])
 
         # piapi, with the shipped snippet
         write(os.path.join(RUN, "piapi.yaml"), f"""\
@@ -377,6 +411,9 @@ users:
         self.piapi_log = os.path.join(RUN, "piapi.log")
         self.piapi = self.start_piapi("piapi", PIAPI)
         self.piapi_b = self.start_piapi("piapi_b", PIAPI_B) if PIAPI_B else None
+        if C["keepconn"]:
+            self.piapi_kc = self.start_piapi("piapi_kc", PIAPI)
+            self.piapi_kco = self.start_piapi("piapi_kco", PIAPI, C["kc_over_threads"])
         with open(os.path.join(ROOT, "deploy/nginx/piapi.conf")) as f:
             site = f.read()
         sock = "unix:/run/piapi/piapi.sock"
@@ -390,11 +427,25 @@ users:
                   site.replace(sock, "unix:" + os.path.join(RUN, "piapi_b.sock")))
             extra = ("server {\n        listen 127.0.0.1:%d backlog=4096;\n"
                      "        include piapi_b-site.conf;\n    }" % B_PORT)
+        kc_servers = ""
+        if C["keepconn"]:
+            # deploy/nginx/piapi.conf with every fastcgi_pass turned into the
+            # keep-conn upstream; the upstream blocks are in front.conf.in
+            # (they must be at http level).
+            line = f"fastcgi_pass {sock};"
+            if line not in site:
+                sys.exit(f"bench: deploy/nginx/piapi.conf has no {line!r}; update bench.py")
+            for name, port in (("piapi_kc", KC_PORT), ("piapi_kco", KCO_PORT)):
+                write(os.path.join(RUN, f"{name}-site.conf"),
+                      site.replace(line, f"fastcgi_pass {name};\n    fastcgi_keep_conn on;"))
+                kc_servers += ("server {\n        listen 127.0.0.1:%d backlog=4096;\n"
+                               "        include %s-site.conf;\n    }\n    " % (port, name))
         shutil.copy("/etc/nginx/fastcgi_params", os.path.join(RUN, "fastcgi_params"))
         write(os.path.join(RUN, "front.conf"),
               fill("front.conf.in", RUN=RUN, FRONT_PORT=FRONT_PORT, UP_PORT=UP_PORT,
                    SSE_PORT=SSE_PORT, NGINX_WORKERS=C["nginx_workers"], USER_LINE=user_line,
-                   EXTRA_SERVER=extra))
+                   EXTRA_SERVER=extra, KC_SERVERS=kc_servers,
+                   KC_KEEPALIVE=C["kc_keepalive"]))
         self.front = Proc("front", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "front.conf")])
 
         wait_port(UP_PORT, self.up)
@@ -403,6 +454,10 @@ users:
         wait_unix(os.path.join(RUN, "piapi.sock"), self.piapi)
         if PIAPI_B:
             wait_unix(os.path.join(RUN, "piapi_b.sock"), self.piapi_b)
+        if C["keepconn"]:
+            wait_unix(os.path.join(RUN, "floor_kc.sock"), self.floor_kc)
+            wait_unix(os.path.join(RUN, "piapi_kc.sock"), self.piapi_kc)
+            wait_unix(os.path.join(RUN, "piapi_kco.sock"), self.piapi_kco)
         wait_port(FRONT_PORT, self.front)
         for _ in range(100):
             if children(self.front.pid) and children(self.up.pid):
@@ -417,11 +472,15 @@ users:
         }
         if PIAPI_B:
             self.groups["piapi_b"] = [self.piapi_b.pid]
+        if C["keepconn"]:
+            self.groups["floor_kc"] = [self.floor_kc.pid]
+            self.groups["piapi_kc"] = [self.piapi_kc.pid]
+            self.groups["piapi_kco"] = [self.piapi_kco.pid]
 
-    def start_piapi(self, name, binary):
+    def start_piapi(self, name, binary, threads=None):
         return Proc(name, [binary, "--config", os.path.join(RUN, "piapi.yaml"),
                            "--socket", os.path.join(RUN, f"{name}.sock"),
-                           "--socket-mode", "0666", "--threads", str(C["threads"]),
+                           "--socket-mode", "0666", "--threads", str(threads or C["threads"]),
                            "--log-level", C["log_level"],
                            "--log-file", os.path.join(RUN, f"{name}.log")])
 
@@ -482,7 +541,8 @@ users:
     def trim_log(self):
         # A full run writes millions of access-log lines; keep the disk use
         # bounded (both nginx and piapi open their logs with O_APPEND).
-        for name in ("piapi.log", "piapi_b.log", "front-access.log"):
+        for name in ("piapi.log", "piapi_b.log", "piapi_kc.log", "piapi_kco.log",
+                     "front-access.log"):
             path = os.path.join(RUN, name)
             try:
                 if os.path.getsize(path) > C["log_max_mb"] << 20:
@@ -494,7 +554,7 @@ users:
 # ------------------------------------------------------------------ phases
 
 def run_wrk(st, target, conns, threads, duration, record=True):
-    url = f"http://127.0.0.1:{target_port(target)}{TARGET_PATHS[target]}"
+    url = f"http://127.0.0.1:{target_port(target)}{TARGET_PATHS.get(target) or ONCE_PATHS[target]}"
     be = BACKEND[target]
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", os.path.join(HERE, "post.lua"), url]
@@ -521,9 +581,9 @@ def run_wrk(st, target, conns, threads, duration, record=True):
         "body_bytes": w["body_bytes"],
         "cpu_front_us": d["cpu_front"] / n * 1e6,
         "cpu_backend_us": (d["cpu_" + be] if be else 0.0) / n * 1e6,
-        "cpu_up_us": d["cpu_up"] / n * 1e6 if target != "floor" else None,
+        "cpu_up_us": d["cpu_up"] / n * 1e6 if not is_floor(target) else None,
         "up_conns": d["up_conns"], "up_reqs": d["up_reqs"],
-        "up_conns_per_1000": d["up_conns"] / n * 1000 if target != "floor" else None,
+        "up_conns_per_1000": d["up_conns"] / n * 1000 if not is_floor(target) else None,
         "rss_peak_kb": peak["backend"],
         "front_rss_peak_kb": peak["front"],
     }
@@ -608,7 +668,7 @@ def run_sse(st, target, n, concurrency=None, record=True):
 def sanity(st):
     hdr = {"Authorization": f"Bearer {MEMBER_KEY}", "Content-Type": "application/json"}
     body = b'{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}'
-    for target, path in TARGET_PATHS.items():
+    for target, path in list(TARGET_PATHS.items()) + list(ONCE_PATHS.items()):
         status, got = http_req("POST", path, body=body, headers=hdr, port=target_port(target))
         if status != 200 or got.decode() != RESPONSE:
             sys.exit(f"bench: sanity: {target} {path} answered {status}: {got[:300]!r}\n"
@@ -870,6 +930,111 @@ def report_ab(results, idle):
             "|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
+def count_lines(path, *needles):
+    """Lines of a log file containing every needle."""
+    try:
+        with open(path, errors="replace") as f:
+            return sum(1 for line in f if all(n in line for n in needles))
+    except OSError:
+        return 0
+
+
+def run_kc_overload(st):
+    """Keep-conn piapi with a small pool (cap = threads + 4 threads) under
+    wrk -c64: nginx wants up to 64 + keepalive FastCGI connections, so the
+    pool sits at its cap and evicts parked kept connections all the time.
+    Counts what that costs: non-2xx answers, nginx's upstream errors for
+    that socket, and piapi's 499s (a connection shut down under a request)."""
+    elog = os.path.join(RUN, "front-error.log")
+    plog = os.path.join(RUN, "piapi_kco.log")
+    sock = "piapi_kco.sock"
+    before = (count_lines(elog, sock, "prematurely closed"), count_lines(elog, sock),
+              count_lines(plog, '"status":499'), count_lines(plog, '"status":503'))
+    r = run_wrk(st, "piapi_kco", C["conns"], C["wrk_threads"], C["kc_over_duration"])
+    time.sleep(1.2)  # nginx's error log is unbuffered; piapi's lines are written by then
+    after = (count_lines(elog, sock, "prematurely closed"), count_lines(elog, sock),
+             count_lines(plog, '"status":499'), count_lines(plog, '"status":503'))
+    r.update({"nginx_premature": after[0] - before[0], "nginx_upstream_errors": after[1] - before[1],
+              "piapi_499": after[2] - before[2], "piapi_503": after[3] - before[3],
+              "gauges": scrape_metrics(KCO_PORT), "threads": C["kc_over_threads"]})
+    return r
+
+
+BUSY_G, IDLE_G = 'piapi_pool_threads{state="busy"}', 'piapi_pool_threads{state="idle"}'
+
+
+def report_kc(results, over):
+    """The keep-conn table: the floor and piapi with and without keep-conn,
+    against proxy_pass."""
+    W = lambda phase, tgt: [r for r in results if r["phase"] == phase and r["target"] == tgt]
+    cols = ("base", "floor", "floor_kc", "piapi", "piapi_kc")
+    c = C["conns"]
+    rows = []
+
+    def add(fig, vals, extra=("", "", "", ""), target="", ok=None):
+        rows.append([fig] + list(vals) + list(extra) + [target,
+                    "" if ok is None else ("**PASS**" if ok else "**FAIL**")])
+
+    def rat(v):  # floor_kc ÷ base, piapi_kc ÷ base, floor_kc ÷ floor, piapi_kc ÷ piapi
+        return (ratio(v[2], v[0]), ratio(v[4], v[0]), ratio(v[2], v[1]), ratio(v[4], v[3]))
+
+    w64 = [W("wrk64", t) for t in cols]
+    w1 = [W("wrk1", t) for t in cols]
+    rps = [med(x, "rps") for x in w64]
+    errs = [sum(r["errors"] for r in x) if x else None for x in w64]
+    ok = rps[4] is not None and rps[0] and rps[4] >= 0.5 * rps[0] and errs[4] == 0
+    add(f"req/s, wrk -t{C['wrk_threads']} -c{c}", [fmt(v) for v in rps], rat(rps),
+        "piapi keep-conn ≥ 0.5× proxy_pass, 0 errors", ok)
+    add(f"errors at c{c} (all rounds)", [fmt(e, "", 0) for e in errs])
+    for key, lab in (("p50_us", "p50"), ("p99_us", "p99")):
+        v = [med(x, key) for x in w64]
+        add(f"latency {lab} at c{c}", [fmt(x and x / 1000, " ms", 2) for x in v], rat(v))
+    v = [med(x, "p50_us") for x in w1]
+    add("latency p50 at c1", [fmt(x, " µs", 0) for x in v], rat(v))
+    add("added latency p50 at c1 (vs proxy_pass)",
+        [fmt(x - v[0], " µs", 0) if None not in (x, v[0]) else None for x in v])
+    v = [med(x, "rps") for x in w1]
+    add("req/s at c1", [fmt(x) for x in v], rat(v))
+    for key, lab in (("cpu_front_us", "nginx front"), ("cpu_backend_us", "responder"),
+                     ("cpu_total_us", "nginx + responder")):
+        v = [med(x, key) for x in w64]
+        if key == "cpu_backend_us":
+            v[0] = None
+        add(f"CPU per request at c{c}: {lab}", [fmt(x, " µs", 1) for x in v], rat(v))
+    v = [med(x, "cpu_backend_us") for x in w1]
+    v[0] = None
+    add("CPU per request at c1: responder", [fmt(x, " µs", 1) for x in v], rat(v))
+    v = [med(x, "csw_per_req") for x in w64]
+    add(f"context switches per request at c{c} (responder threads)",
+        [fmt(x, "", 2) for x in v], rat(v))
+    v = [med(x, "rss_peak_kb") for x in w64]
+    v[0] = None
+    add(f"responder peak RSS during c{c}", [fmt(x and x / 1024, " MiB", 1) for x in v])
+    head = ("| figure | proxy_pass | floor | floor keep-conn | piapi | piapi keep-conn "
+            "| floor kc ÷ proxy_pass | piapi kc ÷ proxy_pass | floor kc ÷ floor "
+            "| piapi kc ÷ piapi | target | result |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+    table = head + "".join("| " + " | ".join(x if isinstance(x, str) else fmt(x) for x in r)
+                           + " |\n" for r in rows)
+    text = (f"\n## keep-conn (`fastcgi_keep_conn on`, upstream `keepalive {C['kc_keepalive']}`)"
+            f"\n\nSame rounds, interleaved. floor keep-conn: {C['floor_kc_threads']} threads "
+            f"(keepalive x workers + c{c}); piapi keep-conn: --threads {C['threads']}.\n\n"
+            + table)
+    if over:
+        g = over.get("gauges") or {}
+        text += (f"\nOverload at the pool's cap: piapi keep-conn --threads {over['threads']} "
+                 f"(at most {over['threads'] + 4} threads), wrk -c{c} for "
+                 f"{C['kc_over_duration']:g} s: {over['requests']:,} requests, "
+                 f"{over['rps']:,.0f} req/s, p99 {over['p99_us'] / 1000:.1f} ms, max "
+                 f"{over['max_us'] / 1000:.0f} ms; wrk errors {over['errors']} "
+                 f"({over['err_detail']}); nginx 'upstream prematurely closed' "
+                 f"{over['nginx_premature']} (all upstream errors for the socket "
+                 f"{over['nginx_upstream_errors']}); piapi 499 (connection shut under a "
+                 f"request) {over['piapi_499']}, 503 (no slot in time) {over['piapi_503']}; "
+                 f"pool gauges after: busy {g.get(BUSY_G)}, idle {g.get(IDLE_G)}.\n")
+    return text, ok
+
+
 def build_state():
     """Which piapi was measured: the tree changes under the bench."""
     def git(*args):
@@ -925,6 +1090,7 @@ def bench():
 
     results = []
     targets, sse_targets = list(TARGET_PATHS), list(SSE_PATHS)
+    over = None
     for rnd in range(C["rounds"]):
         rot = lambda xs: xs[rnd % len(xs):] + xs[:rnd % len(xs)]
         phases = []
@@ -947,21 +1113,35 @@ def bench():
             r["phase"], r["round"] = phase, rnd + 1
             results.append(r)
             if phase.startswith("wrk"):
-                log(f"round {rnd + 1} {phase:8} {t:5}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs"
+                log(f"round {rnd + 1} {phase:8} {t:8}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs"
                     f"  p99 {r['p99_us']:7.0f} µs  err {r['errors']}  cpu {r['cpu_total_us']:5.1f} µs/req"
-                    + (f"  new up conns {r['up_conns']}" if t != "floor" else ""))
+                    + (f"  new up conns {r['up_conns']}" if not is_floor(t) else ""))
             else:
-                log(f"round {rnd + 1} {phase:8} {t:5}: ok {r['ok']}/{r['n']}  TTFE p50 "
+                log(f"round {rnd + 1} {phase:8} {t:8}: ok {r['ok']}/{r['n']}  TTFE p50 "
                     f"{r['ttfe_p50_ms']:.2f} p99 {r['ttfe_p99_ms']:.2f} ms  total p99 "
                     f"{r['total_p99_ms']:.0f} ms  gap {r['max_gap_ms']:.1f} ms  live {r['peak_live']}"
                     + (f"  gauges {r['gauges']}" if r.get("gauges") else ""))
     st.check_alive()
+    if C["keepconn"] and "kcover" in C["phases"]:
+        time.sleep(C["settle"])
+        over = run_kc_overload(st)
+        over["phase"], over["round"] = "kcover", 0
+        results.append(over)
+        log(f"keep-conn overload, --threads {over['threads']}: {over['requests']} requests "
+            f"{over['rps']:.0f} req/s, wrk errors {over['errors']} {over['err_detail']}, nginx "
+            f"'prematurely closed' {over['nginx_premature']}, piapi 499 {over['piapi_499']} "
+            f"503 {over['piapi_503']}, gauges {over['gauges']}")
+        st.check_alive()
     time.sleep(1.0)
     end_idle = rss_kb(st.groups["piapi"])
     hwm = status_kb(st.piapi.pid, "VmHWM")
     load_after = loadavg()
     md, table, passed, total = report(results, idle_rss, mem, end_idle, hwm, load_before,
                                       load_after, time.monotonic() - t_start)
+    if C["keepconn"]:
+        kc_md, kc_ok = report_kc(results, over)
+        md += kc_md
+        log(f"keep-conn target (piapi keep-conn ≥ 0.5× proxy_pass): {'met' if kc_ok else 'missed'}")
     if PIAPI_B:
         md += (f"\n## A/B: {PIAPI} vs {PIAPI_B}\n\nSame run, same rounds, interleaved.\n\n"
                + report_ab(results, idle))

@@ -6,6 +6,14 @@
  *
  *   floor SOCKET_PATH THREADS RESPONSE_FILE
  *
+ * Behind `fastcgi_keep_conn on` the same loop serves successive requests
+ * of one kept connection (FCGX_Finish_r keeps the fd, FCGX_Accept_r reads
+ * the next request from it), and a thread stays bound to its connection
+ * while nginx keeps it idle. So THREADS must cover every connection nginx
+ * can hold: keepalive x workers (idle) + requests in flight, or requests
+ * wait in the backlog for good (fastcgi-notes §0.2). make bench runs it
+ * with keepalive 32 x 1 worker + 64 = 96 threads for /floor-kc/.
+ *
  * Build: cc -O2 -pthread -o floor floor.c -lfcgi
  */
 #include <fcgiapp.h>

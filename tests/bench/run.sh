@@ -6,12 +6,17 @@
 #   tests/bench/run.sh serve      start the stack and keep it up (BENCH_SERVE_SECONDS, max 3600)
 #
 # Environment (defaults in brackets):
-#   BENCH_ROUNDS [3]  BENCH_DURATION [10] s at -c64  BENCH_LAT_DURATION [DURATION/2] s at -c1
+#   BENCH_ROUNDS [3]  BENCH_DURATION [8] s at -c64  BENCH_LAT_DURATION [DURATION/2] s at -c1
 #   BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [2]  BENCH_STREAMS [200,1000]
 #   BENCH_UNLOADED_STREAMS [5]  BENCH_SSE_CHUNKS [50]  BENCH_SSE_INTERVAL_MS [20]
 #   BENCH_PIAPI_THREADS [1100]  BENCH_FLOOR_THREADS [8]  BENCH_NGINX_WORKERS [1]
-#   BENCH_PORT [18480] (uses PORT..PORT+3 on 127.0.0.1)  BENCH_WARMUP [1]
-#   BENCH_PHASES [wrk64,wrk1,sse,unloaded]  BENCH_SETTLE [0.5] s between phases
+#   BENCH_PORT [18480] (uses PORT..PORT+5 on 127.0.0.1)  BENCH_WARMUP [1]
+#   BENCH_PHASES [wrk64,wrk1,sse,unloaded,kcover]  BENCH_SETTLE [0.5] s between phases
+#   BENCH_KEEPCONN [1]: also the floor and piapi behind fastcgi_keep_conn (wrk
+#     phases, own table)  BENCH_KC_KEEPALIVE [32] (nginx upstream keepalive)
+#   BENCH_FLOOR_KC_THREADS [KEEPALIVE x nginx workers + CONNECTIONS]
+#   BENCH_KC_OVERLOAD_THREADS [4]  BENCH_KC_OVERLOAD_DURATION [5]: phase kcover,
+#     a keep-conn piapi with that small a pool under wrk -c CONNECTIONS, once
 #   BENCH_PIAPI [$BUILD/piapi]  BENCH_PIAPI_B [unset]: a second build run side by
 #     side (own nginx server on PORT+3) with an A/B table appended to results.md
 #   BENCH_LOG_LEVEL [info]  BENCH_LOG_MAX_MB [64] (logs are truncated past this)
