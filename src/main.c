@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -237,6 +238,28 @@ static int load_initial_config(const char *path)
     return 0;
 }
 
+/* Each request holds up to four descriptors: its FastCGI connection, its
+ * upstream connection and the curl multi handle's wake-up pair. The usual
+ * soft limit of 1024 would cap piapi near 250 streams; raise it toward the
+ * hard limit, as nginx and redis do. */
+static void raise_fd_limit(unsigned threads)
+{
+    struct rlimit rl;
+    rlim_t want = (rlim_t)threads * 4 + 256;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+        return;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < want) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "open-file limit %llu is below the %llu that --threads %u "
+                 "may need (raise it: ulimit -n, LimitNOFILE=)",
+                 (unsigned long long)rl.rlim_cur, (unsigned long long)want, threads);
+        piapi_log_msg(PIAPI_LOG_WARN, "low open-file limit", "warning", msg);
+    }
+}
+
 static int open_socket(const struct options *o)
 {
     char err[512];
@@ -273,6 +296,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
+    raise_fd_limit(o.threads);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     piapi_metrics_init(PIAPI_VERSION);
     rc = 1;

@@ -5,7 +5,6 @@
 #include "piapi/proxy.h"
 
 #include <curl/curl.h>
-#include <errno.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>

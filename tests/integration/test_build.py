@@ -1,8 +1,11 @@
 """The build's own contracts: `make install`/`uninstall` honour PREFIX and
 DESTDIR, and the CLI's --version, --help and usage errors behave."""
 import os
+import resource
+import signal
 import subprocess
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -59,6 +62,32 @@ class TestCommandLine(unittest.TestCase):
                                capture_output=True, text=True, timeout=10)
             self.assertNotEqual(r.returncode, 0)
             self.assertIn("not a listening socket", r.stderr)
+
+    def test_raises_a_low_open_file_limit_for_its_threads(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 2000:
+            self.skipTest(f"hard open-file limit {hard} is too low to test raising")
+        with tempfile.TemporaryDirectory() as d:
+            cfg = Path(d, "config.yaml")
+            cfg.write_text((REPO / "config.yaml.example").read_text())
+            cfg.chmod(0o600)
+            sock = Path(d, "p.sock")
+            p = subprocess.Popen(
+                [self.piapi, "--config", str(cfg), "--socket", str(sock), "--threads", "400"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+            try:
+                for _ in range(100):
+                    if sock.exists() or p.poll() is not None:
+                        break
+                    time.sleep(0.05)
+                limits = Path(f"/proc/{p.pid}/limits").read_text()
+                soft = int(next(l for l in limits.splitlines()
+                                if l.startswith("Max open files")).split()[3])
+                self.assertGreaterEqual(soft, 400 * 4, limits)
+            finally:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
 
 
 if __name__ == "__main__":
