@@ -1,7 +1,7 @@
 /* Config hot reload: the reload routine (inotify and SIGHUP share it) and
  * the watcher thread.
  *
- * The watcher follows the recipe in docs/fastcgi-notes.md §7: it watches the
+ * The watcher watches the
  * config file's directory, never the file, because editors, `sed -i`, `mv`
  * and the Kubernetes ConfigMap swap all replace the file's inode and a watch
  * on the file dies with it. Relevant events are debounced into one check;
@@ -155,7 +155,7 @@ static void publish_if_changed(struct piapi_config *cfg, const char *trigger)
         piapi_config_publish(cfg);
     }
     piapi_config_release(cur);
-    /* An unchanged reload is still a successful one (the issue counts it);
+    /* An unchanged reload is still a successful one (operators count it);
      * the hash is the live one either way, so the info series stays. */
     piapi_metrics_config_reload(1, hash);
 }

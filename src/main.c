@@ -1,6 +1,6 @@
 /* piapi: command line, start-up, signals and shutdown. Signals are blocked
  * in every thread and taken here with sigwait(): libfcgi's own SIGTERM
- * handler only sets a flag nobody reads (fastcgi-notes §0.1, §1.5). */
+ * handler only sets a flag nobody reads. */
 #include <curl/curl.h>
 #include <errno.h>
 #include <fcgiapp.h>

@@ -83,7 +83,7 @@ static void render_reload_time(struct piapi_buf *out, const struct family *f);
 static void render_config_info(struct piapi_buf *out, const struct family *f);
 
 /* The registry, in exposition order. Names and labels are contracts that
- * dashboards and alerts rely on (design.md). */
+ * dashboards and alerts rely on. */
 static const struct family families[F_COUNT] = {
     [F_BUILD_INFO] = { "piapi_build_info",
         "piapi build information, always 1.", GAUGE, 0, {0},

@@ -73,7 +73,7 @@ static int nobody_free(void)
 /* Called by a thread that just took a request: if nobody is left to
  * accept the next one, add a thread (up to the cap). Threads parked on
  * kept connections (fastcgi_keep_conn) count as taken, so idle kept
- * connections can never starve new ones (fastcgi-notes §0.2). */
+ * connections can never starve new ones. */
 static void grow_if_needed(void)
 {
     if (!nobody_free())
@@ -146,7 +146,7 @@ static int accept_kept(FCGX_Request *req)
             break;
         /* Only when no thread can be added: a kept connection idle this
          * long gives its thread back to accept(), so connections waiting
-         * in the backlog are not starved (fastcgi-notes §0.2). */
+         * in the backlog are not starved. */
         if (rc == 0 && at_cap_and_full()) {
             give_up = 1;
             break;
@@ -163,7 +163,7 @@ static int accept_kept(FCGX_Request *req)
 /* Idle threads beyond the few in accept() wait on a most-recent-first
  * stack: the warmest thread is called in first, and only when the last
  * accepter has just taken a connection, so under load a request costs no
- * extra wake-up (fastcgi-notes §10). */
+ * extra wake-up. */
 struct idler {
     pthread_cond_t cv;
     int woken;
@@ -277,7 +277,7 @@ void piapi_pool_stop_accepting(void)
     if (atomic_exchange(&pool.stopping, 1))
         return;
     /* Wakes every thread blocked in accept(): it returns EINVAL at once
-     * (fastcgi-notes §1.5). */
+     *. */
     shutdown(pool.o.fd, SHUT_RDWR);
     idle_wake(1);
     /* Threads waiting on kept connections poll this pipe too. */

@@ -1,7 +1,7 @@
 /* The upstream transfer. A per-thread curl multi handle drives one easy
  * handle so the loop can also watch the FastCGI connection: nginx closes it
  * the moment the client goes away, and a silent upstream would otherwise
- * keep the transfer alive until its next byte (fastcgi-notes §3). */
+ * keep the transfer alive until its next byte. */
 #include "piapi/proxy.h"
 
 #include <curl/curl.h>
@@ -115,7 +115,7 @@ static int client_hung_up(struct xfer *x)
 }
 
 /* A cut upstream answer must look cut to the client, not like a clean
- * end (fastcgi-notes §10). Bytes outside any record make nginx drop the
+ * end. Bytes outside any record make nginx drop the
  * client connection; lighttpd ignores them but treats a connection that
  * closes without FCGI_END_REQUEST as a failed response. So: both, and the
  * END_REQUEST libfcgi later tries to write goes nowhere. */
@@ -215,7 +215,7 @@ static int parse_status_line(const char *line, size_t n)
 
 /* Pads the head to a multiple of 8 bytes: libfcgi pads every record to 8,
  * and nginx holds a padded header-only record until the first body byte
- * (fastcgi-notes §0.6). The spaces go into X-Accel-Buffering, which nginx
+ *. The spaces go into X-Accel-Buffering, which nginx
  * reads leniently and never shows the client. */
 static void finish_head(struct piapi_buf *h)
 {

@@ -390,7 +390,7 @@ struct kept_line {
 /* Ends the FastCGI request before the bookkeeping, so the web server has
  * the whole answer while the log line and metrics are written. Detached,
  * libfcgi closes with a plain close() instead of shutdown() plus a poll of
- * up to 2 s for the web server to close first (fastcgi-notes §1.2, §10):
+ * up to 2 s for the web server to close first:
  * both web servers close on FCGI_END_REQUEST anyway. */
 static void end_fastcgi(struct request *q, struct kept_line *k)
 {

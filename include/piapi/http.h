@@ -3,7 +3,7 @@
 #define PIAPI_HTTP_H
 
 /* Reason phrase for a status; nginx copies the FastCGI Status line
- * verbatim, so piapi always sends one (fastcgi-notes §5.3). */
+ * verbatim, so piapi always sends one. */
 const char *piapi_http_reason(int status);
 
 /* The error "type" of piapi's own JSON errors, in the vocabulary both the

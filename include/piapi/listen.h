@@ -1,7 +1,7 @@
 /* The FastCGI listening socket: created by piapi (UNIX path or host:port)
  * or inherited on fd 0 from spawn-fcgi, lighttpd bin-path or systemd.
  * FCGX_OpenSocket is not used: it unlinks a live socket blindly and calls
- * exit() on errors (fastcgi-notes §1.4). */
+ * exit() on errors. */
 #ifndef PIAPI_LISTEN_H
 #define PIAPI_LISTEN_H
 

@@ -1,6 +1,6 @@
 /* Request path → service type + rest, and the upstream URL built from a
  * route. Works on REQUEST_URI exactly as the client sent it: it is the only
- * raw path both nginx and lighttpd pass (fastcgi-notes §5.2). */
+ * raw path both nginx and lighttpd pass. */
 #ifndef PIAPI_ROUTE_H
 #define PIAPI_ROUTE_H
 

@@ -11,7 +11,7 @@
  * the next request from it), and a thread stays bound to its connection
  * while nginx keeps it idle. So THREADS must cover every connection nginx
  * can hold: keepalive x workers (idle) + requests in flight, or requests
- * wait in the backlog for good (fastcgi-notes §0.2). make bench runs it
+ * wait in the backlog for good. make bench runs it
  * with keepalive 32 x 1 worker + 64 = 96 threads for /floor-kc/.
  *
  * Build: cc -O2 -pthread -o floor floor.c -lfcgi
@@ -66,7 +66,7 @@ int main(int argc, char **argv)
 
     if (FCGX_Init() != 0)
         return 1;
-    /* FCGX_Init's SIGTERM handler only sets a flag (fastcgi-notes §0.1):
+    /* FCGX_Init's SIGTERM handler only sets a flag:
      * let the bench stop the floor with a plain kill. */
     signal(SIGTERM, SIG_DFL);
     listen_fd = FCGX_OpenSocket(argv[1], 1024);  /* exits on failure */

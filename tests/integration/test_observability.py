@@ -1,4 +1,4 @@
-"""Observability (issue 4) behind real nginx: exact metric values after a
+"""Observability behind real nginx: exact metric values after a
 known sequence of requests, /healthz, one JSON log line per request with
 every field right, --log-level, --log-file with SIGUSR1 reopen (logrotate),
 lifecycle lines, and no key in any log or metrics output.

@@ -1,5 +1,5 @@
 /* config_watch: a real watcher thread on a real temp directory, driven by
- * every way operators and tools replace a file (docs/fastcgi-notes.md §7).
+ * every way operators and tools replace a file.
  * Each edit must show up in piapi_config_current() within a second and
  * produce exactly one "config reloaded" line in the JSON log. */
 #include <cjson/cJSON.h>
@@ -578,7 +578,7 @@ static void test_sighup_unchanged_no_swap(void)
     long ok = reload_metric("success");
 
     CU_ASSERT_EQUAL(piapi_config_reload(cfg_path, "sighup"), 0);
-    /* The issue counts a reload that finds nothing new as a success. */
+    /* A reload that finds nothing new still counts as a success. */
     CU_ASSERT_EQUAL(reload_metric("success"), ok + 1);
     CU_ASSERT_EQUAL(reloads(), before);
     CU_ASSERT_EQUAL(count_lines("config unchanged", &line), unchanged + 1);
