@@ -1,4 +1,4 @@
-"""Config hot reload (issue 3) behind real nginx: every way a config file
+"""Config hot reload behind real nginx: every way a config file
 gets replaced is picked up quickly, invalid edits are refused and counted,
 SIGHUP reloads, a deleted file keeps the gateway serving, running streams
 keep the snapshot they started with, and 50 reloads under traffic neither
