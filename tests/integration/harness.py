@@ -508,10 +508,12 @@ server.http-parseopts = (
 class Stack:
     """mock upstream + piapi + front end, for one test class."""
 
-    def __init__(self, form, config, piapi_args=(), piapi_bin_path=None, name=None):
+    def __init__(self, form, config, piapi_args=(), piapi_bin_path=None, name=None,
+                 spawn_user=None):
         if form not in FORMS:
             raise ValueError(f"unknown launch form {form!r}; one of {FORMS}")
         self.form = form
+        self.spawn_user = spawn_user    # spawn-fcgi -u: run piapi as this user
         self.config_src = config        # dict, str, or callable(stack) -> dict/str
         self.piapi_args = list(piapi_args)
         self.bin = Path(piapi_bin_path) if piapi_bin_path else piapi_bin()
@@ -546,8 +548,19 @@ class Stack:
                 self._wait_socket()
             elif self.form == "spawn-fcgi":
                 self.socket_path = self.tmp / "piapi.sock"
-                self.piapi = Proc("piapi", ["spawn-fcgi", "-s", self.socket_path, "-M", "0660",
-                                            "-G", "www-data", "-n", "--", self.bin] + common,
+                spawn = ["spawn-fcgi", "-s", self.socket_path, "-M", "0660", "-G", "www-data"]
+                binary = self.bin
+                if self.spawn_user:
+                    # The service user must read the config (and list its
+                    # directory, for the watcher) and run the binary from a
+                    # path it can reach, wherever the checkout lives.
+                    binary = self.tmp / "piapi-bin"
+                    shutil.copy2(self.bin, binary)
+                    os.chmod(binary, 0o755)
+                    shutil.chown(self.config_path, user=self.spawn_user)
+                    os.chmod(self.tmp, 0o755)
+                    spawn += ["-u", self.spawn_user]
+                self.piapi = Proc("piapi", spawn + ["-n", "--", binary] + common,
                                   stderr_path=self.tmp / "piapi.stderr")
                 self._wait_socket()
             else:

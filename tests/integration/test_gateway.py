@@ -1,11 +1,15 @@
 """End-to-end checks of piapi behind a real front end, run against each of
 the four launch forms (nginx, lighttpd-socket, lighttpd-binpath, spawn-fcgi).
 What crossed the wire is read back from the mock upstream's record."""
+import grp
 import gzip
 import hashlib
 import json
+import os
+import pwd
 import time
 import unittest
+from pathlib import Path
 
 import harness
 from harness import build_request, header_values
@@ -63,10 +67,12 @@ def bearer(key):
 class GatewayChecks:
     """The checks; subclasses pick the launch form."""
     FORM = None
+    SPAWN_USER = None
 
     @classmethod
     def setUpClass(cls):
-        cls.stack = harness.Stack(cls.FORM, gateway_config, piapi_args=["--grace", "2"])
+        cls.stack = harness.Stack(cls.FORM, gateway_config, piapi_args=["--grace", "2"],
+                                  spawn_user=cls.SPAWN_USER)
         cls.addClassCleanup(cls.stack.stop)
         cls.stack.start()
 
@@ -438,6 +444,21 @@ class TestLighttpdBinPath(GatewayChecks, unittest.TestCase):
 
 class TestSpawnFcgi(GatewayChecks, unittest.TestCase):
     FORM = "spawn-fcgi"
+
+
+class TestSpawnFcgiServiceUser(GatewayChecks, unittest.TestCase):
+    """The documented production form: piapi runs as an unprivileged user,
+    the socket is 0660 group www-data, and nginx's workers reach it."""
+    FORM = "spawn-fcgi"
+    SPAWN_USER = "nobody"
+
+    def test_00_piapi_runs_as_the_service_user(self):
+        status = Path(f"/proc/{self.stack.piapi.pid}/status").read_text()
+        uid = next(l for l in status.splitlines() if l.startswith("Uid:")).split()[1]
+        self.assertEqual(int(uid), pwd.getpwnam("nobody").pw_uid)
+        st = os.stat(self.stack.socket_path)
+        self.assertEqual(st.st_mode & 0o777, 0o660)
+        self.assertEqual(grp.getgrgid(st.st_gid).gr_name, "www-data")
 
 
 if __name__ == "__main__":
