@@ -1,6 +1,8 @@
-/* JSON lines. A line is built in the caller's stack space and leaves with
- * one write(2); writers share nothing but two atomics (fd and threshold),
- * so logging takes no lock and, for lines under 1 KB, no malloc. */
+/* JSON lines. A line is built in the caller's stack space. It then leaves
+ * with one write(2) by the caller, or, once the writer thread runs, is
+ * queued in memory and written in batches: many request threads appending
+ * to one file contend on it, and that write is most of what a log line
+ * costs. Lines stay whole either way. */
 #include "piapi/log.h"
 #include "piapi/json.h"
 
@@ -9,6 +11,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +26,22 @@ static _Atomic int log_min = PIAPI_LOG_INFO;
  * shutdown); writers never take this lock. */
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static char *log_path;          /* NULL while logging to stderr */
+
+/* Past this much queued text the writer is behind: callers write their
+ * lines themselves rather than wait or grow the queue without bound. */
+#define QUEUE_MAX (4u << 20)
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t thread;
+    _Atomic int running;
+    int stop;
+    int busy;                   /* writing a batch: no need to wake it */
+    struct piapi_buf queue;
+} writer = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER };
+
+static void write_all(int fd, const char *p, size_t n);
 
 static const char *const level_names[] = {
     [PIAPI_LOG_DEBUG] = "debug",
@@ -92,10 +111,86 @@ int piapi_log_reopen(void)
     return r;
 }
 
+static void *writer_main(void *arg)
+{
+    struct piapi_buf batch = {0};
+    sigset_t all;
+
+    (void)arg;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    pthread_mutex_lock(&writer.lock);
+    for (;;) {
+        while (!writer.queue.len && !writer.stop) {
+            writer.busy = 0;
+            pthread_cond_wait(&writer.wake, &writer.lock);
+        }
+        if (!writer.queue.len)
+            break;
+        writer.busy = 1;
+        struct piapi_buf t = batch;
+        batch = writer.queue;
+        writer.queue = t;
+        pthread_mutex_unlock(&writer.lock);
+        write_all(atomic_load_explicit(&log_fd, memory_order_acquire), batch.data, batch.len);
+        piapi_buf_reset(&batch);
+        pthread_mutex_lock(&writer.lock);
+    }
+    writer.busy = 0;
+    pthread_mutex_unlock(&writer.lock);
+    piapi_buf_dispose(&batch);
+    return NULL;
+}
+
+int piapi_log_start_writer(void)
+{
+    if (atomic_load(&writer.running))
+        return 0;
+    writer.stop = 0;
+    if (pthread_create(&writer.thread, NULL, writer_main, NULL) != 0)
+        return -1;
+    atomic_store(&writer.running, 1);
+    return 0;
+}
+
+/* Writes what is queued and stops the writer; later lines go out
+ * directly again. */
+static void stop_writer(void)
+{
+    if (!atomic_load(&writer.running))
+        return;
+    pthread_mutex_lock(&writer.lock);
+    atomic_store(&writer.running, 0);
+    writer.stop = 1;
+    pthread_cond_signal(&writer.wake);
+    pthread_mutex_unlock(&writer.lock);
+    pthread_join(writer.thread, NULL);
+    piapi_buf_dispose(&writer.queue);
+}
+
+/* 1 when the writer took the line. */
+static int enqueue(const char *p, size_t n)
+{
+    int taken = 0;
+
+    if (!atomic_load_explicit(&writer.running, memory_order_relaxed))
+        return 0;
+    pthread_mutex_lock(&writer.lock);
+    if (atomic_load(&writer.running) && writer.queue.len + n <= QUEUE_MAX) {
+        piapi_buf_append(&writer.queue, p, n);
+        if (!writer.busy)
+            pthread_cond_signal(&writer.wake);
+        taken = 1;
+    }
+    pthread_mutex_unlock(&writer.lock);
+    return taken;
+}
+
 /* Back to stderr. Unlike reopen this frees the fd number, so it belongs
  * after the threads that log have stopped. */
 void piapi_log_close(void)
 {
+    stop_writer();
     pthread_mutex_lock(&log_lock);
     if (log_path) {
         int old = atomic_exchange_explicit(&log_fd, STDERR_FILENO,
@@ -274,8 +369,9 @@ void piapi_log_end(struct piapi_log_line *l)
     line_reserve(l, 2);
     piapi_buf_append(&l->buf, "}\n", 2);
     int saved = errno;      /* callers log right after a failure; keep its errno */
-    write_all(atomic_load_explicit(&log_fd, memory_order_acquire),
-              l->buf.data, l->buf.len);
+    if (!enqueue(l->buf.data, l->buf.len))
+        write_all(atomic_load_explicit(&log_fd, memory_order_acquire),
+                  l->buf.data, l->buf.len);
     errno = saved;
     if (l->buf.data != l->inline_space)
         free(l->buf.data);

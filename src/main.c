@@ -295,6 +295,9 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGHUP);
     sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (piapi_log_start_writer() != 0)
+        piapi_log_msg(PIAPI_LOG_WARN, "log writer thread not running; threads write lines",
+                      NULL, NULL);
 
     raise_fd_limit(o.threads);
     curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -338,6 +341,7 @@ int main(int argc, char **argv)
     if (drain(&set, o.grace_s)) {
         piapi_log_msg(PIAPI_LOG_WARN, "second signal: exiting now", NULL, NULL);
         piapi_listen_cleanup();
+        piapi_log_close();
         _exit(1);
     }
     if (piapi_pool_active() > 0)

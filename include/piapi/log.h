@@ -1,5 +1,5 @@
-/* JSON lines: one object per line, written with a single write() so lines
- * from many threads never interleave. Lower layers never log; request,
+/* JSON lines: one object per line, each written whole (one write() by its
+ * caller, or queued for the writer thread) so lines never interleave. Lower layers never log; request,
  * watcher, pool and main do. */
 #ifndef PIAPI_LOG_H
 #define PIAPI_LOG_H
@@ -17,6 +17,12 @@ enum piapi_log_level {
 /* path NULL = stderr. Returns 0, or -1 with errno when the file cannot be
  * opened (stderr stays in use). */
 int piapi_log_open(const char *path, enum piapi_log_level min_level);
+/* Starts a writer thread: from then on lines are queued in memory and
+ * written in batches instead of by each caller (a line still lands whole;
+ * if the queue is far behind, callers write directly). Call it after
+ * open(), before the threads that log; close() writes what is queued and
+ * stops it. Without it every line is written by its caller. */
+int piapi_log_start_writer(void);
 /* For logrotate (SIGUSR1): reopens the file given to open(); no-op on stderr. */
 int piapi_log_reopen(void);
 void piapi_log_close(void);

@@ -347,12 +347,17 @@ static void *writer(void *arg)
     return NULL;
 }
 
-static void test_concurrent_writers(void)
+static int next[THREADS];
+
+static void concurrent_writers(int with_writer_thread)
 {
     pthread_t t[THREADS];
     memset(pad, 'x', sizeof pad - 1);
+    memset(next, 0, sizeof next);
     fresh_file();
     CU_ASSERT_EQUAL_FATAL(piapi_log_open(path, PIAPI_LOG_INFO), 0);
+    if (with_writer_thread)
+        CU_ASSERT_EQUAL_FATAL(piapi_log_start_writer(), 0);
     for (int i = 0; i < THREADS; i++)
         pthread_create(&t[i], NULL, writer, (void *)(intptr_t)i);
     for (int i = 0; i < THREADS; i++)
@@ -362,7 +367,6 @@ static void test_concurrent_writers(void)
     size_t n;
     cJSON **lines = read_lines(path, &n);
     CU_ASSERT_EQUAL(n, THREADS * PER_THREAD);
-    static int next[THREADS];
     int in_order = 1;
     for (size_t i = 0; i < n; i++) {
         int id = cJSON_GetObjectItem(lines[i], "thread")->valueint;
@@ -376,6 +380,18 @@ static void test_concurrent_writers(void)
     free_lines(lines);
 }
 
+static void test_concurrent_writers(void)
+{
+    concurrent_writers(0);
+}
+
+/* The writer thread batches lines: still every line whole, each thread's
+ * lines in order, nothing lost once close() has drained the queue. */
+static void test_concurrent_writers_batched(void)
+{
+    concurrent_writers(1);
+}
+
 static const struct unit_case tests[] = {
     { "level parse", test_level_parse },
     { "line shape and types", test_line_shape },
@@ -384,6 +400,7 @@ static const struct unit_case tests[] = {
     { "long lines", test_long_lines },
     { "reopen after rename", test_reopen_after_rename },
     { "8 concurrent writers", test_concurrent_writers },
+    { "8 concurrent writers, writer thread", test_concurrent_writers_batched },
     { NULL, NULL }
 };
 
