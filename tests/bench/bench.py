@@ -79,7 +79,8 @@ C = {
     "kc_over_threads": env_num("BENCH_KC_OVERLOAD_THREADS", 4, int),
     "kc_over_duration": env_num("BENCH_KC_OVERLOAD_DURATION", 5.0),
 }
-C["lat_duration"] = env_num("BENCH_LAT_DURATION", max(2.0, C["duration"] / 2))
+# wrk takes whole seconds only
+C["lat_duration"] = int(env_num("BENCH_LAT_DURATION", max(2, int(C["duration"] // 2))))
 FRONT_PORT, UP_PORT, SSE_PORT, B_PORT = C["port"], C["port"] + 1, C["port"] + 2, C["port"] + 3
 KC_PORT, KCO_PORT = C["port"] + 4, C["port"] + 5
 # The keep-conn floor needs a thread per FastCGI connection nginx can hold:
