@@ -27,19 +27,22 @@ static _Atomic int log_min = PIAPI_LOG_INFO;
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static char *log_path;          /* NULL while logging to stderr */
 
-/* Past this much queued text the writer is behind: callers write their
- * lines themselves rather than wait or grow the queue without bound. */
+/* Past this much queued text the writer is behind the log device: callers
+ * wait for room (back-pressure) rather than grow the queue without bound
+ * or write around it, which would reorder a thread's own lines. */
 #define QUEUE_MAX (4u << 20)
 
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;
+    pthread_cond_t room;        /* the writer took the queue */
     pthread_t thread;
     _Atomic int running;
     int stop;
     int busy;                   /* writing a batch: no need to wake it */
     struct piapi_buf queue;
-} writer = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER };
+} writer = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+              .room = PTHREAD_COND_INITIALIZER };
 
 static void write_all(int fd, const char *p, size_t n);
 
@@ -131,6 +134,7 @@ static void *writer_main(void *arg)
         struct piapi_buf t = batch;
         batch = writer.queue;
         writer.queue = t;
+        pthread_cond_broadcast(&writer.room);
         pthread_mutex_unlock(&writer.lock);
         write_all(atomic_load_explicit(&log_fd, memory_order_acquire), batch.data, batch.len);
         piapi_buf_reset(&batch);
@@ -163,6 +167,7 @@ static void stop_writer(void)
     atomic_store(&writer.running, 0);
     writer.stop = 1;
     pthread_cond_signal(&writer.wake);
+    pthread_cond_broadcast(&writer.room);
     pthread_mutex_unlock(&writer.lock);
     pthread_join(writer.thread, NULL);
     piapi_buf_dispose(&writer.queue);
@@ -176,7 +181,10 @@ static int enqueue(const char *p, size_t n)
     if (!atomic_load_explicit(&writer.running, memory_order_relaxed))
         return 0;
     pthread_mutex_lock(&writer.lock);
-    if (atomic_load(&writer.running) && writer.queue.len + n <= QUEUE_MAX) {
+    while (atomic_load(&writer.running) && writer.queue.len &&
+           writer.queue.len + n > QUEUE_MAX)
+        pthread_cond_wait(&writer.room, &writer.lock);
+    if (atomic_load(&writer.running)) {
         piapi_buf_append(&writer.queue, p, n);
         if (!writer.busy)
             pthread_cond_signal(&writer.wake);

@@ -19,7 +19,8 @@ enum piapi_log_level {
 int piapi_log_open(const char *path, enum piapi_log_level min_level);
 /* Starts a writer thread: from then on lines are queued in memory and
  * written in batches instead of by each caller (a line still lands whole;
- * if the queue is far behind, callers write directly). Call it after
+ * a caller waits only when 4 MiB are queued, i.e. the log device is slower
+ * than the log). Call it after
  * open(), before the threads that log; close() writes what is queued and
  * stops it. Without it every line is written by its caller. */
 int piapi_log_start_writer(void);
