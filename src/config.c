@@ -766,6 +766,26 @@ static const char *dup_str(struct ctx *c, const struct ynode *v)
     return arena_strndup(&c->cfg->arena, v->str, v->len);
 }
 
+/* The entry's required `name`, unique within `set` (providers, users);
+ * `list` names the sequence in the duplicate message. NULL when missing. */
+static const char *unique_name(struct ctx *c, const struct ynode *map,
+                               const char *path, struct strset *set, size_t idx,
+                               const char *what, const char *list)
+{
+    char kp[PATH_LEN], shown[SHOW_LEN];
+    const struct ynode *name = get_name(c, map, path, "name");
+
+    if (!name)
+        return NULL;
+    const struct strset_ent *dup = strset_add(set, 0, name->str, name->len, idx);
+    if (dup) {
+        path_key(c, kp, path, "name", 4);
+        err(c, name, kp, "duplicate %s name '%s' (first is %s[%zu])", what,
+            show(c, shown, name->str, name->len), list, dup->val);
+    }
+    return dup_str(c, name);
+}
+
 /* -------------------------------------------------------------- settings */
 
 static const struct setting_spec {
@@ -1204,23 +1224,13 @@ static void walk_provider(struct ctx *c, const struct ynode *prov, size_t pi)
 {
     static const char *const known[] = { "name", "apiKeys", "services" };
     struct piapi_provider *out = &c->cfg->providers[pi];
-    char path[PATH_LEN], sp[PATH_LEN], ip[PATH_LEN], shown[SHOW_LEN];
+    char path[PATH_LEN], sp[PATH_LEN], ip[PATH_LEN];
 
     path_idx(path, "providers", pi);
     if (!expect_kind(c, prov, path, Y_MAP))
         return;
     check_keys(c, prov, path, known, 3);
-
-    const struct ynode *name = get_name(c, prov, path, "name");
-    if (name) {
-        const struct strset_ent *dup = strset_add(&c->prov_names, 0, name->str,
-                                                  name->len, pi);
-        path_key(c, sp, path, "name", 4);
-        if (dup)
-            err(c, name, sp, "duplicate provider name '%s' (first is providers[%zu])",
-                show(c, shown, name->str, name->len), dup->val);
-        out->name = dup_str(c, name);
-    }
+    out->name = unique_name(c, prov, path, &c->prov_names, pi, "provider", "providers");
     walk_api_keys(c, prov, path, pi, out);
 
     const struct ynode *svcs = get_coll(c, prov, path, "services", Y_SEQ);
@@ -1290,23 +1300,13 @@ static void walk_user(struct ctx *c, const struct ynode *u, size_t ui)
         "name", "apiKey", "providerName", "providerKeyName",
     };
     struct piapi_user *out = &c->cfg->users[ui];
-    char path[PATH_LEN], kp[PATH_LEN], shown[SHOW_LEN];
+    char path[PATH_LEN], kp[PATH_LEN];
 
     path_idx(path, "users", ui);
     if (!expect_kind(c, u, path, Y_MAP))
         return;
     check_keys(c, u, path, known, 4);
-
-    const struct ynode *name = get_name(c, u, path, "name");
-    if (name) {
-        const struct strset_ent *dup = strset_add(&c->user_names, 0, name->str,
-                                                  name->len, ui);
-        path_key(c, kp, path, "name", 4);
-        if (dup)
-            err(c, name, kp, "duplicate user name '%s' (first is users[%zu])",
-                show(c, shown, name->str, name->len), dup->val);
-        out->name = dup_str(c, name);
-    }
+    out->name = unique_name(c, u, path, &c->user_names, ui, "user", "users");
 
     const struct ynode *key = get_str(c, u, path, "apiKey", REQUIRED);
     path_key(c, kp, path, "apiKey", 6);
