@@ -672,6 +672,25 @@ class Stack:
 
     # -- stop --
 
+    def stop_processes(self):
+        """Stops everything but keeps the temp dir (logs stay readable)."""
+        if self.front:
+            self.front.stop()
+        if self.piapi:
+            self.piapi.stop()
+        if self.mock:
+            self.mock.stop()
+        # Anything still naming our temp dir on its command line is ours
+        # and escaped its process group: kill it by pid and say so.
+        self.orphans = pids_mentioning(str(self.tmp))
+        for pid in self.orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.orphans:
+            sys.stderr.write(f"harness: killed leftover processes {self.orphans} of {self.tmp}\n")
+
     def stop(self):
         if self.stopped:
             return
@@ -679,22 +698,7 @@ class Stack:
         if self in _STACKS:
             _STACKS.remove(self)
         try:
-            if self.front:
-                self.front.stop()
-            if self.piapi:
-                self.piapi.stop()
-            if self.mock:
-                self.mock.stop()
-            # Anything still naming our temp dir on its command line is ours
-            # and escaped its process group: kill it by pid and say so.
-            self.orphans = pids_mentioning(str(self.tmp))
-            for pid in self.orphans:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if self.orphans:
-                sys.stderr.write(f"harness: killed leftover processes {self.orphans} of {self.tmp}\n")
+            self.stop_processes()
         finally:
             if not KEEP_TMP:
                 shutil.rmtree(self.tmp, ignore_errors=True)

@@ -108,12 +108,7 @@ def retire(stack):
     """Class cleanup: stop the processes (their last lines get written),
     keep every log file's text for the secrets check, then remove the stack."""
     try:
-        if stack.front:
-            stack.front.stop()
-        if stack.piapi:
-            stack.piapi.stop()
-        if stack.mock:
-            stack.mock.stop()
+        stack.stop_processes()
         if stack.tmp.exists():
             for p in sorted(stack.tmp.rglob("*")):
                 # the mock is the provider: it must see the provider key
