@@ -962,33 +962,43 @@ static atomic_int stop_readers;
 
 static void *reader(void *arg)
 {
-    size_t *seen = arg;
+    atomic_size_t *seen = arg;
     while (!atomic_load(&stop_readers)) {
         struct piapi_config *cfg = piapi_config_current();
         if (!cfg)
             continue;
         if (piapi_config_find_user(cfg, "piapi-user-carol", 16))
-            (*seen)++;
+            atomic_fetch_add(seen, 1);
         piapi_config_release(cfg);
     }
     return NULL;
 }
 
+static int every_reader_ran(atomic_size_t *seen, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (atomic_load(&seen[i]) == 0)
+            return 0;
+    return 1;
+}
+
+/* At least 200 swaps, and on until every reader has read a snapshot (a
+ * loaded machine may not schedule a reader before 200 swaps are over). */
 static void test_publish_threads(void)
 {
     pthread_t t[4];
-    size_t seen[4] = { 0 };
+    atomic_size_t seen[4] = { 0 };
 
     atomic_store(&stop_readers, 0);
     piapi_config_publish(load_ok(SEED, NULL));
     for (int i = 0; i < 4; i++)
         pthread_create(&t[i], NULL, reader, &seen[i]);
-    for (int i = 0; i < 200; i++)
+    for (int i = 0; i < 200 || (!every_reader_ran(seen, 4) && i < 200000); i++)
         piapi_config_publish(load_ok(SEED, NULL));
     atomic_store(&stop_readers, 1);
     for (int i = 0; i < 4; i++) {
         pthread_join(t[i], NULL);
-        CU_ASSERT(seen[i] > 0);
+        CU_ASSERT(atomic_load(&seen[i]) > 0);
     }
     piapi_config_publish(NULL);
 }
