@@ -31,6 +31,11 @@ static char *log_path;          /* NULL while logging to stderr */
  * wait for room (back-pressure) rather than grow the queue without bound
  * or write around it, which would reorder a thread's own lines. */
 #define QUEUE_MAX (4u << 20)
+/* After a batch the writer stays awake this long, collecting lines, so
+ * under load a request line costs no wake-up; other lines, or this much
+ * piled up, wake it early. */
+#define LINGER_NS (20 * 1000000L)
+#define LINGER_MAX (256u << 10)
 
 static struct {
     pthread_mutex_t lock;
@@ -39,7 +44,7 @@ static struct {
     pthread_t thread;
     _Atomic int running;
     int stop;
-    int busy;                   /* writing a batch: no need to wake it */
+    int busy;                   /* writing or lingering: no need to wake it */
     struct piapi_buf queue;
 } writer = { .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
               .room = PTHREAD_COND_INITIALIZER };
@@ -139,6 +144,16 @@ static void *writer_main(void *arg)
         write_all(atomic_load_explicit(&log_fd, memory_order_acquire), batch.data, batch.len);
         piapi_buf_reset(&batch);
         pthread_mutex_lock(&writer.lock);
+        if (!writer.stop && writer.queue.len < LINGER_MAX) {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_nsec += LINGER_NS;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&writer.wake, &writer.lock, &until);
+        }
     }
     writer.busy = 0;
     pthread_mutex_unlock(&writer.lock);
@@ -174,7 +189,7 @@ static void stop_writer(void)
 }
 
 /* 1 when the writer took the line. */
-static int enqueue(const char *p, size_t n)
+static int enqueue(const char *p, size_t n, int urgent)
 {
     int taken = 0;
 
@@ -186,7 +201,7 @@ static int enqueue(const char *p, size_t n)
         pthread_cond_wait(&writer.room, &writer.lock);
     if (atomic_load(&writer.running)) {
         piapi_buf_append(&writer.queue, p, n);
-        if (!writer.busy)
+        if (!writer.busy || urgent || writer.queue.len >= LINGER_MAX)
             pthread_cond_signal(&writer.wake);
         taken = 1;
     }
@@ -370,20 +385,30 @@ static void write_all(int fd, const char *p, size_t n)
     }
 }
 
-void piapi_log_end(struct piapi_log_line *l)
+static void end_line(struct piapi_log_line *l, int urgent)
 {
     if (!l->buf.data)
         return;
     line_reserve(l, 2);
     piapi_buf_append(&l->buf, "}\n", 2);
     int saved = errno;      /* callers log right after a failure; keep its errno */
-    if (!enqueue(l->buf.data, l->buf.len))
+    if (!enqueue(l->buf.data, l->buf.len, urgent))
         write_all(atomic_load_explicit(&log_fd, memory_order_acquire),
                   l->buf.data, l->buf.len);
     errno = saved;
     if (l->buf.data != l->inline_space)
         free(l->buf.data);
     l->buf.data = NULL;
+}
+
+void piapi_log_end(struct piapi_log_line *l)
+{
+    end_line(l, 1);
+}
+
+void piapi_log_end_batched(struct piapi_log_line *l)
+{
+    end_line(l, 0);
 }
 
 void piapi_log_msg(enum piapi_log_level level, const char *msg,

@@ -19,6 +19,7 @@
 #include "piapi/log.h"
 #include "piapi/metrics.h"
 #include "piapi/pool.h"
+#include "piapi/proxy.h"
 #include "piapi/util.h"
 
 struct options {
@@ -322,7 +323,8 @@ int main(int argc, char **argv)
     if (piapi_config_watch_start(o.config, err, sizeof err) != 0)
         piapi_log_msg(PIAPI_LOG_WARN, "config watcher not running; SIGHUP still reloads",
                       "error", err);
-    if (piapi_pool_start(&po, err, sizeof err) != 0) {
+    if (piapi_proxy_loop_start(o.threads, err, sizeof err) != 0 ||
+        piapi_pool_start(&po, err, sizeof err) != 0) {
         piapi_log_msg(PIAPI_LOG_ERROR, "cannot start the pool", "error", err);
         goto out_watch;
     }
@@ -348,10 +350,12 @@ int main(int argc, char **argv)
         piapi_log_msg(PIAPI_LOG_WARN, "grace period over: aborting running requests",
                       NULL, NULL);
     piapi_pool_abort();
+    piapi_proxy_loop_stop();
     piapi_pool_join();
     rc = 0;
     piapi_log_msg(PIAPI_LOG_INFO, "piapi stopped", NULL, NULL);
 out_watch:
+    piapi_proxy_loop_stop();
     piapi_config_watch_stop();
     close(fd);
     piapi_listen_cleanup();

@@ -1,5 +1,7 @@
 /* Responder threads. Every thread owns a worker (curl handles, buffers)
- * for its whole life, so connections to the upstream are reused. */
+ * for its whole life, so connections to the upstream are reused. A
+ * request counts as active, and holds its request slot, until it ends:
+ * on its thread, or later on the proxy's event loop thread. */
 #include "piapi/pool.h"
 
 #include <errno.h>
@@ -29,7 +31,8 @@ static struct {
     pthread_mutex_t lock;       /* threads[] and spawning */
     pthread_t *threads;
     atomic_uint nthreads;
-    atomic_uint active;         /* accepted and not finished */
+    atomic_uint active;         /* requests accepted and not ended */
+    atomic_uint serving;        /* threads busy with a request */
     atomic_uint parked;         /* waiting for the next request on a kept connection */
     int wake[2];                /* pipe, readable once stopping: wakes parked threads */
     atomic_int in_accept;       /* threads inside accept() */
@@ -42,7 +45,7 @@ static void *worker_main(void *arg);
 
 static void probe(unsigned *busy, unsigned *idle)
 {
-    unsigned n = atomic_load(&pool.nthreads), a = atomic_load(&pool.active);
+    unsigned n = atomic_load(&pool.nthreads), a = atomic_load(&pool.serving);
     *busy = a;
     *idle = n > a ? n - a : 0;  /* parked threads wait for work: idle */
 }
@@ -66,7 +69,7 @@ static int spawn_locked(char *err, size_t errlen)
  * on a kept connection. */
 static int nobody_free(void)
 {
-    return atomic_load(&pool.active) + atomic_load(&pool.parked) >=
+    return atomic_load(&pool.serving) + atomic_load(&pool.parked) >=
            atomic_load(&pool.nthreads);
 }
 
@@ -104,18 +107,29 @@ static int take_request_slot(void)
     return rc == 0;
 }
 
-static void serve(struct piapi_worker *w, FCGX_Request *req)
+static void request_over(void)
 {
+    sem_post(&pool.request_slots);
+    atomic_fetch_sub(&pool.active, 1);
+}
+
+/* 1 when the request (and req) went on to the event loop. */
+static int serve(struct piapi_worker *w, FCGX_Request *req)
+{
+    int handed_over = 0;
+
     atomic_fetch_add(&pool.active, 1);
+    atomic_fetch_add(&pool.serving, 1);
     grow_if_needed();
     if (take_request_slot()) {
-        piapi_request_handle(w, req);
-        sem_post(&pool.request_slots);
+        handed_over = piapi_request_handle(w, req, request_over);
     } else {
         piapi_request_reject(w, req, 503, "gateway saturated; retry shortly",
                              "pool_saturated");
+        atomic_fetch_sub(&pool.active, 1);
     }
-    atomic_fetch_sub(&pool.active, 1);
+    atomic_fetch_sub(&pool.serving, 1);
+    return handed_over;
 }
 
 /* With fastcgi_keep_conn the web server may send the next request on the
@@ -218,15 +232,21 @@ static int accept_new(FCGX_Request *req)
     return rc;
 }
 
+static FCGX_Request *new_request(void)
+{
+    FCGX_Request *req = piapi_xmalloc(sizeof *req);
+    FCGX_InitRequest(req, pool.o.fd, 0);
+    return req;
+}
+
 static void *worker_main(void *arg)
 {
     (void)arg;
     struct piapi_worker *w = piapi_request_worker_create(&pool.stopping, &pool.aborting);
-    FCGX_Request req;
+    FCGX_Request *req = new_request();
 
-    FCGX_InitRequest(&req, pool.o.fd, 0);
     for (;;) {
-        int rc = req.ipcFd >= 0 ? accept_kept(&req) : accept_new(&req);
+        int rc = req->ipcFd >= 0 ? accept_kept(req) : accept_new(req);
         if (rc > 0)
             continue;
         if (rc < 0) {
@@ -236,9 +256,11 @@ static void *worker_main(void *arg)
             usleep(10000);
             continue;
         }
-        serve(w, &req);
+        if (serve(w, req))
+            req = new_request();
     }
-    FCGX_Free(&req, 1);
+    FCGX_Free(req, 1);
+    free(req);
     piapi_request_worker_destroy(w);
     return NULL;
 }

@@ -1,7 +1,9 @@
-/* The upstream transfer. A per-thread curl multi handle drives one easy
- * handle so the loop can also watch the FastCGI connection: nginx closes it
- * the moment the client goes away, and a silent upstream would otherwise
- * keep the transfer alive until its next byte. */
+/* The upstream transfer: libcurl callbacks, timers and outcome, shared by
+ * both drivers, and the blocking driver. There a per-thread curl multi
+ * handle drives one easy handle so the wait can also watch the FastCGI
+ * connection: nginx closes it the moment the client goes away, and a
+ * silent upstream would otherwise keep the transfer alive until its next
+ * byte. */
 #include "piapi/proxy.h"
 
 #include <curl/curl.h>
@@ -15,39 +17,19 @@
 #include "piapi/headers.h"
 #include "piapi/http.h"
 #include "piapi/util.h"
+#include "proxy_xfer.h"
 
 /* Bodies up to this size are read whole and handed to libcurl in one
  * piece; larger ones stream through the read callback. */
 #define INLINE_BODY_MAX (64 * 1024)
-/* Upper bound on one wait, so shutdown and timers are seen promptly. */
-#define POLL_SLICE_MS 1000
+/* What one write of n bytes may cost in socket memory (kernel skb
+ * overhead and rounding): deliberately high, see xfer.budget. */
+#define WRITE_COST(n) (2 * (n) + 2048)
 
 struct piapi_proxy {
     CURLM *multi;
     CURL *easy;
     char *body;             /* INLINE_BODY_MAX bytes, reused */
-    struct piapi_buf head;  /* response head under construction */
-};
-
-/* Per-transfer state shared by the libcurl callbacks. */
-struct xfer {
-    struct piapi_transfer *t;
-    struct piapi_proxy *p;
-    double start;
-    double last_upstream;   /* last byte from the upstream */
-    double last_write;      /* last byte to the client */
-    int stdin_eof;          /* only then does POLLIN on the fd mean "gone" */
-    int in_block;           /* inside a non-1xx header block */
-    int head_sent;
-    int event_stream;       /* Content-Type: text/event-stream */
-    int encoded;            /* any Content-Encoding: never inject into it */
-    int at_boundary;        /* last body bytes ended an SSE event */
-    int client_gone;
-    int unflushed;          /* bytes queued in libfcgi's buffer */
-    int fcgi_readable;      /* the last wait saw the FastCGI fd readable */
-    int body_over_limit;
-    size_t inline_len, inline_off;  /* pre-read body served first */
-    char tail[2];           /* last two body bytes, for SSE boundaries */
 };
 
 struct piapi_proxy *piapi_proxy_create(void)
@@ -68,13 +50,12 @@ void piapi_proxy_destroy(struct piapi_proxy *p)
     curl_easy_cleanup(p->easy);
     curl_multi_cleanup(p->multi);
     free(p->body);
-    piapi_buf_dispose(&p->head);
     free(p);
 }
 
 /* ---- client side ---------------------------------------------------- */
 
-/* Queues bytes for the client. They go out at the next client_flush(),
+/* Queues bytes for the client. They go out at the next xfer_flush(),
  * which the transfer loop does before it waits for the upstream again:
  * every chunk still leaves as soon as libcurl has handed it over, but
  * the last one travels with FCGI_END_REQUEST in a single write. */
@@ -86,11 +67,30 @@ static int client_put(struct xfer *x, const char *data, size_t n)
         x->client_gone = 1;
         return -1;
     }
+    if (!x->unflushed && x->queued)
+        x->queued(x);
     x->unflushed = 1;
+    x->unchecked += WRITE_COST(n);
     return 0;
 }
 
-static int client_flush(struct xfer *x)
+/* Loop driver: whether n more bytes fit without a write that could block.
+ * A socket polls writable while at most a quarter of its send buffer is
+ * queued, and the budget is half of it, so what is admitted after a
+ * writable poll always fits. */
+static int client_has_room(struct xfer *x, size_t n)
+{
+    if (!x->budget || x->unchecked + WRITE_COST(n) <= x->budget)
+        return 1;
+    struct pollfd pfd = { .fd = x->t->fcgi->ipcFd, .events = POLLOUT };
+    if (poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLOUT)) {
+        x->unchecked = 0;
+        return 1;
+    }
+    return 0;
+}
+
+int xfer_flush(struct xfer *x)
 {
     if (!x->unflushed || x->client_gone)
         return x->client_gone ? -1 : 0;
@@ -101,17 +101,6 @@ static int client_flush(struct xfer *x)
     }
     x->last_write = piapi_now_mono();
     return 0;
-}
-
-/* After stdin's end nothing more arrives on the FastCGI connection, so any
- * readability means the web server closed it: the client is gone. */
-static int client_hung_up(struct xfer *x)
-{
-    struct pollfd pfd = { .fd = x->t->fcgi->ipcFd, .events = POLLRDHUP };
-    if (!x->stdin_eof || pfd.fd < 0)
-        return 0;
-    return poll(&pfd, 1, 0) > 0 &&
-           (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLIN));
 }
 
 /* A cut upstream answer must look cut to the client, not like a clean
@@ -152,7 +141,7 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
         size_t n = x->inline_len - x->inline_off;
         if (n > want)
             n = want;
-        memcpy(buf, x->p->body + x->inline_off, n);
+        memcpy(buf, x->body + x->inline_off, n);
         x->inline_off += n;
         return n;
     }
@@ -174,14 +163,13 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
     return (size_t)got;
 }
 
-/* Reads up to `limit` (<= INLINE_BODY_MAX) bytes into p->body. Returns 1
+/* Reads up to `limit` (<= INLINE_BODY_MAX) bytes into buf. Returns 1
  * when that is the whole body, 0 when more is left to stream. */
-static int preread_body(struct xfer *x, size_t limit, int exact)
+static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
 {
     FCGX_Stream *in = x->t->fcgi->in;
     while (x->inline_len < limit) {
-        int got = FCGX_GetStr(x->p->body + x->inline_len,
-                              (int)(limit - x->inline_len), in);
+        int got = FCGX_GetStr(buf + x->inline_len, (int)(limit - x->inline_len), in);
         if (got <= 0) {
             x->stdin_eof = 1;
             return 1;
@@ -193,6 +181,20 @@ static int preread_body(struct xfer *x, size_t limit, int exact)
         return 1;
     }
     return 0;
+}
+
+/* Reads into buf what may be read whole: then x->whole says whether that
+ * is all of the body. */
+static void read_ahead(struct xfer *x, char *buf)
+{
+    int64_t cl = x->t->content_length;
+
+    x->body = buf;
+    if (cl >= 0 && cl <= INLINE_BODY_MAX)
+        x->whole = preread_body(x, buf, (size_t)cl, 1);
+    else if (cl < 0)
+        x->whole = preread_body(x, buf, INLINE_BODY_MAX, 0);
+    x->t->bytes_in = x->inline_len;
 }
 
 /* ---- response head -------------------------------------------------- */
@@ -233,7 +235,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
 {
     struct xfer *x = ud;
     size_t n = size * nitems;
-    struct piapi_buf *h = &x->p->head;
+    struct piapi_buf *h = &x->head;
 
     if (x->head_sent)
         return n;  /* trailers: not relayed */
@@ -287,6 +289,11 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     struct xfer *x = ud;
     size_t n = size * nitems;
 
+    if (!client_has_room(x, n)) {
+        x->paused = 1;
+        x->blocked(x);
+        return CURL_WRITEFUNC_PAUSE;
+    }
     x->last_upstream = piapi_now_mono();
     if (client_put(x, data, n) != 0)
         return 0;
@@ -306,20 +313,11 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
 
 static void set_method_and_body(struct xfer *x)
 {
-    CURL *e = x->p->easy;
+    CURL *e = x->easy;
     struct piapi_transfer *t = x->t;
     const char *m = t->method;
     int64_t cl = t->content_length;
-    int whole;
-
-    if (cl >= 0 && cl <= INLINE_BODY_MAX)
-        whole = preread_body(x, (size_t)cl, 1);
-    else if (cl < 0)
-        whole = preread_body(x, INLINE_BODY_MAX, 0);
-    else
-        whole = 0;
-    if (whole)
-        t->bytes_in = x->inline_len;
+    int whole = x->whole;
 
     if (strcmp(m, "HEAD") == 0) {
         curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
@@ -336,11 +334,10 @@ static void set_method_and_body(struct xfer *x)
     if (strcmp(m, "POST") != 0)
         curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, m);
     if (whole) {
-        curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->p->body);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->body);
         curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->inline_len);
         return;
     }
-    t->bytes_in = x->inline_len;
     curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
     curl_easy_setopt(e, CURLOPT_READDATA, x);
     if (cl >= 0)
@@ -348,9 +345,9 @@ static void set_method_and_body(struct xfer *x)
     /* Unknown length: libcurl sends it chunked. */
 }
 
-static void setup(struct xfer *x)
+void xfer_setup(struct xfer *x)
 {
-    CURL *e = x->p->easy;
+    CURL *e = x->easy;
     const struct piapi_settings *s = x->t->settings;
 
     curl_easy_reset(e);
@@ -415,18 +412,13 @@ static void classify(struct xfer *x, CURLcode rc)
     t->error_message = msg;
 }
 
-/* What the loop decided on its own (timers, hang-ups, shutdown). */
-enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE };
-
-static enum verdict check_timers(struct xfer *x, int *wait_ms)
+enum verdict xfer_timers(struct xfer *x, double now, double *next)
 {
     const struct piapi_settings *s = x->t->settings;
-    double now = piapi_now_mono();
-    double next = now + POLL_SLICE_MS / 1000.0;
 
     if (x->t->abort_flag && atomic_load_explicit(x->t->abort_flag, memory_order_relaxed))
         return SHUTDOWN;
-    if (client_flush(x) != 0 || (x->fcgi_readable && client_hung_up(x)))
+    if (x->client_gone)
         return CLIENT_GONE;
     if (x->body_over_limit)
         return TOO_LARGE;
@@ -434,29 +426,30 @@ static enum verdict check_timers(struct xfer *x, int *wait_ms)
         double deadline = x->start + s->header_timeout_ms / 1000.0;
         if (now >= deadline)
             return HEAD_TIMEOUT;
-        if (deadline < next)
-            next = deadline;
-    } else {
-        double deadline = x->last_upstream + s->idle_timeout_ms / 1000.0;
-        if (now >= deadline)
-            return IDLE_TIMEOUT;
-        if (deadline < next)
-            next = deadline;
-        if (x->event_stream && !x->encoded && s->sse_keepalive_ms) {
-            double due = x->last_write + s->sse_keepalive_ms / 1000.0;
-            /* Comments only between events, so no event is split. */
-            if (now >= due && x->at_boundary) {
-                static const char ping[] = ": ping\n\n";
-                if (client_put(x, ping, sizeof ping - 1) != 0 || client_flush(x) != 0)
-                    return CLIENT_GONE;
-                due = now + s->sse_keepalive_ms / 1000.0;
-            }
-            if (due < next)
-                next = due;
-        }
+        if (deadline < *next)
+            *next = deadline;
+        return RUNNING;
     }
-    int ms = (int)((next - now) * 1000.0) + 1;
-    *wait_ms = ms < 1 ? 1 : ms > POLL_SLICE_MS ? POLL_SLICE_MS : ms;
+    if (x->paused)
+        return RUNNING;  /* the client is slow, not the upstream */
+    double deadline = x->last_upstream + s->idle_timeout_ms / 1000.0;
+    if (now >= deadline)
+        return IDLE_TIMEOUT;
+    if (deadline < *next)
+        *next = deadline;
+    if (x->event_stream && !x->encoded && s->sse_keepalive_ms) {
+        double due = x->last_write + s->sse_keepalive_ms / 1000.0;
+        /* Comments only between events, so no event is split. */
+        if (now >= due && x->at_boundary) {
+            static const char ping[] = ": ping\n\n";
+            if (client_put(x, ping, sizeof ping - 1) != 0)
+                return CLIENT_GONE;
+            x->last_write = now;
+            due = now + s->sse_keepalive_ms / 1000.0;
+        }
+        if (due < *next)
+            *next = due;
+    }
     return RUNNING;
 }
 
@@ -494,64 +487,110 @@ static void apply_verdict(struct xfer *x, enum verdict v)
     }
 }
 
-void piapi_proxy_run(struct piapi_proxy *p, struct piapi_transfer *t)
+void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
 {
-    struct xfer x = { .t = t, .p = p };
-    CURLcode rc = CURLE_OK;
-    enum verdict v = RUNNING;
-    int running = 0;
+    struct piapi_transfer *t = x->t;
 
-    x.start = x.last_write = piapi_now_mono();
-    t->status = 0;
-    t->ttfb = -1;
-    piapi_buf_reset(&p->head);
-    setup(&x);
-    if (x.inline_len > t->settings->max_body_bytes) {
-        /* A body without Content-Length, over the limit already in the
-         * part read ahead: refuse before anything goes upstream. */
-        apply_verdict(&x, TOO_LARGE);
+    if (v == RUNNING) {
+        if (x->body_over_limit)
+            v = TOO_LARGE;
+        else if (x->client_gone)
+            v = CLIENT_GONE;
+    }
+    if (v != RUNNING)
+        apply_verdict(x, v);
+    else if (rc != CURLE_OK)
+        classify(x, rc);
+
+    if (!x->head_sent) {
+        t->status = 0;
         return;
     }
-    curl_multi_add_handle(p->multi, p->easy);
+    if (t->error && v != CLIENT_GONE)
+        poison_stream(x);
+}
 
+/* ---- the blocking driver -------------------------------------------- */
+
+/* After stdin's end nothing more arrives on the FastCGI connection, so any
+ * readability means the web server closed it: the client is gone. */
+static int client_hung_up(struct xfer *x)
+{
+    struct pollfd pfd = { .fd = x->t->fcgi->ipcFd, .events = POLLRDHUP };
+    if (!x->stdin_eof || pfd.fd < 0)
+        return 0;
+    return poll(&pfd, 1, 0) > 0 &&
+           (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLIN));
+}
+
+static void run_here(struct piapi_proxy *p, struct xfer *x)
+{
+    struct piapi_transfer *t = x->t;
+    CURLcode rc = CURLE_OK;
+    enum verdict v = RUNNING;
+    int running = 0, fcgi_readable = 0;
+
+    x->easy = p->easy;
+    xfer_setup(x);
+    curl_multi_add_handle(p->multi, p->easy);
     for (;;) {
-        int wait_ms = POLL_SLICE_MS;
         if (curl_multi_perform(p->multi, &running) != CURLM_OK || !running)
             break;
-        if ((v = check_timers(&x, &wait_ms)) != RUNNING)
+        if (xfer_flush(x) != 0 || (fcgi_readable && client_hung_up(x))) {
+            v = CLIENT_GONE;
             break;
+        }
+        double now = piapi_now_mono(), next = now + POLL_SLICE_MS / 1000.0;
+        if ((v = xfer_timers(x, now, &next)) != RUNNING || xfer_flush(x) != 0) {
+            if (v == RUNNING)
+                v = CLIENT_GONE;
+            break;
+        }
+        int wait_ms = (int)((next - now) * 1000.0) + 1;
         struct curl_waitfd extra = {
             .fd = t->fcgi->ipcFd, .events = CURL_WAIT_POLLIN, .revents = 0
         };
-        curl_multi_poll(p->multi, &extra, x.stdin_eof && extra.fd >= 0 ? 1 : 0,
+        curl_multi_poll(p->multi, &extra, x->stdin_eof && extra.fd >= 0 ? 1 : 0,
                         wait_ms, NULL);
-        x.fcgi_readable = extra.revents != 0;
+        fcgi_readable = extra.revents != 0;
     }
-
     if (v == RUNNING) {
         int left;
         CURLMsg *m;
         while ((m = curl_multi_info_read(p->multi, &left)))
             if (m->msg == CURLMSG_DONE)
                 rc = m->data.result;
-        if (x.body_over_limit)
-            v = TOO_LARGE;
-        else if (x.client_gone)
-            v = CLIENT_GONE;
     }
     /* Removing an unfinished transfer closes its connection, which is what
      * tells the upstream to stop generating. */
     curl_multi_remove_handle(p->multi, p->easy);
+    xfer_end(x, v, rc);
+}
 
-    if (v != RUNNING)
-        apply_verdict(&x, v);
-    else if (rc != CURLE_OK)
-        classify(&x, rc);
+int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
+{
+    struct xfer x = { .t = t };
 
-    if (!x.head_sent) {
-        t->status = 0;
-        return;
+    x.start = x.last_write = piapi_now_mono();
+    t->status = 0;
+    t->ttfb = -1;
+    read_ahead(&x, p->body);
+    if (x.inline_len > t->settings->max_body_bytes) {
+        /* A body without Content-Length, over the limit already in the
+         * part read ahead: refuse before anything goes upstream. */
+        apply_verdict(&x, TOO_LARGE);
+    } else if (x.whole && !t->fcgi->keepConnection) {
+        /* The loop answers on this connection after this thread has moved
+         * on; a kept connection has to come back to its thread. */
+        t->async = 1;
+        if (proxy_loop_submit(&x) == 0)
+            return 1;
+        t->async = 0;
+        run_here(p, &x);
+    } else {
+        run_here(p, &x);
     }
-    if (t->error && v != CLIENT_GONE)
-        poison_stream(&x);
+    piapi_buf_dispose(&x.head);
+    t->done(t);
+    return 0;
 }

@@ -1,9 +1,12 @@
-/* The request lifecycle. One function owns each request from accept to
- * finish (style §5): whatever path it takes, finish() logs it once,
- * records metrics once and releases the snapshot. */
+/* The request lifecycle. One struct request owns each request from accept
+ * to finish (style §5): whatever path it takes, request_end() logs it
+ * once, records metrics once, releases the snapshot and frees it. A
+ * proxied request may end on the proxy's event loop thread, after the
+ * pool thread that accepted it has moved on. */
 #include "piapi/request.h"
 
 #include <curl/curl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,15 +32,16 @@ struct piapi_worker {
     struct piapi_proxy *proxy;
     const atomic_int *stopping;
     const atomic_int *aborting;
-    struct piapi_route_url url;
-    struct piapi_buf out;      /* local responses, metrics exposition */
-    struct piapi_buf scratch;  /* redacted URL for the log */
     uint64_t rng[2];           /* request ids */
 };
 
 struct request {
-    struct piapi_worker *w;
+    struct piapi_worker *w;    /* the accepting thread's: not after forward() */
     FCGX_Request *r;
+    void (*over)(void);        /* the pool's: called last */
+    struct piapi_transfer x;
+    struct curl_slist *headers;
+    struct piapi_route_url url;
     double start;
     const char *method;
     const char *uri;
@@ -72,9 +76,6 @@ void piapi_request_worker_destroy(struct piapi_worker *w)
     if (!w)
         return;
     piapi_proxy_destroy(w->proxy);
-    piapi_buf_dispose(&w->url.buf);
-    piapi_buf_dispose(&w->out);
-    piapi_buf_dispose(&w->scratch);
     free(w);
 }
 
@@ -141,14 +142,14 @@ static void respond(struct request *q, int status, const char *ctype,
 
 static void respond_error(struct request *q, int status, const char *message)
 {
-    struct piapi_buf *b = &q->w->out;
-    piapi_buf_reset(b);
-    piapi_json_error(b, piapi_http_error_type(status), message);
-    piapi_buf_putc(b, '\n');
+    struct piapi_buf b = {0};
+    piapi_json_error(&b, piapi_http_error_type(status), message);
+    piapi_buf_putc(&b, '\n');
     respond(q, status, "application/json",
             status == 401 ? "WWW-Authenticate: Bearer\r\n" :
             status == 405 ? "Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" :
-            NULL, b->data, b->len);
+            NULL, b.data, b.len);
+    piapi_buf_dispose(&b);
 }
 
 /* ---- local endpoints -------------------------------------------------- */
@@ -174,10 +175,10 @@ static void serve_health(struct request *q)
 
 static void serve_metrics(struct request *q)
 {
-    struct piapi_buf *b = &q->w->out;
-    piapi_buf_reset(b);
-    piapi_metrics_render(b);
-    respond(q, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, b->data, b->len);
+    struct piapi_buf b = {0};
+    piapi_metrics_render(&b);
+    respond(q, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, b.data, b.len);
+    piapi_buf_dispose(&b);
 }
 
 /* ---- the gateway path ------------------------------------------------- */
@@ -222,63 +223,76 @@ static int content_length(struct request *q, int64_t *out)
     return 0;
 }
 
-static void forward(struct request *q, const struct piapi_route_target *t,
-                    const struct piapi_client_keys *keys)
+static void request_end(struct request *q);
+
+/* The rest of a proxied request, wherever its transfer ended. */
+static void forwarded(struct piapi_transfer *x)
+{
+    struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
+
+    q->bytes_in = x->bytes_in;
+    q->ttfb = x->ttfb;
+    q->error = x->error;
+    if (x->error)
+        piapi_metrics_upstream_error(q->svc->provider->name, x->error);
+    if (x->status) {
+        q->status = x->status;
+        q->bytes_out = x->bytes_out;
+    } else if (x->error_status == 499) {
+        q->status = 499;  /* nobody to answer; nginx's convention in the log */
+    } else {
+        respond_error(q, x->error_status, x->error_message);
+    }
+    request_end(q);
+}
+
+/* Who ends a request once dispatch() returns: the caller (ANSWERED), or
+ * the proxy through forwarded(), already (ENDED) or later, on its event
+ * loop thread (HANDED_OVER: the request, including its FCGX_Request,
+ * belongs to the loop now). */
+enum outcome { ANSWERED, ENDED, HANDED_OVER };
+
+static enum outcome forward(struct request *q, const struct piapi_route_target *t,
+                   const struct piapi_client_keys *keys)
 {
     const struct piapi_settings *set = piapi_config_settings(q->cfg);
-    struct curl_slist *headers = NULL;
     const char *why = NULL;
     int64_t cl;
 
     if (content_length(q, &cl) != 0) {
         respond_error(q, 400, "invalid Content-Length");
-        return;
+        return ANSWERED;
     }
     if (cl > 0 && (uint64_t)cl > set->max_body_bytes) {
         respond_error(q, 413, "request body too large");
-        return;
+        return ANSWERED;
     }
     int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value,
-                                   q->id, &headers, &why);
+                                   q->id, &q->headers, &why);
     if (st) {
         respond_error(q, st, why);
-        return;
+        return ANSWERED;
     }
     const char *member_key = keys->bearer_len ? keys->bearer : keys->api_key;
     size_t member_len = keys->bearer_len ? keys->bearer_len : keys->api_key_len;
-    piapi_route_upstream_url(&q->w->url, q->svc, t, q->user->key->value,
+    piapi_route_upstream_url(&q->url, q->svc, t, q->user->key->value,
                              member_key, member_len);
     q->logged_route = 1;
-
-    struct piapi_transfer x = {
+    q->x = (struct piapi_transfer){
         .fcgi = q->r,
         .method = q->method,
-        .url = q->w->url.buf.data,
-        .headers = headers,
+        .url = q->url.buf.data,
+        .headers = q->headers,
         .settings = set,
         .request_id = q->id,
         .content_length = cl,
         .abort_flag = q->w->aborting,
+        .done = forwarded,
     };
-    piapi_proxy_run(q->w->proxy, &x);
-    curl_slist_free_all(headers);
-
-    q->bytes_in = x.bytes_in;
-    q->ttfb = x.ttfb;
-    q->error = x.error;
-    if (x.error)
-        piapi_metrics_upstream_error(q->svc->provider->name, x.error);
-    if (x.status) {
-        q->status = x.status;
-        q->bytes_out = x.bytes_out;
-    } else if (x.error_status == 499) {
-        q->status = 499;  /* nobody to answer; nginx's convention in the log */
-    } else {
-        respond_error(q, x.error_status, x.error_message);
-    }
+    return piapi_proxy_forward(q->w->proxy, &q->x) ? HANDED_OVER : ENDED;
 }
 
-static void dispatch(struct request *q)
+static enum outcome dispatch(struct request *q)
 {
     struct piapi_route_target t;
     struct piapi_client_keys keys;
@@ -286,50 +300,50 @@ static void dispatch(struct request *q)
 
     if (!q->uri || !*q->uri || !q->method || !*q->method) {
         respond_error(q, 400, "missing request line");
-        return;
+        return ANSWERED;
     }
     switch (piapi_route_parse(q->uri, &t, &why)) {
     case PIAPI_ROUTE_OK:
         break;
     case PIAPI_ROUTE_NOT_FOUND:
         respond_error(q, 404, why);
-        return;
+        return ANSWERED;
     case PIAPI_ROUTE_TOO_LONG:
         respond_error(q, 414, why);
-        return;
+        return ANSWERED;
     case PIAPI_ROUTE_BAD_PATH:
         respond_error(q, 400, why);
-        return;
+        return ANSWERED;
     }
     if (!method_allowed(q->method)) {
         respond_error(q, 405, "method not allowed");
-        return;
+        return ANSWERED;
     }
     if (!q->cfg) {
         respond_error(q, 503, "no configuration loaded");
-        return;
+        return ANSWERED;
     }
     switch (piapi_headers_client_keys(q->r->envp, &keys)) {
     case PIAPI_KEY_OK:
         break;
     case PIAPI_KEY_DUPLICATE:
         respond_error(q, 400, "credential header sent more than once");
-        return;
+        return ANSWERED;
     case PIAPI_KEY_MISSING:
         respond_error(q, 401, UNAUTHORIZED);
-        return;
+        return ANSWERED;
     }
     q->user = authenticate(q, &keys);
     if (!q->user) {
         respond_error(q, 401, UNAUTHORIZED);
-        return;
+        return ANSWERED;
     }
     q->svc = piapi_config_find_service(q->cfg, q->user->provider, t.type, t.type_len);
     if (!q->svc) {
         respond_error(q, 404, "service type not available for this key");
-        return;
+        return ANSWERED;
     }
-    forward(q, &t, &keys);
+    return forward(q, &t, &keys);
 }
 
 /* ---- finish ----------------------------------------------------------- */
@@ -367,8 +381,10 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_str(&l, "upstream_provider", q->user ? q->user->provider->name : NULL);
     piapi_log_str(&l, "upstream_key", q->user ? q->user->key->name : NULL);
     if (q->logged_route) {
-        piapi_route_redacted(&q->w->url, &q->w->scratch);
-        piapi_log_str(&l, "upstream_url", q->w->scratch.data);
+        struct piapi_buf redacted = {0};
+        piapi_route_redacted(&q->url, &redacted);
+        piapi_log_str(&l, "upstream_url", redacted.data);
+        piapi_buf_dispose(&redacted);
     }
     piapi_log_int(&l, "status", q->status);
     piapi_log_double(&l, "latency_ms", latency * 1000.0);
@@ -378,7 +394,7 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
     if (q->error)
         piapi_log_str(&l, "error", q->error);
-    piapi_log_end(&l);
+    piapi_log_end_batched(&l);
 }
 
 /* What the log line needs from the params, which FCGX_Finish_r frees. */
@@ -463,18 +479,37 @@ static int serve_local(struct request *q)
     return 1;
 }
 
-void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r)
+static void request_end(struct request *q)
 {
-    struct request q;
+    void (*over)(void) = q->over;
+    FCGX_Request *owned = q->x.async ? q->r : NULL;
 
-    request_init(&q, w, r);
-    if (serve_local(&q))
-        return;
-    piapi_metrics_in_flight(1);
-    q.cfg = piapi_config_current();
-    dispatch(&q);
-    finish(&q);
+    finish(q);
     piapi_metrics_in_flight(-1);
+    curl_slist_free_all(q->headers);
+    piapi_buf_dispose(&q->url.buf);
+    free(q);
+    free(owned);
+    over();
+}
+
+int piapi_request_handle(struct piapi_worker *w, FCGX_Request *r, void (*over)(void))
+{
+    struct request *q = piapi_xmalloc(sizeof *q);
+
+    request_init(q, w, r);
+    q->over = over;
+    if (serve_local(q)) {
+        free(q);
+        over();
+        return 0;
+    }
+    piapi_metrics_in_flight(1);
+    q->cfg = piapi_config_current();
+    enum outcome o = dispatch(q);
+    if (o == ANSWERED)
+        request_end(q);
+    return o == HANDED_OVER;
 }
 
 void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,

@@ -52,6 +52,9 @@ void piapi_log_strn(struct piapi_log_line *l, const char *key, const char *val, 
 void piapi_log_int(struct piapi_log_line *l, const char *key, int64_t val);
 void piapi_log_double(struct piapi_log_line *l, const char *key, double val);  /* 3 decimals */
 void piapi_log_end(struct piapi_log_line *l);
+/* The same, for lines written at request rate: the line may wait up to
+ * 20 ms for the writer thread's next batch instead of waking it. */
+void piapi_log_end_batched(struct piapi_log_line *l);
 
 /* One-liner for lines with at most one extra string field (key may be NULL). */
 void piapi_log_msg(enum piapi_log_level level, const char *msg,

@@ -1,7 +1,12 @@
 /* One upstream transfer with libcurl, streamed both ways: the request body
  * from FastCGI stdin, the response head and every body chunk back to
- * FastCGI as soon as libcurl has them. One piapi_proxy per pool thread, so
- * upstream connections (and TLS sessions) are reused across requests. */
+ * FastCGI as soon as libcurl has them.
+ *
+ * A transfer whose body is in hand once read ahead (up to 64 KiB, nearly
+ * every LLM request) runs on the shared event loop: one thread, one curl
+ * multi handle, every such transfer at once, one upstream connection
+ * cache. The rest (larger or slower bodies, fastcgi_keep_conn
+ * connections) run on the calling pool thread with its own handles. */
 #ifndef PIAPI_PROXY_H
 #define PIAPI_PROXY_H
 
@@ -26,6 +31,7 @@ struct piapi_transfer {
     const char *request_id;
     int64_t content_length;         /* -1: unknown, read stdin to its end */
     const atomic_int *abort_flag;   /* set at shutdown after the grace period */
+    void (*done)(struct piapi_transfer *t);  /* called once, at the end */
 
     /* out */
     int status;            /* upstream status relayed; 0 while no head went out */
@@ -35,12 +41,23 @@ struct piapi_transfer {
     const char *error;     /* metrics reason ("connect", "timeout", ...) or NULL */
     int error_status;      /* when status == 0: what to answer (413/502/504) */
     const char *error_message;  /* client-safe text for error_status */
+    int async;             /* set before the event loop takes the transfer */
 };
 
-/* Runs the transfer to its end. Never writes an error body itself: when
- * t->status is 0 afterwards the caller answers with t->error_status. A
- * failure after the head went out leaves the FastCGI stream invalid, so the
- * web server cuts the client connection instead of ending it cleanly. */
-void piapi_proxy_run(struct piapi_proxy *p, struct piapi_transfer *t);
+/* Reads the body ahead and runs the transfer to its end, then calls
+ * t->done. Returns 1 when the event loop took it: t->done then runs on the
+ * loop thread, possibly before this returns, so the caller must not touch
+ * t (or t->fcgi) again. Returns 0 when it ran here and t->done has run.
+ * Never writes an error body itself: when t->status is 0 at t->done the
+ * owner answers with t->error_status. A failure after the head went out
+ * leaves the FastCGI stream invalid, so the web server cuts the client
+ * connection instead of ending it cleanly. */
+int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
+
+/* The event loop thread. Without it every transfer runs blocking. */
+int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen);
+/* Call once no new transfer can arrive and the abort flag of the running
+ * ones is set: waits for them to end, then for the thread. */
+void piapi_proxy_loop_stop(void);
 
 #endif

@@ -7,7 +7,7 @@
 #include <fcgiapp.h>
 #include <stdatomic.h>
 
-/* Per-thread state (curl handles, scratch buffers). `aborting` is set at
+/* Per-thread state (curl handles, request ids). `aborting` is set at
  * shutdown once the grace period is over; `stopping` as soon as the pool
  * stops accepting (health then reports 503). */
 struct piapi_worker;
@@ -16,9 +16,11 @@ struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
                                                  const atomic_int *aborting);
 void piapi_request_worker_destroy(struct piapi_worker *w);
 
-/* Serves one accepted request and ends it (FCGX_Finish_r): the caller
- * only accepts the next one. */
-void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r);
+/* Serves one accepted request and ends it (FCGX_Finish_r), then calls
+ * over(). Returns 0 when that has happened. Returns 1 when the proxy's
+ * event loop took the request over: it then owns r (a malloc'ed request,
+ * freed there) and calls over() from its thread when the request ends. */
+int piapi_request_handle(struct piapi_worker *w, FCGX_Request *r, void (*over)(void));
 
 /* Answers without routing (e.g. 503 when the pool is saturated), logs
  * and records it like any other request; `reason` goes into the log line's

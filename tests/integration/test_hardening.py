@@ -12,6 +12,7 @@ Environment: PIAPI_LEAK_REQUESTS (default 2000) sizes the valgrind run;
 PIAPI_LEAK_BUDGET_S caps its request phase (default 55 s per 2000 requests);
 PIAPI_LEAK_SKIP=1 skips it (valgrind not installed, or a quick local run).
 """
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import harness
 from harness import build_request, header_values
+from mock_upstream import big_content
 
 # ------------------------------------------------------------ secrets ----
 
@@ -787,6 +789,72 @@ class TestUpstreamFaults(unittest.TestCase):
             self.assertIn(b'data: {"i":0}', ex.body())
         self.assertEqual(self.wait_errors(["reset", "protocol"], before + 1) - before, 1)
         self.after_fault()
+
+
+# ============================================ 4b: a client stops reading ====
+
+class TestStalledReader(unittest.TestCase):
+    """piapi's event loop runs every transfer; a client that stops reading
+    a large answer must get its transfer paused, never a blocking write
+    that would hold up everyone else. Once it reads again, the answer
+    resumes and arrives intact. Checked through nginx and lighttpd, whose
+    buffers differ."""
+
+    SIZE = 48 << 20  # far more than the kernel, nginx and lighttpd buffer
+
+    def check(self, form):
+        s = harness.Stack(form, hardening_config({"sseKeepaliveMs": 300}), name=f"hard-stall-{form}")
+        self.addCleanup(s.stop)
+        s.start()
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(raw_get(f"/piapi/cx/v1/big?bytes={self.SIZE}", [auth()]))
+        self.assertTrue(harness.wait_until(lambda: s.mock.requests(), 3.0), "no upstream request")
+        time.sleep(1.0)  # every buffer on the way fills up; the transfer pauses
+
+        slowest = 0.0
+        for i in range(6):
+            t = time.monotonic()
+            r = s.request("GET", "/piapi/cx/v1/models", [auth()], timeout=5)
+            self.assertEqual(r.status, 200, r)
+            ex = s.raw(raw_get("/piapi/cx/v1/sse?n=3&interval=0.01", [auth()]), timeout=5)
+            self.assertIsNotNone(ex.arrival_of(b"data: [DONE]"), ex.raw[-300:])
+            slowest = max(slowest, time.monotonic() - t)
+        print(f"\n  {form}: others served while a reader stalls, slowest pair {slowest * 1000:.0f} ms")
+        self.assertLess(slowest, 2.0)
+
+        got = bytearray()
+        sock.settimeout(20)
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0], head[:200])
+        if b"chunked" in head.lower():
+            body = harness_dechunk(body)
+        self.assertEqual(len(body), self.SIZE)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(self.SIZE)).digest())
+
+    def test_nginx(self):
+        self.check("nginx")
+
+    def test_lighttpd(self):
+        self.check("lighttpd-socket")
+
+
+def harness_dechunk(body):
+    out, i = bytearray(), 0
+    while True:
+        j = body.index(b"\r\n", i)
+        n = int(body[i:j].split(b";")[0], 16)
+        if n == 0:
+            return bytes(out)
+        out += body[j + 2:j + 2 + n]
+        i = j + 2 + n + 2
 
 
 # ================================================== 5: pool saturation ====

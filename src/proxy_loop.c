@@ -1,0 +1,522 @@
+/* The event-loop driver: one thread runs every transfer whose request body
+ * is in hand, through one curl multi handle on the socket API and epoll.
+ * A pool thread hands a transfer over and goes back to accept(), so a
+ * request costs no thread sleeping on its upstream, a thousand streams
+ * cost no thousand threads, and all transfers share one upstream
+ * connection cache.
+ *
+ * Everything below runs on the loop thread, except proxy_loop_submit()
+ * and piapi_proxy_loop_start/stop(). */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "proxy_xfer.h"
+
+/* Idle easy handles kept for reuse (each holds a download buffer). */
+#define SPARE_MAX 64
+/* The sweep over every transfer's timers (head and idle timeouts, SSE
+ * pings) runs at most this often, and at least this often while any
+ * transfer runs: a timer fires up to SWEEP_MAX_S late. */
+#define SWEEP_MIN_S 0.010
+#define SWEEP_MAX_S 0.050
+#define EVENTS_MAX 64
+
+/* What an epoll registration points at; each owner starts with it. */
+enum kind { K_WAKE, K_SOCK, K_XFER };
+
+struct lxfer {
+    enum kind kind;
+    struct xfer x;
+    struct lxfer *prev, *next;  /* running transfers */
+    struct lxfer *link;         /* submission queue, dirty list, graveyard */
+    int watched;                /* the FastCGI fd is in the epoll set */
+    int dirty;
+    int dead;
+    char body[];                /* copy of the request body */
+};
+
+/* A socket libcurl asked us to watch, by fd number. When libcurl is done
+ * with a connection for now (it goes back to the cache) the socket stays
+ * in the epoll set, so reusing it costs one epoll_ctl instead of three. */
+struct csock {
+    enum kind kind;
+    curl_socket_t fd;
+    uint32_t events;            /* what it is armed for */
+    int parked;                 /* libcurl removed it: not its event */
+};
+
+static struct {
+    pthread_t thread;
+    int started;                /* the thread runs (start/stop only) */
+    int epfd, evfd;
+    CURLM *multi;
+    size_t budget;              /* see xfer.budget; from the first socket */
+
+    /* Submissions: a lock-free stack, newest first. The loop takes all
+     * of it at once. `sleeping` is set while the loop may block in
+     * epoll_wait: only then does a submitter pay for a wake-up.
+     * `submitting` and `closed` let stop() wait out a submitter that
+     * checked `closed` just before it was set. */
+    _Atomic(struct lxfer *) queue;
+    atomic_int sleeping;
+    atomic_int submitting;
+    atomic_int closed;
+    atomic_int stop;
+
+    struct lxfer running;       /* list head */
+    unsigned nrunning;
+    struct lxfer *dirty;
+    struct lxfer *grave;        /* freed after the epoll batch */
+    struct csock **socks;       /* by fd number */
+    size_t nsocks;
+    double curl_deadline;       /* < 0: none */
+    double next_sweep;
+    CURL *spare[SPARE_MAX];
+    unsigned nspare;
+} loop = { .closed = 1 };  /* until started */
+
+static enum kind wake_tag = K_WAKE;
+
+static void wake(void)
+{
+    uint64_t one = 1;
+    ssize_t r = write(loop.evfd, &one, sizeof one);
+    (void)r;
+}
+
+/* ---- libcurl's side ------------------------------------------------- */
+
+static struct csock *sock_for(curl_socket_t fd)
+{
+    if ((size_t)fd >= loop.nsocks) {
+        size_t n = loop.nsocks ? loop.nsocks : 64;
+        while (n <= (size_t)fd)
+            n *= 2;
+        loop.socks = piapi_xrealloc(loop.socks, n * sizeof *loop.socks);
+        memset(loop.socks + loop.nsocks, 0, (n - loop.nsocks) * sizeof *loop.socks);
+        loop.nsocks = n;
+    }
+    struct csock *cs = loop.socks[fd];
+    if (!cs) {
+        cs = piapi_xcalloc(1, sizeof *cs);
+        cs->kind = K_SOCK;
+        cs->fd = fd;
+        loop.socks[fd] = cs;
+    }
+    return cs;
+}
+
+static void arm(struct csock *cs, uint32_t events)
+{
+    struct epoll_event ev = { .events = events, .data.ptr = cs };
+    if (epoll_ctl(loop.epfd, EPOLL_CTL_MOD, cs->fd, &ev) != 0 && errno == ENOENT)
+        epoll_ctl(loop.epfd, EPOLL_CTL_ADD, cs->fd, &ev);
+    cs->events = events;
+}
+
+static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp)
+{
+    (void)e;
+    (void)ud;
+    if (fd < 0)
+        return 0;
+    struct csock *cs = sock_for(fd);
+    if (what == CURL_POLL_REMOVE) {
+        cs->parked = 1;
+        return 0;
+    }
+    uint32_t want = (what & CURL_POLL_IN ? EPOLLIN : 0u) |
+                    (what & CURL_POLL_OUT ? EPOLLOUT : 0u);
+    cs->parked = 0;
+    /* New to libcurl's socket hash: it may be a new socket behind a
+     * number we knew (a closed socket leaves the epoll set silently), so
+     * arm it whatever we remember. */
+    if (!sockp)
+        curl_multi_assign(loop.multi, fd, cs);
+    else if (want == cs->events)
+        return 0;
+    arm(cs, want);
+    return 0;
+}
+
+static int on_timer(CURLM *m, long timeout_ms, void *ud)
+{
+    (void)m;
+    (void)ud;
+    loop.curl_deadline = timeout_ms < 0 ? -1 : piapi_now_mono() + timeout_ms / 1000.0;
+    return 0;
+}
+
+static void curl_act(curl_socket_t fd, int flags)
+{
+    int running;
+    curl_multi_socket_action(loop.multi, fd, flags, &running);
+}
+
+/* ---- transfers ------------------------------------------------------ */
+
+static CURL *take_easy(void)
+{
+    if (loop.nspare)
+        return loop.spare[--loop.nspare];
+    CURL *e = curl_easy_init();
+    if (!e)
+        abort();
+    return e;
+}
+
+static void give_easy(CURL *e)
+{
+    if (loop.nspare < SPARE_MAX)
+        loop.spare[loop.nspare++] = e;
+    else
+        curl_easy_cleanup(e);
+}
+
+static void watch_client(struct lxfer *lx, int op, int writable)
+{
+    struct epoll_event ev = {
+        .events = EPOLLRDHUP | (lx->x.stdin_eof ? EPOLLIN : 0u) |
+                  (writable ? EPOLLOUT : 0u),
+        .data.ptr = lx,
+    };
+    epoll_ctl(loop.epfd, op, lx->x.t->fcgi->ipcFd, &ev);
+}
+
+static struct lxfer *owner(struct xfer *x)
+{
+    return (struct lxfer *)((char *)x - offsetof(struct lxfer, x));
+}
+
+/* Short transfers end before anyone watches their client: the sweep
+ * adds the FastCGI fd of those still running, and close() removes it. */
+static void watch(struct lxfer *lx, int writable)
+{
+    watch_client(lx, lx->watched ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, writable);
+    lx->watched = 1;
+}
+
+static void on_blocked(struct xfer *x)
+{
+    watch(owner(x), 1);
+}
+
+static void on_queued(struct xfer *x)
+{
+    struct lxfer *lx = owner(x);
+    if (!lx->dirty) {
+        lx->dirty = 1;
+        lx->link = loop.dirty;
+        loop.dirty = lx;
+    }
+}
+
+static void lower_sweep(double t)
+{
+    double floor = piapi_now_mono() + SWEEP_MIN_S;
+    if (t < floor)
+        t = floor;
+    if (t < loop.next_sweep)
+        loop.next_sweep = t;
+}
+
+static void start(struct lxfer *lx)
+{
+    struct xfer *x = &lx->x;
+
+    if (!loop.budget) {
+        int sndbuf = 0;
+        socklen_t len = sizeof sndbuf;
+        getsockopt(x->t->fcgi->ipcFd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len);
+        loop.budget = sndbuf > 8192 ? (size_t)sndbuf / 2 : 4096;
+    }
+    x->body = lx->body;
+    x->easy = take_easy();
+    x->budget = loop.budget;
+    x->blocked = on_blocked;
+    x->queued = on_queued;
+    xfer_setup(x);
+    curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
+
+    lx->next = loop.running.next;
+    lx->prev = &loop.running;
+    lx->next->prev = lx;
+    loop.running.next = lx;
+    loop.nrunning++;
+    curl_multi_add_handle(loop.multi, x->easy);
+    lower_sweep(x->start + SWEEP_MAX_S);
+}
+
+static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
+{
+    struct xfer *x = &lx->x;
+    struct piapi_transfer *t = x->t;
+
+    /* Removing an unfinished transfer closes its connection, which is what
+     * tells the upstream to stop generating. */
+    curl_multi_remove_handle(loop.multi, x->easy);
+    give_easy(x->easy);
+    lx->prev->next = lx->next;
+    lx->next->prev = lx->prev;
+    loop.nrunning--;
+    lx->dead = 1;
+    xfer_end(x, v, rc);
+    piapi_buf_dispose(&x->head);
+    t->done(t);  /* ends the FastCGI request: t is gone after this */
+    if (!lx->dirty) {  /* else the dirty list still holds it */
+        lx->link = loop.grave;
+        loop.grave = lx;
+    }
+}
+
+static void client_event(struct lxfer *lx, uint32_t ev)
+{
+    if (lx->dead)
+        return;
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        finish(lx, CLIENT_GONE, CURLE_OK);
+        return;
+    }
+    if ((ev & EPOLLOUT) && lx->x.paused) {
+        lx->x.paused = 0;
+        lx->x.unchecked = 0;
+        lx->x.last_upstream = piapi_now_mono();
+        watch(lx, 0);
+        curl_easy_pause(lx->x.easy, CURLPAUSE_CONT);
+    }
+}
+
+static void take_submitted(void)
+{
+    struct lxfer *q = atomic_exchange(&loop.queue, NULL);
+
+    /* Newest first in the queue: reverse, to start them in order. */
+    struct lxfer *in_order = NULL;
+    while (q) {
+        struct lxfer *n = q->link;
+        q->link = in_order;
+        in_order = q;
+        q = n;
+    }
+    while (in_order) {
+        struct lxfer *n = in_order->link;
+        start(in_order);
+        in_order = n;
+    }
+}
+
+static void reap_done(void)
+{
+    CURLMsg *m;
+    int left;
+    while ((m = curl_multi_info_read(loop.multi, &left))) {
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        struct lxfer *lx = NULL;
+        CURLcode rc = m->data.result;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&lx);
+        if (lx && !lx->dead)
+            finish(lx, RUNNING, rc);
+    }
+}
+
+static void sweep(double now)
+{
+    double next = now + (loop.nrunning ? SWEEP_MAX_S : POLL_SLICE_MS / 1000.0);
+    struct lxfer *lx = loop.running.next;
+    while (lx != &loop.running) {
+        struct lxfer *n = lx->next;
+        enum verdict v = xfer_timers(&lx->x, now, &next);
+        if (v != RUNNING)
+            finish(lx, v, CURLE_OK);
+        else if (!lx->watched)
+            watch(lx, 0);
+        lx = n;
+    }
+    loop.next_sweep = next > now + SWEEP_MIN_S ? next : now + SWEEP_MIN_S;
+}
+
+/* Every chunk libcurl handed over in this round leaves now, in one write
+ * per transfer. A transfer that ended took its last bytes along with
+ * FCGI_END_REQUEST already. */
+static void flush_dirty(void)
+{
+    while (loop.dirty) {
+        struct lxfer *lx = loop.dirty;
+        loop.dirty = lx->link;
+        lx->dirty = 0;
+        if (lx->dead) {
+            lx->link = loop.grave;
+            loop.grave = lx;
+        } else if (xfer_flush(&lx->x) != 0) {
+            finish(lx, CLIENT_GONE, CURLE_OK);
+        }
+    }
+}
+
+static void bury(void)
+{
+    while (loop.grave) {
+        struct lxfer *lx = loop.grave;
+        loop.grave = lx->link;
+        free(lx);
+    }
+}
+
+static int wait_ms(double now)
+{
+    double until = loop.next_sweep;
+    if (loop.curl_deadline >= 0 && loop.curl_deadline < until)
+        until = loop.curl_deadline;
+    if (until <= now)
+        return 0;
+    int ms = (int)((until - now) * 1000.0) + 1;
+    return ms > POLL_SLICE_MS ? POLL_SLICE_MS : ms;
+}
+
+static void dispatch(struct epoll_event *ev)
+{
+    enum kind *k = ev->data.ptr;
+    if (*k == K_WAKE) {
+        uint64_t n;
+        ssize_t r = read(loop.evfd, &n, sizeof n);
+        (void)r;
+    } else if (*k == K_SOCK) {
+        struct csock *cs = (struct csock *)k;
+        if (cs->parked) {  /* e.g. the upstream closed an idle connection */
+            arm(cs, 0);
+            return;
+        }
+        int flags = 0;
+        if (ev->events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP))
+            flags |= CURL_CSELECT_IN;
+        if (ev->events & EPOLLOUT)
+            flags |= CURL_CSELECT_OUT;
+        if (ev->events & EPOLLERR)
+            flags |= CURL_CSELECT_ERR;
+        curl_act(cs->fd, flags);
+    } else {
+        client_event((struct lxfer *)k, ev->events);
+    }
+}
+
+static void *loop_main(void *arg)
+{
+    (void)arg;
+    struct epoll_event ev[EVENTS_MAX];
+
+    for (;;) {
+        int stopping = atomic_load(&loop.stop);
+        double now = piapi_now_mono();
+        if (stopping)
+            lower_sweep(now);  /* the abort flag is set: end them */
+        atomic_store(&loop.sleeping, 1);
+        int ms = atomic_load(&loop.queue) ? 0 : wait_ms(now);
+        int n = epoll_wait(loop.epfd, ev, EVENTS_MAX, ms);
+        atomic_store(&loop.sleeping, 0);
+        for (int i = 0; i < n; i++)
+            dispatch(&ev[i]);
+        take_submitted();
+        for (int rounds = 0; rounds < 4; rounds++) {
+            if (loop.curl_deadline < 0 || loop.curl_deadline > piapi_now_mono())
+                break;
+            loop.curl_deadline = -1;
+            curl_act(CURL_SOCKET_TIMEOUT, 0);
+        }
+        reap_done();
+        now = piapi_now_mono();
+        if (now >= loop.next_sweep)
+            sweep(now);
+        flush_dirty();
+        bury();
+        if (stopping && !loop.nrunning && !atomic_load(&loop.submitting) &&
+            !atomic_load(&loop.queue))
+            break;
+    }
+    return NULL;
+}
+
+/* ---- the other threads' side ---------------------------------------- */
+
+int proxy_loop_submit(struct xfer *x)
+{
+    struct lxfer *lx = malloc(sizeof *lx + x->inline_len);
+    if (!lx)
+        return -1;
+    memset(lx, 0, sizeof *lx);
+    lx->kind = K_XFER;
+    lx->x = *x;
+    memcpy(lx->body, x->body, x->inline_len);
+
+    atomic_fetch_add(&loop.submitting, 1);
+    if (atomic_load(&loop.closed)) {
+        atomic_fetch_sub(&loop.submitting, 1);
+        free(lx);
+        return -1;
+    }
+    lx->link = atomic_load(&loop.queue);
+    while (!atomic_compare_exchange_weak(&loop.queue, &lx->link, lx))
+        ;
+    atomic_fetch_sub(&loop.submitting, 1);
+    if (atomic_exchange(&loop.sleeping, 0))
+        wake();
+    return 0;
+}
+
+int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen)
+{
+    loop.running.next = loop.running.prev = &loop.running;
+    loop.curl_deadline = -1;
+    loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
+    loop.epfd = epoll_create1(EPOLL_CLOEXEC);
+    loop.evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    loop.multi = curl_multi_init();
+    if (loop.epfd < 0 || loop.evfd < 0 || !loop.multi) {
+        snprintf(err, errlen, "event loop: %s", strerror(errno));
+        return -1;
+    }
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &wake_tag };
+    epoll_ctl(loop.epfd, EPOLL_CTL_ADD, loop.evfd, &ev);
+    curl_multi_setopt(loop.multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(loop.multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    /* libcurl's default cache shrinks with the transfers running, so the
+     * connections of a burst would be closed as it ends: keep as many as
+     * may run at once, for the next burst. */
+    curl_multi_setopt(loop.multi, CURLMOPT_MAXCONNECTS, (long)max_transfers);
+    int rc = pthread_create(&loop.thread, NULL, loop_main, NULL);
+    if (rc != 0) {
+        snprintf(err, errlen, "event loop: pthread_create: %s", strerror(rc));
+        return -1;
+    }
+    loop.started = 1;
+    atomic_store(&loop.closed, 0);
+    return 0;
+}
+
+void piapi_proxy_loop_stop(void)
+{
+    atomic_store(&loop.closed, 1);
+    if (!loop.started)
+        return;
+    atomic_store(&loop.stop, 1);
+    wake();
+    pthread_join(loop.thread, NULL);
+    while (loop.nspare)
+        curl_easy_cleanup(loop.spare[--loop.nspare]);
+    curl_multi_cleanup(loop.multi);
+    for (size_t i = 0; i < loop.nsocks; i++)
+        free(loop.socks[i]);
+    free(loop.socks);
+    close(loop.epfd);
+    close(loop.evfd);
+    loop.started = 0;
+}

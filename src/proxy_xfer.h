@@ -1,0 +1,66 @@
+/* Private to proxy.c and proxy_loop.c: one upstream transfer's state and
+ * the steps both drivers share. proxy.c drives a transfer on the calling
+ * thread (blocking); proxy_loop.c drives many on one event loop. */
+#ifndef PIAPI_PROXY_XFER_H
+#define PIAPI_PROXY_XFER_H
+
+#include <curl/curl.h>
+#include <stddef.h>
+
+#include "piapi/proxy.h"
+#include "piapi/util.h"
+
+/* Upper bound on one wait, so shutdown and timers are seen promptly. */
+#define POLL_SLICE_MS 1000
+
+struct xfer {
+    struct piapi_transfer *t;
+    CURL *easy;
+    struct piapi_buf head;  /* response head under construction */
+    const char *body;       /* the request body read ahead */
+    size_t inline_len, inline_off;
+    int whole;              /* the read-ahead is the whole body */
+    double start;
+    double last_upstream;   /* last byte from the upstream */
+    double last_write;      /* last byte to the client */
+    int stdin_eof;          /* only then does POLLIN on the fd mean "gone" */
+    int in_block;           /* inside a non-1xx header block */
+    int head_sent;
+    int event_stream;       /* Content-Type: text/event-stream */
+    int encoded;            /* any Content-Encoding: never inject into it */
+    int at_boundary;        /* last body bytes ended an SSE event */
+    int client_gone;
+    int unflushed;          /* bytes queued in libfcgi's buffer */
+    int body_over_limit;
+    char tail[2];           /* last two body bytes, for SSE boundaries */
+
+    /* Event-loop driver only. A write to the web server must never block
+     * the loop: once `unchecked` (an over-estimate of the socket memory
+     * queued since the socket last polled writable) would pass `budget`,
+     * the socket is polled again, and the transfer is paused while it is
+     * full. budget 0: the blocking driver, which may simply block. */
+    size_t budget, unchecked;
+    int paused;
+    void (*blocked)(struct xfer *x);  /* the transfer has just paused */
+    void (*queued)(struct xfer *x);   /* bytes wait for xfer_flush() */
+};
+
+/* What a driver decided on its own (timers, hang-ups, shutdown). */
+enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE };
+
+/* Sets every option of x->easy for x->t (method, body, callbacks). */
+void xfer_setup(struct xfer *x);
+/* Sends what the client has queued; -1 once the client is gone. */
+int xfer_flush(struct xfer *x);
+/* Timers and flags at `now`; may queue an SSE ping. *next (absolute) is
+ * lowered to the next moment this needs looking at. */
+enum verdict xfer_timers(struct xfer *x, double now, double *next);
+/* After x->easy left its multi handle: fills t's outcome from the
+ * verdict or libcurl's result, and poisons a stream cut after its head. */
+void xfer_end(struct xfer *x, enum verdict v, CURLcode rc);
+
+/* Hands x to the event loop, which owns it from then on and calls
+ * x->t->done at the end. -1 when no loop runs (x stays the caller's). */
+int proxy_loop_submit(struct xfer *x);
+
+#endif
