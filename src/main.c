@@ -17,9 +17,9 @@
 #include "piapi/config_watch.h"
 #include "piapi/listen.h"
 #include "piapi/log.h"
+#include "piapi/loop.h"
 #include "piapi/metrics.h"
 #include "piapi/pool.h"
-#include "piapi/proxy.h"
 #include "piapi/util.h"
 
 struct options {
@@ -315,7 +315,7 @@ int main(int argc, char **argv)
         goto out;
 
     struct piapi_pool_opts po = {
-        .fd = fd, .max_requests = o.threads, .accepters = o.threads < 4 ? o.threads : 4,
+        .fd = fd, .max_requests = o.threads, .extra_threads = 4,
         .stack_size = 512 * 1024, .queue_timeout_ms = o.queue_timeout_ms,
     };
     /* The watcher takes the file as it is now as its baseline: start it
@@ -323,8 +323,8 @@ int main(int argc, char **argv)
     if (piapi_config_watch_start(o.config, err, sizeof err) != 0)
         piapi_log_msg(PIAPI_LOG_WARN, "config watcher not running; SIGHUP still reloads",
                       "error", err);
-    if (piapi_proxy_loop_start(o.threads, err, sizeof err) != 0 ||
-        piapi_pool_start(&po, err, sizeof err) != 0) {
+    if (piapi_pool_start(&po, err, sizeof err) != 0 ||
+        piapi_loop_start(o.threads, fd, piapi_pool_connection_ready, err, sizeof err) != 0) {
         piapi_log_msg(PIAPI_LOG_ERROR, "cannot start the pool", "error", err);
         goto out_watch;
     }
@@ -350,12 +350,12 @@ int main(int argc, char **argv)
         piapi_log_msg(PIAPI_LOG_WARN, "grace period over: aborting running requests",
                       NULL, NULL);
     piapi_pool_abort();
-    piapi_proxy_loop_stop();
+    piapi_loop_stop();
     piapi_pool_join();
     rc = 0;
     piapi_log_msg(PIAPI_LOG_INFO, "piapi stopped", NULL, NULL);
 out_watch:
-    piapi_proxy_loop_stop();
+    piapi_loop_stop();
     piapi_config_watch_stop();
     close(fd);
     piapi_listen_cleanup();

@@ -1,7 +1,8 @@
-/* Responder threads. Every thread owns a worker (curl handles, buffers)
- * for its whole life, so connections to the upstream are reused. A
- * request counts as active, and holds its request slot, until it ends:
- * on its thread, or later on the proxy's event loop thread. */
+/* FastCGI connections: accepted on the event loop, served there when the
+ * request is already whole in the socket, else handed to a pool thread.
+ * Every pool thread owns a worker (curl handles, buffers) for its whole
+ * life. A request counts as active, and holds its request slot, until it
+ * ends: on the loop, or on a pool thread. */
 #include "piapi/pool.h"
 
 #include <errno.h>
@@ -20,34 +21,61 @@
 #include <unistd.h>
 
 #include "piapi/log.h"
+#include "piapi/loop.h"
 #include "piapi/metrics.h"
+#include "piapi/proxy.h"
 #include "piapi/request.h"
 #include "piapi/util.h"
 
+/* FastCGI record types and flags the peek looks at (FastCGI spec §8). */
+#define FCGI_BEGIN_REQUEST 1
+#define FCGI_PARAMS        4
+#define FCGI_STDIN         5
+#define FCGI_KEEP_CONN     1
+/* A request the loop may read: params plus a body the proxy reads whole. */
+#define PEEK_MAX (PIAPI_PROXY_INLINE_BODY_MAX + 32 * 1024)
+/* Connections taken per wake-up of the loop, so transfers are not starved. */
+#define ACCEPT_BATCH 64
+/* With fastcgi_keep_conn the web server may send the next request on the
+ * connection the last one used; see accept_kept(). */
+#define KEPT_IDLE_MS 250
+/* The loop may accept a connection before the web server has written the
+ * request: it waits this long for the rest, then hands it to a thread. */
+#define ARRIVAL_MS 50
+
+struct job {
+    FCGX_Request *req;          /* connection accepted, nothing read yet */
+    struct job *next;
+};
+
 static struct {
     struct piapi_pool_opts o;
-    unsigned cap;               /* threads at most: request slots + accepters */
+    unsigned cap;               /* threads at most */
     pthread_attr_t attr;
-    pthread_mutex_t lock;       /* threads[] and spawning */
+    pthread_mutex_t lock;       /* threads[], spawning, the job queue */
+    pthread_cond_t work;        /* a job was queued, or stopping */
     pthread_t *threads;
     atomic_uint nthreads;
+    struct job *jobs, **jobs_tail;
+    atomic_uint njobs;
+    atomic_uint waiting;        /* threads waiting for a job */
     atomic_uint active;         /* requests accepted and not ended */
     atomic_uint serving;        /* threads busy with a request */
-    atomic_uint parked;         /* waiting for the next request on a kept connection */
-    int wake[2];                /* pipe, readable once stopping: wakes parked threads */
-    atomic_int in_accept;       /* threads inside accept() */
+    int wake[2];                /* pipe, readable once stopping: wakes kept-connection waits */
     sem_t request_slots;
     atomic_int stopping;
     atomic_int aborting;
-} pool = { .lock = PTHREAD_MUTEX_INITIALIZER };
+    struct piapi_worker *loop_worker;  /* for requests served on the loop */
+    char *peek;                 /* PEEK_MAX bytes, the loop's */
+} pool = { .lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER };
 
 static void *worker_main(void *arg);
 
 static void probe(unsigned *busy, unsigned *idle)
 {
-    unsigned n = atomic_load(&pool.nthreads), a = atomic_load(&pool.serving);
-    *busy = a;
-    *idle = n > a ? n - a : 0;  /* parked threads wait for work: idle */
+    unsigned n = atomic_load(&pool.nthreads), b = atomic_load(&pool.serving);
+    *busy = b;
+    *idle = n > b ? n - b : 0;  /* threads on kept connections wait for work: idle */
 }
 
 static int spawn_locked(char *err, size_t errlen)
@@ -65,27 +93,7 @@ static int spawn_locked(char *err, size_t errlen)
     return 0;
 }
 
-/* Threads that could take a new connection: neither serving nor parked
- * on a kept connection. */
-static int nobody_free(void)
-{
-    return atomic_load(&pool.serving) + atomic_load(&pool.parked) >=
-           atomic_load(&pool.nthreads);
-}
-
-/* Called by a thread that just took a request: if nobody is left to
- * accept the next one, add a thread (up to the cap). Threads parked on
- * kept connections (fastcgi_keep_conn) count as taken, so idle kept
- * connections can never starve new ones. */
-static void grow_if_needed(void)
-{
-    if (!nobody_free())
-        return;
-    pthread_mutex_lock(&pool.lock);
-    if (nobody_free() && spawn_locked(NULL, 0) != 0)
-        piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
-    pthread_mutex_unlock(&pool.lock);
-}
+/* ---- request slots ----------------------------------------------------- */
 
 /* A request slot now, or within the queue timeout. */
 static int take_request_slot(void)
@@ -113,6 +121,63 @@ static void request_over(void)
     atomic_fetch_sub(&pool.active, 1);
 }
 
+/* ---- the job queue ----------------------------------------------------- */
+
+/* A request for this connection has not been read yet. libfcgi reads it
+ * in FCGX_Accept_r, which with a connection already open (as for a kept
+ * one) reads from it instead of accepting. listen_sock -1: libfcgi never
+ * accepts on its own, so a malformed request ends in an error, not in a
+ * blocking accept(). */
+static FCGX_Request *request_for(int fd)
+{
+    FCGX_Request *req = piapi_xmalloc(sizeof *req);
+    FCGX_InitRequest(req, -1, 0);
+    req->ipcFd = fd;
+    req->keepConnection = 1;  /* FCGI_BEGIN_REQUEST sets the real value */
+    return req;
+}
+
+static void enqueue(FCGX_Request *req)
+{
+    struct job *j = piapi_xmalloc(sizeof *j);
+    j->req = req;
+    j->next = NULL;
+    pthread_mutex_lock(&pool.lock);
+    *pool.jobs_tail = j;
+    pool.jobs_tail = &j->next;
+    unsigned queued = atomic_fetch_add(&pool.njobs, 1) + 1;
+    if (queued > atomic_load(&pool.waiting) && spawn_locked(NULL, 0) != 0)
+        piapi_log_msg(PIAPI_LOG_WARN, "pool cannot add a thread", NULL, NULL);
+    pthread_cond_signal(&pool.work);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* The next connection to serve; NULL once stopping and none is left. */
+static FCGX_Request *next_job(void)
+{
+    FCGX_Request *req = NULL;
+
+    pthread_mutex_lock(&pool.lock);
+    while (!pool.jobs && !atomic_load(&pool.stopping)) {
+        atomic_fetch_add(&pool.waiting, 1);
+        pthread_cond_wait(&pool.work, &pool.lock);
+        atomic_fetch_sub(&pool.waiting, 1);
+    }
+    struct job *j = pool.jobs;
+    if (j) {
+        pool.jobs = j->next;
+        if (!pool.jobs)
+            pool.jobs_tail = &pool.jobs;
+        atomic_fetch_sub(&pool.njobs, 1);
+        req = j->req;
+        free(j);
+    }
+    pthread_mutex_unlock(&pool.lock);
+    return req;
+}
+
+/* ---- pool threads ------------------------------------------------------ */
+
 /* 1 when the request (and req) went on to the event loop. */
 static int serve(struct piapi_worker *w, FCGX_Request *req)
 {
@@ -120,7 +185,6 @@ static int serve(struct piapi_worker *w, FCGX_Request *req)
 
     atomic_fetch_add(&pool.active, 1);
     atomic_fetch_add(&pool.serving, 1);
-    grow_if_needed();
     if (take_request_slot()) {
         handed_over = piapi_request_handle(w, req, request_over);
     } else {
@@ -132,144 +196,232 @@ static int serve(struct piapi_worker *w, FCGX_Request *req)
     return handed_over;
 }
 
-/* With fastcgi_keep_conn the web server may send the next request on the
- * connection the last one used. The thread waits for it here, where it
- * can also be told to stop, instead of inside libfcgi's blocking read. */
-#define KEPT_IDLE_MS 250
-
-static int at_cap_and_full(void)
+/* Connections wait for a thread while every thread is taken. */
+static int starved(void)
 {
-    return atomic_load(&pool.nthreads) >= pool.cap && nobody_free();
+    return atomic_load(&pool.njobs) > 0 && atomic_load(&pool.waiting) == 0 &&
+           atomic_load(&pool.nthreads) >= pool.cap;
 }
 
-/* 0: a request arrived; 1: the connection was given up, accept anew;
- * < 0: stopping or an error. */
+/* The thread waits for the next request of its kept connection here,
+ * where it can also be told to stop, instead of inside libfcgi's blocking
+ * read. 0: that request has been read; -1: none will come (closed,
+ * stopping, or given up). */
 static int accept_kept(FCGX_Request *req)
 {
     struct pollfd p[2] = {
         { .fd = req->ipcFd, .events = POLLIN },
         { .fd = pool.wake[0], .events = POLLIN },
     };
-    int give_up = 0;
-
-    atomic_fetch_add(&pool.parked, 1);
-    grow_if_needed();
     for (;;) {
         int rc = poll(p, 2, KEPT_IDLE_MS);
         if (rc > 0 || (rc < 0 && errno != EINTR))
             break;
         /* Only when no thread can be added: a kept connection idle this
-         * long gives its thread back to accept(), so connections waiting
-         * in the backlog are not starved. */
-        if (rc == 0 && at_cap_and_full()) {
-            give_up = 1;
-            break;
-        }
-    }
-    atomic_fetch_sub(&pool.parked, 1);
-    if (give_up || p[1].revents) {
-        FCGX_Free(req, 1);  /* closes our kept connection, nobody else's */
-        return give_up ? 1 : -1;
-    }
-    return FCGX_Accept_r(req);
-}
-
-/* Idle threads beyond the few in accept() wait on a most-recent-first
- * stack: the warmest thread is called in first, and only when the last
- * accepter has just taken a connection, so under load a request costs no
- * extra wake-up. */
-struct idler {
-    pthread_cond_t cv;
-    int woken;
-    struct idler *next;
-};
-static pthread_mutex_t idle_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct idler *idle_top;
-
-static void idle_wait(struct idler *me)
-{
-    pthread_mutex_lock(&idle_lock);
-    /* Re-checked under the lock: an accepter leaving after this point
-     * finds us on the stack. */
-    if (atomic_load(&pool.in_accept) > 0 && !atomic_load(&pool.stopping)) {
-        me->woken = 0;
-        me->next = idle_top;
-        idle_top = me;
-        while (!me->woken)
-            pthread_cond_wait(&me->cv, &idle_lock);
-    }
-    pthread_mutex_unlock(&idle_lock);
-}
-
-static void idle_wake(int all)
-{
-    pthread_mutex_lock(&idle_lock);
-    do {
-        struct idler *t = idle_top;
-        if (!t)
-            break;
-        idle_top = t->next;
-        t->woken = 1;
-        pthread_cond_signal(&t->cv);
-    } while (all);
-    pthread_mutex_unlock(&idle_lock);
-}
-
-static int accept_new(FCGX_Request *req)
-{
-    static _Thread_local struct idler me = { .cv = PTHREAD_COND_INITIALIZER };
-    for (;;) {
-        if (atomic_load(&pool.stopping))
+         * long gives its thread back to the queue, so connections waiting
+         * there are not starved. */
+        if (rc == 0 && starved())
             return -1;
-        if (atomic_fetch_add(&pool.in_accept, 1) < (int)pool.o.accepters)
-            break;
-        atomic_fetch_sub(&pool.in_accept, 1);
-        idle_wait(&me);
     }
-    int rc = FCGX_Accept_r(req);
-    if (atomic_fetch_sub(&pool.in_accept, 1) == 1)
-        idle_wake(0);  /* nobody is accepting any more: call one in */
-    return rc;
+    if (p[1].revents)
+        return -1;
+    return FCGX_Accept_r(req) == 0 ? 0 : -1;
 }
 
-static FCGX_Request *new_request(void)
+/* Serves the connection's request and, on a kept connection, the ones
+ * after it. Owns req (and the connection) unless the loop takes it. */
+static void serve_connection(struct piapi_worker *w, FCGX_Request *req)
 {
-    FCGX_Request *req = piapi_xmalloc(sizeof *req);
-    FCGX_InitRequest(req, pool.o.fd, 0);
-    return req;
+    int rc = FCGX_Accept_r(req);
+    while (rc == 0) {
+        if (serve(w, req))
+            return;
+        if (req->ipcFd < 0)
+            break;  /* not a kept connection: closed after the answer */
+        rc = accept_kept(req);
+    }
+    FCGX_Free(req, 1);
+    free(req);
 }
 
 static void *worker_main(void *arg)
 {
     (void)arg;
     struct piapi_worker *w = piapi_request_worker_create(&pool.stopping, &pool.aborting);
-    FCGX_Request *req = new_request();
+    FCGX_Request *req;
 
-    for (;;) {
-        int rc = req->ipcFd >= 0 ? accept_kept(req) : accept_new(req);
-        if (rc > 0)
-            continue;
-        if (rc < 0) {
-            if (atomic_load(&pool.stopping))
-                break;
-            /* EMFILE and friends: back off instead of spinning. */
-            usleep(10000);
-            continue;
-        }
-        if (serve(w, req))
-            req = new_request();
-    }
-    FCGX_Free(req, 1);
-    free(req);
+    while ((req = next_job()))
+        serve_connection(w, req);
     piapi_request_worker_destroy(w);
     return NULL;
 }
 
+/* ---- the event loop's side --------------------------------------------- */
+
+enum arrival { WHOLE, PARTIAL, UNFIT };
+
+/* WHOLE when the socket already holds the whole request, up to the end of
+ * its stdin, within PEEK_MAX, and the web server does not keep the
+ * connection. Only then can the loop let libfcgi read it: its reads
+ * block, and here they find everything there. PARTIAL: not yet, but it
+ * may be soon. Only the record framing is looked at; libfcgi parses the
+ * request. */
+static enum arrival in_socket(int fd)
+{
+    ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
+    const unsigned char *p = (const unsigned char *)pool.peek;
+    size_t off = 0;
+    int params_done = 0;
+
+    if (n <= 0)
+        return n < 0 && errno == EAGAIN ? PARTIAL : UNFIT;
+    while (off + 8 <= (size_t)n) {
+        size_t len = (size_t)p[off + 4] << 8 | p[off + 5];
+        size_t next = off + 8 + len + p[off + 6];
+        if (next > (size_t)n)
+            break;
+        switch (p[off + 1]) {
+        case FCGI_BEGIN_REQUEST:  /* role (2), flags, reserved (5) */
+            if (len < 8 || (p[off + 10] & FCGI_KEEP_CONN))
+                return UNFIT;
+            break;
+        case FCGI_PARAMS:
+            params_done |= len == 0;
+            break;
+        case FCGI_STDIN:
+            if (len == 0)
+                return params_done ? WHOLE : UNFIT;
+            break;
+        }
+        off = next;
+    }
+    return (size_t)n < PEEK_MAX ? PARTIAL : UNFIT;
+}
+
+/* Reads the request (all in the socket) and serves it here. */
+static void serve_here(FCGX_Request *req)
+{
+    if (sem_trywait(&pool.request_slots) != 0) {
+        enqueue(req);  /* a thread waits for a slot, up to the queue timeout */
+        return;
+    }
+    if (FCGX_Accept_r(req) != 0) {  /* malformed: libfcgi closed it */
+        sem_post(&pool.request_slots);
+        free(req);
+        return;
+    }
+    atomic_fetch_add(&pool.active, 1);
+    if (!piapi_request_handle(pool.loop_worker, req, request_over))
+        free(req);
+}
+
+struct arrival_wait {
+    FCGX_Request *req;
+    double deadline;
+};
+
+static void consider(struct arrival_wait *a, enum arrival st);
+
+static void more_arrived(int fd, void *arg, int timed_out)
+{
+    struct arrival_wait *a = arg;
+    (void)fd;
+    if (timed_out) {
+        enqueue(a->req);
+        free(a);
+        return;
+    }
+    consider(a, in_socket(fd));
+}
+
+/* Serves the request here once it is whole, or hands it to a thread. */
+static void consider(struct arrival_wait *a, enum arrival st)
+{
+    int fd = a->req->ipcFd;
+    switch (st) {
+    case WHOLE:
+        serve_here(a->req);
+        free(a);
+        return;
+    case PARTIAL: {
+        int ms = (int)((a->deadline - piapi_now_mono()) * 1000.0);
+        if (ms > 0 && piapi_loop_await(fd, ms, more_arrived, a) == 0)
+            return;
+        break;
+    }
+    case UNFIT:
+        break;
+    }
+    enqueue(a->req);
+    free(a);
+}
+
+static void take_connection(int fd)
+{
+    FCGX_Request *req = request_for(fd);
+    enum arrival st = in_socket(fd);
+
+    if (st == WHOLE) {
+        serve_here(req);
+        return;
+    }
+    struct arrival_wait *a = piapi_xmalloc(sizeof *a);
+    a->req = req;
+    a->deadline = piapi_now_mono() + ARRIVAL_MS / 1000.0;
+    consider(a, st);
+}
+
+void piapi_pool_connection_ready(int listen_fd)
+{
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        if (atomic_load(&pool.stopping)) {
+            piapi_loop_pause(listen_fd, -1);
+            return;
+        }
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0) {
+            take_connection(fd);
+            continue;
+        }
+        switch (errno) {
+        case EAGAIN:
+            return;
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+            continue;
+        case EMFILE:
+        case ENFILE:
+        case ENOBUFS:
+        case ENOMEM:
+            /* Connections wait in the backlog until descriptors free up. */
+            piapi_log_msg(PIAPI_LOG_WARN, "cannot accept, retrying in 100 ms",
+                          "error", strerror(errno));
+            piapi_loop_pause(listen_fd, 100);
+            return;
+        default:
+            piapi_log_msg(PIAPI_LOG_ERROR, "accept failed; no longer accepting",
+                          "error", strerror(errno));
+            piapi_loop_pause(listen_fd, -1);
+            return;
+        }
+    }
+}
+
+/* ---- life cycle -------------------------------------------------------- */
+
 int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
 {
     pool.o = *o;
-    pool.cap = o->max_requests + o->accepters;
+    pool.cap = o->max_requests + o->extra_threads;
+    pool.jobs_tail = &pool.jobs;
     pool.threads = piapi_xcalloc(pool.cap, sizeof *pool.threads);
+    pool.peek = piapi_xmalloc(PEEK_MAX);
+    int fl = fcntl(o->fd, F_GETFL);
+    if (fl < 0 || fcntl(o->fd, F_SETFL, fl | O_NONBLOCK) != 0) {
+        snprintf(err, errlen, "listening socket: %s", strerror(errno));
+        return -1;
+    }
     if (pipe2(pool.wake, O_CLOEXEC) != 0) {
         snprintf(err, errlen, "pipe: %s", strerror(errno));
         return -1;
@@ -283,9 +435,10 @@ int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
         snprintf(err, errlen, "invalid thread stack size %zu", o->stack_size);
         return -1;
     }
+    pool.loop_worker = piapi_request_worker_create(&pool.stopping, &pool.aborting);
     piapi_metrics_set_pool_probe(probe);
 
-    unsigned initial = o->accepters * 2 < pool.cap ? o->accepters * 2 : pool.cap;
+    unsigned initial = pool.cap < 2 ? pool.cap : 2;
     pthread_mutex_lock(&pool.lock);
     int rc = 0;
     for (unsigned i = 0; i < initial && rc == 0; i++)
@@ -298,10 +451,12 @@ void piapi_pool_stop_accepting(void)
 {
     if (atomic_exchange(&pool.stopping, 1))
         return;
-    /* Wakes every thread blocked in accept(): it returns EINVAL at once
-     *. */
+    /* Makes the listening socket readable, so the loop sees `stopping`
+     * at once, and turns new connections away. */
     shutdown(pool.o.fd, SHUT_RDWR);
-    idle_wake(1);
+    pthread_mutex_lock(&pool.lock);
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.lock);
     /* Threads waiting on kept connections poll this pipe too. */
     ssize_t w = write(pool.wake[1], "x", 1);
     (void)w;
@@ -324,8 +479,18 @@ void piapi_pool_join(void)
     pthread_mutex_unlock(&pool.lock);
     for (unsigned i = 0; i < n; i++)
         pthread_join(pool.threads[i], NULL);
+    /* Queued after the last thread left: close them unanswered. */
+    while (pool.jobs) {
+        struct job *j = pool.jobs;
+        pool.jobs = j->next;
+        FCGX_Free(j->req, 1);
+        free(j->req);
+        free(j);
+    }
     piapi_metrics_set_pool_probe(NULL);
+    piapi_request_worker_destroy(pool.loop_worker);
     free(pool.threads);
+    free(pool.peek);
     close(pool.wake[0]);
     close(pool.wake[1]);
     pool.threads = NULL;

@@ -19,9 +19,7 @@
 #include "piapi/util.h"
 #include "proxy_xfer.h"
 
-/* Bodies up to this size are read whole and handed to libcurl in one
- * piece; larger ones stream through the read callback. */
-#define INLINE_BODY_MAX (64 * 1024)
+#define INLINE_BODY_MAX PIAPI_PROXY_INLINE_BODY_MAX
 /* What one write of n bytes may cost in socket memory (kernel skb
  * overhead and rounding): deliberately high, see xfer.budget. */
 #define WRITE_COST(n) (2 * (n) + 2048)

@@ -3,8 +3,8 @@
  * FastCGI as soon as libcurl has them.
  *
  * A transfer whose body is in hand once read ahead (up to 64 KiB, nearly
- * every LLM request) runs on the shared event loop: one thread, one curl
- * multi handle, every such transfer at once, one upstream connection
+ * every LLM request) runs on the event loop (loop.h): one thread, one
+ * curl multi handle, every such transfer at once, one upstream connection
  * cache. The rest (larger or slower bodies, fastcgi_keep_conn
  * connections) run on the calling pool thread with its own handles. */
 #ifndef PIAPI_PROXY_H
@@ -17,6 +17,10 @@
 
 struct curl_slist;
 struct piapi_proxy;
+
+/* Bodies up to this size are read whole and handed to libcurl in one
+ * piece; only then can a transfer run on the event loop. */
+#define PIAPI_PROXY_INLINE_BODY_MAX (64 * 1024)
 
 struct piapi_proxy *piapi_proxy_create(void);
 void piapi_proxy_destroy(struct piapi_proxy *p);
@@ -54,10 +58,5 @@ struct piapi_transfer {
  * connection instead of ending it cleanly. */
 int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
 
-/* The event loop thread. Without it every transfer runs blocking. */
-int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen);
-/* Call once no new transfer can arrive and the abort flag of the running
- * ones is set: waits for them to end, then for the thread. */
-void piapi_proxy_loop_stop(void);
 
 #endif

@@ -1,12 +1,12 @@
-/* The event-loop driver: one thread runs every transfer whose request body
- * is in hand, through one curl multi handle on the socket API and epoll.
- * A pool thread hands a transfer over and goes back to accept(), so a
- * request costs no thread sleeping on its upstream, a thousand streams
- * cost no thousand threads, and all transfers share one upstream
- * connection cache.
+/* The event loop (loop.h). Transfers: a request that arrived whole runs
+ * its upstream transfer here, through one curl multi handle on the socket
+ * API, so a request costs no thread sleeping on its upstream, a thousand
+ * streams cost no thousand threads, and all transfers share one upstream
+ * connection cache. The listening socket is watched here too (pool.c
+ * decides what to do with each connection).
  *
  * Everything below runs on the loop thread, except proxy_loop_submit()
- * and piapi_proxy_loop_start/stop(). */
+ * from pool threads, and piapi_loop_start/watch/stop(). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "piapi/loop.h"
 #include "proxy_xfer.h"
 
 /* Idle easy handles kept for reuse (each holds a download buffer). */
@@ -31,7 +32,7 @@
 #define EVENTS_MAX 64
 
 /* What an epoll registration points at; each owner starts with it. */
-enum kind { K_WAKE, K_SOCK, K_XFER };
+enum kind { K_WAKE, K_SOCK, K_XFER, K_WATCH, K_AWAIT };
 
 struct lxfer {
     enum kind kind;
@@ -52,6 +53,24 @@ struct csock {
     curl_socket_t fd;
     uint32_t events;            /* what it is armed for */
     int parked;                 /* libcurl removed it: not its event */
+};
+
+struct watch {                  /* the listening socket */
+    enum kind kind;
+    int fd;
+    void (*ready)(int fd);
+    double resume_at;           /* paused until then; < 0: not paused */
+};
+
+struct await {                  /* see piapi_loop_await() */
+    enum kind kind;
+    int fd;
+    void (*cb)(int fd, void *arg, int timed_out);
+    void *arg;
+    double deadline;
+    struct await *prev, *next;  /* waiting */
+    struct await *grave;
+    int dead;
 };
 
 static struct {
@@ -82,9 +101,13 @@ static struct {
     double next_sweep;
     CURL *spare[SPARE_MAX];
     unsigned nspare;
+    struct watch watch;
+    struct await awaits;        /* list head */
+    struct await *await_grave;
 } loop = { .closed = 1 };  /* until started */
 
 static enum kind wake_tag = K_WAKE;
+static _Thread_local int on_loop_thread;
 
 static void wake(void)
 {
@@ -329,6 +352,17 @@ static void reap_done(void)
     }
 }
 
+static void end_await(struct await *a, int timed_out)
+{
+    epoll_ctl(loop.epfd, EPOLL_CTL_DEL, a->fd, NULL);
+    a->prev->next = a->next;
+    a->next->prev = a->prev;
+    a->dead = 1;
+    a->grave = loop.await_grave;  /* may still be in this batch */
+    loop.await_grave = a;
+    a->cb(a->fd, a->arg, timed_out);
+}
+
 static void sweep(double now)
 {
     double next = now + (loop.nrunning ? SWEEP_MAX_S : POLL_SLICE_MS / 1000.0);
@@ -341,6 +375,15 @@ static void sweep(double now)
         else if (!lx->watched)
             watch(lx, 0);
         lx = n;
+    }
+    struct await *a = loop.awaits.next;
+    while (a != &loop.awaits) {
+        struct await *n = a->next;
+        if (now >= a->deadline)
+            end_await(a, 1);
+        else if (a->deadline < next)
+            next = a->deadline;
+        a = n;
     }
     loop.next_sweep = next > now + SWEEP_MIN_S ? next : now + SWEEP_MIN_S;
 }
@@ -365,6 +408,11 @@ static void flush_dirty(void)
 
 static void bury(void)
 {
+    while (loop.await_grave) {
+        struct await *a = loop.await_grave;
+        loop.await_grave = a->grave;
+        free(a);
+    }
     while (loop.grave) {
         struct lxfer *lx = loop.grave;
         loop.grave = lx->link;
@@ -377,6 +425,8 @@ static int wait_ms(double now)
     double until = loop.next_sweep;
     if (loop.curl_deadline >= 0 && loop.curl_deadline < until)
         until = loop.curl_deadline;
+    if (loop.watch.resume_at >= 0 && loop.watch.resume_at < until)
+        until = loop.watch.resume_at;
     if (until <= now)
         return 0;
     int ms = (int)((until - now) * 1000.0) + 1;
@@ -404,9 +454,23 @@ static void dispatch(struct epoll_event *ev)
         if (ev->events & EPOLLERR)
             flags |= CURL_CSELECT_ERR;
         curl_act(cs->fd, flags);
+    } else if (*k == K_AWAIT) {
+        struct await *a = (struct await *)k;
+        if (!a->dead)
+            end_await(a, 0);
+    } else if (*k == K_WATCH) {
+        struct watch *w = (struct watch *)k;
+        if (w->ready && w->resume_at < 0)
+            w->ready(w->fd);
     } else {
         client_event((struct lxfer *)k, ev->events);
     }
+}
+
+static void add_watch(void)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &loop.watch };
+    epoll_ctl(loop.epfd, EPOLL_CTL_ADD, loop.watch.fd, &ev);
 }
 
 static void *loop_main(void *arg)
@@ -414,6 +478,7 @@ static void *loop_main(void *arg)
     (void)arg;
     struct epoll_event ev[EVENTS_MAX];
 
+    on_loop_thread = 1;
     for (;;) {
         int stopping = atomic_load(&loop.stop);
         double now = piapi_now_mono();
@@ -425,6 +490,10 @@ static void *loop_main(void *arg)
         atomic_store(&loop.sleeping, 0);
         for (int i = 0; i < n; i++)
             dispatch(&ev[i]);
+        if (loop.watch.resume_at >= 0 && piapi_now_mono() >= loop.watch.resume_at) {
+            loop.watch.resume_at = -1;
+            add_watch();
+        }
         take_submitted();
         for (int rounds = 0; rounds < 4; rounds++) {
             if (loop.curl_deadline < 0 || loop.curl_deadline > piapi_now_mono())
@@ -438,8 +507,8 @@ static void *loop_main(void *arg)
             sweep(now);
         flush_dirty();
         bury();
-        if (stopping && !loop.nrunning && !atomic_load(&loop.submitting) &&
-            !atomic_load(&loop.queue))
+        if (stopping && !loop.nrunning && loop.awaits.next == &loop.awaits &&
+            !atomic_load(&loop.submitting) && !atomic_load(&loop.queue))
             break;
     }
     return NULL;
@@ -449,16 +518,14 @@ static void *loop_main(void *arg)
 
 int proxy_loop_submit(struct xfer *x)
 {
-    struct lxfer *lx = malloc(sizeof *lx + x->inline_len);
-    if (!lx)
-        return -1;
+    struct lxfer *lx = piapi_xmalloc(sizeof *lx + x->inline_len);
     memset(lx, 0, sizeof *lx);
     lx->kind = K_XFER;
     lx->x = *x;
     memcpy(lx->body, x->body, x->inline_len);
 
     atomic_fetch_add(&loop.submitting, 1);
-    if (atomic_load(&loop.closed)) {
+    if (atomic_load(&loop.closed) && !on_loop_thread) {
         atomic_fetch_sub(&loop.submitting, 1);
         free(lx);
         return -1;
@@ -472,9 +539,42 @@ int proxy_loop_submit(struct xfer *x)
     return 0;
 }
 
-int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen)
+int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int timed_out),
+                     void *arg)
+{
+    struct await *a = piapi_xcalloc(1, sizeof *a);
+    *a = (struct await){
+        .kind = K_AWAIT, .fd = fd, .cb = cb, .arg = arg,
+        .deadline = piapi_now_mono() + timeout_ms / 1000.0,
+    };
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP, .data.ptr = a };
+    if (epoll_ctl(loop.epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        free(a);
+        return -1;
+    }
+    a->next = loop.awaits.next;
+    a->prev = &loop.awaits;
+    a->next->prev = a;
+    loop.awaits.next = a;
+    lower_sweep(a->deadline);
+    return 0;
+}
+
+void piapi_loop_pause(int fd, int ms)
+{
+    if (fd != loop.watch.fd || !loop.watch.ready)
+        return;  /* not watched, or for good already */
+    epoll_ctl(loop.epfd, EPOLL_CTL_DEL, fd, NULL);
+    loop.watch.resume_at = ms < 0 ? -1 : piapi_now_mono() + ms / 1000.0;
+    if (ms < 0)
+        loop.watch.ready = NULL;
+}
+
+int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd),
+                     char *err, size_t errlen)
 {
     loop.running.next = loop.running.prev = &loop.running;
+    loop.awaits.next = loop.awaits.prev = &loop.awaits;
     loop.curl_deadline = -1;
     loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
     loop.epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -486,6 +586,10 @@ int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen)
     }
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &wake_tag };
     epoll_ctl(loop.epfd, EPOLL_CTL_ADD, loop.evfd, &ev);
+    loop.watch = (struct watch){
+        .kind = K_WATCH, .fd = listen_fd, .ready = ready, .resume_at = -1
+    };
+    add_watch();
     curl_multi_setopt(loop.multi, CURLMOPT_SOCKETFUNCTION, on_socket);
     curl_multi_setopt(loop.multi, CURLMOPT_TIMERFUNCTION, on_timer);
     /* libcurl's default cache shrinks with the transfers running, so the
@@ -502,7 +606,7 @@ int piapi_proxy_loop_start(unsigned max_transfers, char *err, size_t errlen)
     return 0;
 }
 
-void piapi_proxy_loop_stop(void)
+void piapi_loop_stop(void)
 {
     atomic_store(&loop.closed, 1);
     if (!loop.started)

@@ -1,0 +1,30 @@
+/* The event loop: one thread that accepts FastCGI connections, serves
+ * every request that arrived whole (nearly all of them: the web server
+ * buffers request bodies) and drives its upstream transfer, through epoll
+ * and one curl multi handle. Whatever could block it (a body still
+ * arriving, a kept connection, a wait for a request slot) goes to the
+ * pool's threads instead. */
+#ifndef PIAPI_LOOP_H
+#define PIAPI_LOOP_H
+
+#include <stddef.h>
+
+/* Starts the thread. ready(listen_fd) runs on it while the listening
+ * socket is readable. */
+int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd),
+                     char *err, size_t errlen);
+
+/* On the loop thread: cb(fd, arg, 0) once fd is readable, or
+ * cb(fd, arg, 1) when timeout_ms pass first. -1: fd cannot be watched. */
+int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int timed_out),
+                     void *arg);
+
+/* From ready(): stop watching the listening socket for ms milliseconds
+ * (resource shortage), or for good with ms < 0. */
+void piapi_loop_pause(int fd, int ms);
+
+/* Call once no new request can arrive and the abort flag of the running
+ * ones is set: waits for them to end, then for the thread. */
+void piapi_loop_stop(void);
+
+#endif
