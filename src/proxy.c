@@ -19,7 +19,6 @@
 #include "piapi/util.h"
 #include "proxy_xfer.h"
 
-#define INLINE_BODY_MAX PIAPI_PROXY_INLINE_BODY_MAX
 /* What one write of n bytes may cost in socket memory (kernel skb
  * overhead and rounding): deliberately high, see xfer.budget. */
 #define WRITE_COST(n) (2 * (n) + 2048)
@@ -27,7 +26,7 @@
 struct piapi_proxy {
     CURLM *multi;
     CURL *easy;
-    char *body;             /* INLINE_BODY_MAX bytes, reused */
+    char *body;             /* PIAPI_PROXY_INLINE_BODY_MAX bytes, reused */
 };
 
 struct piapi_proxy *piapi_proxy_create(void)
@@ -37,7 +36,7 @@ struct piapi_proxy *piapi_proxy_create(void)
     p->easy = curl_easy_init();
     if (!p->multi || !p->easy)
         abort();
-    p->body = piapi_xmalloc(INLINE_BODY_MAX);
+    p->body = piapi_xmalloc(PIAPI_PROXY_INLINE_BODY_MAX);
     return p;
 }
 
@@ -161,8 +160,8 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
     return (size_t)got;
 }
 
-/* Reads up to `limit` (<= INLINE_BODY_MAX) bytes into buf. Returns 1
- * when that is the whole body, 0 when more is left to stream. */
+/* Reads up to `limit` (at most PIAPI_PROXY_INLINE_BODY_MAX) bytes into
+ * buf. Returns 1 when that is the whole body, 0 when more is left. */
 static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
 {
     FCGX_Stream *in = x->t->fcgi->in;
@@ -188,10 +187,10 @@ static void read_ahead(struct xfer *x, char *buf)
     int64_t cl = x->t->content_length;
 
     x->body = buf;
-    if (cl >= 0 && cl <= INLINE_BODY_MAX)
+    if (cl >= 0 && cl <= PIAPI_PROXY_INLINE_BODY_MAX)
         x->whole = preread_body(x, buf, (size_t)cl, 1);
     else if (cl < 0)
-        x->whole = preread_body(x, buf, INLINE_BODY_MAX, 0);
+        x->whole = preread_body(x, buf, PIAPI_PROXY_INLINE_BODY_MAX, 0);
     x->t->bytes_in = x->inline_len;
 }
 

@@ -15,7 +15,8 @@ int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd
                      char *err, size_t errlen);
 
 /* On the loop thread: cb(fd, arg, 0) once fd is readable, or
- * cb(fd, arg, 1) when timeout_ms pass first. -1: fd cannot be watched. */
+ * cb(fd, arg, 1) when timeout_ms pass first or the peer hangs up.
+ * -1: fd cannot be watched. */
 int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int timed_out),
                      void *arg);
 

@@ -131,10 +131,12 @@ class FcgiResponse:
         return f"<FcgiResponse {self.status} {self.raw[:300]!r}>"
 
 
-def fcgi_request(sock_path, params, stdin=b"", timeout=5.0):
+def fcgi_request(sock_path, params, stdin=b"", timeout=5.0, split=None, pause=0.0, flags=0):
     """One FastCGI request straight to piapi's socket. `params` is a list of
     (name, value) pairs, so duplicates and odd bytes go through exactly as
-    given (no web server in the way)."""
+    given (no web server in the way). With `split`, the first `split` bytes
+    go out, then the rest `pause` seconds later; `flags` go into
+    FCGI_BEGIN_REQUEST (1: FCGI_KEEP_CONN)."""
     def record(rtype, content):
         pad = (-len(content)) % 8
         return struct.pack("!BBHHBx", 1, rtype, 1, len(content), pad) + content + b"\0" * pad
@@ -145,7 +147,7 @@ def fcgi_request(sock_path, params, stdin=b"", timeout=5.0):
     enc = b"".join(length(k) + length(v) + k + v for k, v in
                    ((k.encode("latin-1") if isinstance(k, str) else k,
                      v.encode("latin-1") if isinstance(v, str) else v) for k, v in params))
-    out = record(1, struct.pack("!HB5x", 1, 0))
+    out = record(1, struct.pack("!HB5x", 1, flags))
     for i in range(0, len(enc), 65528):
         out += record(4, enc[i:i + 65528])
     out += record(4, b"")
@@ -158,6 +160,10 @@ def fcgi_request(sock_path, params, stdin=b"", timeout=5.0):
     try:
         s.connect(str(sock_path))
         try:
+            if split is not None:
+                s.sendall(out[:split])
+                time.sleep(pause)
+                out = out[split:]
             s.sendall(out)
         except OSError:
             pass  # answered early and closed: read what came
@@ -789,6 +795,70 @@ class TestUpstreamFaults(unittest.TestCase):
             self.assertIn(b'data: {"i":0}', ex.body())
         self.assertEqual(self.wait_errors(["reset", "protocol"], before + 1) - before, 1)
         self.after_fault()
+
+
+# ================================== 4a: how a request arrives at piapi ====
+
+class TestArrival(unittest.TestCase):
+    """piapi's event loop serves a request itself only once all of it is in
+    the socket; it waits a little for the rest, and gives a request that
+    keeps arriving, asks to keep the connection, or is malformed to a pool
+    thread (or drops it), never blocking on it. Straight FastCGI, so the
+    timing of each byte is the test's."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = harness.Stack("nginx", hardening_config({"sseKeepaliveMs": 300}),
+                                  name="hard-arrival")
+        cls.addClassCleanup(cls.stack.stop)
+        cls.stack.start()
+
+    def post(self, body, **kw):
+        h = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")]
+        params = fcgi_params("/piapi/cx/v1/echo", "POST", h, content_length=len(body))
+        return fcgi_request(self.stack.socket_path, params, body, **kw)
+
+    def check_echo(self, r, body, what):
+        self.assertEqual(r.status, 200, f"{what}: {r!r}")
+        self.assertTrue(r.ended, f"{what}: no FCGI_END_REQUEST")
+        got = json.loads(r.body)
+        self.assertEqual(got["body_sha256"], hashlib.sha256(body).hexdigest(), what)
+
+    def test_split_requests_are_served(self):
+        body = b'{"model":"m","messages":[]}' + b" " * 300
+        for split, pause, what in [
+            (16, 0.02, "begin record alone, rest 20 ms later"),
+            (5, 0.02, "cut inside a record header"),
+            (200, 0.01, "cut inside the params"),
+            (16, 0.3, "rest 300 ms later (past the loop's wait)"),
+            (-8, 0.3, "only the end of stdin 300 ms later"),
+        ]:
+            with self.subTest(what=what):
+                r = self.post(body, split=split, pause=pause)
+                self.check_echo(r, body, what)
+
+    def test_keep_conn_request_is_served(self):
+        body = b'{"k":1}'
+        self.check_echo(self.post(body, flags=1), body, "FCGI_KEEP_CONN")
+
+    def test_garbage_and_half_requests_leave_piapi_serving(self):
+        sock = self.stack.socket_path
+        for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x01\x01\x00\x01\x00\x08",
+                     b"\x09" * 64, b""):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(3)
+            s.connect(str(sock))
+            if junk:
+                s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                self.assertEqual(s.recv(100), b"", f"answer to {junk!r}")
+            except ConnectionResetError:
+                pass
+            s.close()
+        body = b'{"after":"junk"}'
+        self.check_echo(self.post(body), body, "after junk")
+        self.assertTrue(self.stack.piapi.alive())
 
 
 # ============================================ 4b: a client stops reading ====
