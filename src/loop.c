@@ -25,7 +25,7 @@
 /* Idle easy handles kept for reuse (each holds a download buffer). */
 #define SPARE_MAX 64
 /* Upstream connections kept at most, idle or not; see piapi_loop_start(). */
-#define CACHE_MAX 128
+#define CACHE_MAX 256
 /* The sweep over every transfer's timers (head and idle timeouts, SSE
  * pings) runs at most this often, and at least this often while any
  * transfer runs: a timer fires up to SWEEP_MAX_S late. */
