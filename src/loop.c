@@ -6,7 +6,7 @@
  * decides what to do with each connection).
  *
  * Everything below runs on the loop thread, except proxy_loop_submit()
- * from pool threads, and piapi_loop_start/watch/stop(). */
+ * (also called by pool threads) and piapi_loop_start/stop(). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -49,7 +49,7 @@ struct lxfer {
 
 /* A socket libcurl asked us to watch, by fd number. When libcurl is done
  * with a connection for now (it goes back to the cache) the socket stays
- * in the epoll set, so reusing it costs one epoll_ctl instead of three. */
+ * in the epoll set, so reusing it costs one epoll_ctl instead of two. */
 struct csock {
     enum kind kind;
     curl_socket_t fd;
@@ -444,8 +444,12 @@ static void dispatch(struct epoll_event *ev)
         (void)r;
     } else if (*k == K_SOCK) {
         struct csock *cs = (struct csock *)k;
-        if (cs->parked) {  /* e.g. the upstream closed an idle connection */
-            arm(cs, 0);
+        if (cs->parked) {
+            /* e.g. the upstream closed an idle connection: out of the set
+             * (a hang-up is reported even when armed for nothing), until
+             * libcurl reuses or closes it */
+            epoll_ctl(loop.epfd, EPOLL_CTL_DEL, cs->fd, NULL);
+            cs->events = 0;
             return;
         }
         int flags = 0;
