@@ -1,8 +1,8 @@
 /* The request lifecycle. One struct request owns each request from accept
  * to finish (style §5): whatever path it takes, request_end() logs it
  * once, records metrics once, releases the snapshot and frees it. A
- * proxied request may end on the proxy's event loop thread, after the
- * pool thread that accepted it has moved on. */
+ * proxied request may end on the event loop thread, after the thread that
+ * read it has moved on to other requests. */
 #include "piapi/request.h"
 
 #include <curl/curl.h>
@@ -36,7 +36,7 @@ struct piapi_worker {
 };
 
 struct request {
-    struct piapi_worker *w;    /* the accepting thread's: not after forward() */
+    struct piapi_worker *w;    /* the reading thread's: not after forward() */
     FCGX_Request *r;
     void (*over)(void);        /* the pool's: called last */
     struct piapi_transfer x;
