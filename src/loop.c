@@ -93,7 +93,7 @@ static struct {
     atomic_int closed;
     atomic_int stop;
 
-    struct lxfer running;       /* list head */
+    struct lxfer *running;      /* list of running transfers */
     unsigned nrunning;
     struct lxfer *dirty;
     struct lxfer *grave;        /* freed after the epoll batch */
@@ -272,10 +272,11 @@ static void start(struct lxfer *lx)
     xfer_setup(x);
     curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
 
-    lx->next = loop.running.next;
-    lx->prev = &loop.running;
-    lx->next->prev = lx;
-    loop.running.next = lx;
+    lx->prev = NULL;
+    lx->next = loop.running;
+    if (lx->next)
+        lx->next->prev = lx;
+    loop.running = lx;
     loop.nrunning++;
     curl_multi_add_handle(loop.multi, x->easy);
     lower_sweep(x->start + SWEEP_MAX_S);
@@ -290,8 +291,12 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
      * tells the upstream to stop generating. */
     curl_multi_remove_handle(loop.multi, x->easy);
     give_easy(x->easy);
-    lx->prev->next = lx->next;
-    lx->next->prev = lx->prev;
+    if (lx->prev)
+        lx->prev->next = lx->next;
+    else
+        loop.running = lx->next;
+    if (lx->next)
+        lx->next->prev = lx->prev;
     loop.nrunning--;
     lx->dead = 1;
     xfer_end(x, v, rc);
@@ -368,8 +373,8 @@ static void end_await(struct await *a, int timed_out)
 static void sweep(double now)
 {
     double next = now + (loop.nrunning ? SWEEP_MAX_S : POLL_SLICE_MS / 1000.0);
-    struct lxfer *lx = loop.running.next;
-    while (lx != &loop.running) {
+    struct lxfer *lx = loop.running;
+    while (lx) {
         struct lxfer *n = lx->next;
         enum verdict v = xfer_timers(&lx->x, now, &next);
         if (v != RUNNING)
@@ -579,7 +584,6 @@ void piapi_loop_pause(int fd, int ms)
 int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd),
                      char *err, size_t errlen)
 {
-    loop.running.next = loop.running.prev = &loop.running;
     loop.awaits.next = loop.awaits.prev = &loop.awaits;
     loop.curl_deadline = -1;
     loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
