@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "piapi/fcgi_frame.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
 #include "piapi/metrics.h"
@@ -27,11 +28,6 @@
 #include "piapi/request.h"
 #include "piapi/util.h"
 
-/* FastCGI record types and flags the peek looks at (FastCGI spec §8). */
-#define FCGI_BEGIN_REQUEST 1
-#define FCGI_PARAMS        4
-#define FCGI_STDIN         5
-#define FCGI_KEEP_CONN     1
 /* A request the loop may read: params plus a body the proxy reads whole. */
 #define PEEK_MAX (PIAPI_PROXY_INLINE_BODY_MAX + 32 * 1024)
 /* Connections taken per wake-up of the loop, so transfers are not starved. */
@@ -258,44 +254,15 @@ static void *worker_main(void *arg)
 
 /* ---- the event loop's side --------------------------------------------- */
 
-enum arrival { WHOLE, PARTIAL, UNFIT };
-
-/* WHOLE when the socket already holds the whole request, up to the end of
- * its stdin, within PEEK_MAX, and the web server does not keep the
- * connection. Only then can the loop let libfcgi read it: its reads
- * block, and here they find everything there. PARTIAL: not yet, but it
- * may be soon. Only the record framing is looked at; libfcgi parses the
- * request. */
-static enum arrival in_socket(int fd)
+/* PIAPI_FCGI_WHOLE when the socket already holds the whole request and
+ * the web server does not keep the connection: only then can the loop let
+ * libfcgi read it, whose reads block and here find everything there. */
+static enum piapi_fcgi_arrival in_socket(int fd)
 {
     ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
-    const unsigned char *p = (const unsigned char *)pool.peek;
-    size_t off = 0;
-    int params_done = 0;
-
     if (n <= 0)
-        return n < 0 && errno == EAGAIN ? PARTIAL : UNFIT;
-    while (off + 8 <= (size_t)n) {
-        size_t len = (size_t)p[off + 4] << 8 | p[off + 5];
-        size_t next = off + 8 + len + p[off + 6];
-        if (next > (size_t)n)
-            break;
-        switch (p[off + 1]) {
-        case FCGI_BEGIN_REQUEST:  /* role (2), flags, reserved (5) */
-            if (len < 8 || (p[off + 10] & FCGI_KEEP_CONN))
-                return UNFIT;
-            break;
-        case FCGI_PARAMS:
-            params_done |= len == 0;
-            break;
-        case FCGI_STDIN:
-            if (len == 0)
-                return params_done ? WHOLE : UNFIT;
-            break;
-        }
-        off = next;
-    }
-    return (size_t)n < PEEK_MAX ? PARTIAL : UNFIT;
+        return n < 0 && errno == EAGAIN ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
+    return piapi_fcgi_arrival((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX);
 }
 
 /* Reads the request (all in the socket) and serves it here. */
@@ -320,7 +287,7 @@ struct arrival_wait {
     double deadline;
 };
 
-static void consider(struct arrival_wait *a, enum arrival st);
+static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st);
 
 static void more_arrived(int fd, void *arg, int timed_out)
 {
@@ -335,21 +302,21 @@ static void more_arrived(int fd, void *arg, int timed_out)
 }
 
 /* Serves the request here once it is whole, or hands it to a thread. */
-static void consider(struct arrival_wait *a, enum arrival st)
+static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st)
 {
     int fd = a->req->ipcFd;
     switch (st) {
-    case WHOLE:
+    case PIAPI_FCGI_WHOLE:
         serve_here(a->req);
         free(a);
         return;
-    case PARTIAL: {
+    case PIAPI_FCGI_PARTIAL: {
         int ms = (int)((a->deadline - piapi_now_mono()) * 1000.0);
         if (ms > 0 && piapi_loop_await(fd, ms, more_arrived, a) == 0)
             return;
         break;
     }
-    case UNFIT:
+    case PIAPI_FCGI_UNFIT:
         break;
     }
     enqueue(a->req);
@@ -359,9 +326,9 @@ static void consider(struct arrival_wait *a, enum arrival st)
 static void take_connection(int fd)
 {
     FCGX_Request *req = request_for(fd);
-    enum arrival st = in_socket(fd);
+    enum piapi_fcgi_arrival st = in_socket(fd);
 
-    if (st == WHOLE) {
+    if (st == PIAPI_FCGI_WHOLE) {
         serve_here(req);
         return;
     }

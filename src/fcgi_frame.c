@@ -1,0 +1,42 @@
+/* FastCGI record framing, just enough to know a request has arrived. */
+#include "piapi/fcgi_frame.h"
+
+/* Record types and flags (FastCGI spec §8). */
+#define FCGI_HEADER_LEN    8
+#define FCGI_BEGIN_REQUEST 1
+#define FCGI_PARAMS        4
+#define FCGI_STDIN         5
+#define FCGI_KEEP_CONN     1
+
+enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap)
+{
+    size_t off = 0;
+    int begun = 0, params_done = 0;
+
+    while (off + FCGI_HEADER_LEN <= n) {
+        size_t len = (size_t)p[off + 4] << 8 | p[off + 5];
+        size_t next = off + FCGI_HEADER_LEN + len + p[off + 6];
+        if (next > n)
+            break;
+        switch (p[off + 1]) {
+        case FCGI_BEGIN_REQUEST:  /* body: role (2), flags, reserved (5) */
+            if (begun || len < 8 || (p[off + FCGI_HEADER_LEN + 2] & FCGI_KEEP_CONN))
+                return PIAPI_FCGI_UNFIT;
+            begun = 1;
+            break;
+        case FCGI_PARAMS:
+            if (!begun)
+                return PIAPI_FCGI_UNFIT;
+            params_done |= len == 0;
+            break;
+        case FCGI_STDIN:
+            if (!params_done)
+                return PIAPI_FCGI_UNFIT;
+            if (len == 0)
+                return PIAPI_FCGI_WHOLE;
+            break;
+        }
+        off = next;
+    }
+    return n < cap ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
+}
