@@ -292,7 +292,6 @@ static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st);
 static void more_arrived(int fd, void *arg, int timed_out)
 {
     struct arrival_wait *a = arg;
-    (void)fd;
     if (timed_out) {
         enqueue(a->req);
         free(a);
