@@ -207,16 +207,6 @@ static void give_easy(CURL *e)
         curl_easy_cleanup(e);
 }
 
-static void watch_client(struct lxfer *lx, int op, int writable)
-{
-    struct epoll_event ev = {
-        .events = EPOLLRDHUP | (lx->x.stdin_eof ? EPOLLIN : 0u) |
-                  (writable ? EPOLLOUT : 0u),
-        .data.ptr = lx,
-    };
-    epoll_ctl(loop.epfd, op, lx->x.t->fcgi->ipcFd, &ev);
-}
-
 static struct lxfer *owner(struct xfer *x)
 {
     return (struct lxfer *)((char *)x - offsetof(struct lxfer, x));
@@ -226,7 +216,13 @@ static struct lxfer *owner(struct xfer *x)
  * adds the FastCGI fd of those still running, and close() removes it. */
 static void watch(struct lxfer *lx, int writable)
 {
-    watch_client(lx, lx->watched ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, writable);
+    struct epoll_event ev = {
+        .events = EPOLLRDHUP | (lx->x.stdin_eof ? EPOLLIN : 0u) |
+                  (writable ? EPOLLOUT : 0u),
+        .data.ptr = lx,
+    };
+    epoll_ctl(loop.epfd, lx->watched ? EPOLL_CTL_MOD : EPOLL_CTL_ADD,
+              lx->x.t->fcgi->ipcFd, &ev);
     lx->watched = 1;
 }
 
