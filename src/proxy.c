@@ -543,7 +543,8 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
                 v = CLIENT_GONE;
             break;
         }
-        int wait_ms = (int)((next - now) * 1000.0) + 1;
+        /* At least 1 ms: a ping that is due waits for an event boundary. */
+        int wait_ms = next > now ? (int)((next - now) * 1000.0) + 1 : 1;
         struct curl_waitfd extra = {
             .fd = t->fcgi->ipcFd, .events = CURL_WAIT_POLLIN, .revents = 0
         };
