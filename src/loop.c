@@ -104,7 +104,7 @@ static struct {
     CURL *spare[SPARE_MAX];
     unsigned nspare;
     struct watch watch;
-    struct await awaits;        /* list head */
+    struct await *awaits;       /* list of waits for a request's arrival */
     struct await *await_grave;
 } loop = { .closed = 1 };  /* until started */
 
@@ -358,8 +358,12 @@ static void reap_done(void)
 static void end_await(struct await *a, int timed_out)
 {
     epoll_ctl(loop.epfd, EPOLL_CTL_DEL, a->fd, NULL);
-    a->prev->next = a->next;
-    a->next->prev = a->prev;
+    if (a->prev)
+        a->prev->next = a->next;
+    else
+        loop.awaits = a->next;
+    if (a->next)
+        a->next->prev = a->prev;
     a->dead = 1;
     a->grave = loop.await_grave;  /* may still be in this batch */
     loop.await_grave = a;
@@ -379,8 +383,8 @@ static void sweep(double now)
             watch(lx, 0);
         lx = n;
     }
-    struct await *a = loop.awaits.next;
-    while (a != &loop.awaits) {
+    struct await *a = loop.awaits;
+    while (a) {
         struct await *n = a->next;
         if (now >= a->deadline)
             end_await(a, 1);
@@ -514,7 +518,7 @@ static void *loop_main(void *arg)
             sweep(now);
         flush_dirty();
         bury();
-        if (stopping && !loop.nrunning && loop.awaits.next == &loop.awaits &&
+        if (stopping && !loop.nrunning && !loop.awaits &&
             !atomic_load(&loop.submitting) && !atomic_load(&loop.queue))
             break;
     }
@@ -559,10 +563,10 @@ int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int t
         free(a);
         return -1;
     }
-    a->next = loop.awaits.next;
-    a->prev = &loop.awaits;
-    a->next->prev = a;
-    loop.awaits.next = a;
+    a->next = loop.awaits;
+    if (a->next)
+        a->next->prev = a;
+    loop.awaits = a;
     lower_sweep(a->deadline);
     return 0;
 }
@@ -580,7 +584,6 @@ void piapi_loop_pause(int fd, int ms)
 int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd),
                      char *err, size_t errlen)
 {
-    loop.awaits.next = loop.awaits.prev = &loop.awaits;
     loop.curl_deadline = -1;
     loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
     loop.epfd = epoll_create1(EPOLL_CLOEXEC);
