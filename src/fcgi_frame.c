@@ -6,7 +6,6 @@
 #define FCGI_BEGIN_REQUEST 1
 #define FCGI_PARAMS        4
 #define FCGI_STDIN         5
-#define FCGI_KEEP_CONN     1
 
 enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap)
 {
@@ -20,7 +19,7 @@ enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, siz
             break;
         switch (p[off + 1]) {
         case FCGI_BEGIN_REQUEST:  /* body: role (2), flags, reserved (5) */
-            if (begun || len < 8 || (p[off + FCGI_HEADER_LEN + 2] & FCGI_KEEP_CONN))
+            if (begun || len < 8)
                 return PIAPI_FCGI_UNFIT;
             begun = 1;
             break;
@@ -30,6 +29,11 @@ enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, siz
             params_done |= len == 0;
             break;
         case FCGI_STDIN:
+            /* Before a begin: the rest of the body of a kept connection's
+             * last request, which was answered without reading it all.
+             * libfcgi skips it too (its request id is not the new one's). */
+            if (!begun)
+                break;
             if (!params_done)
                 return PIAPI_FCGI_UNFIT;
             if (len == 0)

@@ -8,6 +8,7 @@
  * Everything below runs on the loop thread, except proxy_loop_submit()
  * (also called by pool threads) and piapi_loop_start/stop(). */
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -64,6 +65,12 @@ struct watch {                  /* the listening socket */
     double resume_at;           /* paused until then; < 0: not paused */
 };
 
+struct post {                   /* see piapi_loop_post() */
+    void (*fn)(void *arg);
+    void *arg;
+    struct post *next;
+};
+
 struct await {                  /* see piapi_loop_await() */
     enum kind kind;
     int fd;
@@ -106,7 +113,13 @@ static struct {
     struct watch watch;
     struct await *awaits;       /* list of waits for a request's arrival */
     struct await *await_grave;
-} loop = { .closed = 1 };  /* until started */
+
+    /* Calls posted by other threads (rare: a kept connection whose request
+     * ended on a pool thread), oldest first. */
+    pthread_mutex_t post_lock;
+    struct post *posts, **posts_tail;
+} loop = { .closed = 1, .post_lock = PTHREAD_MUTEX_INITIALIZER,
+           .posts_tail = &loop.posts };  /* until started */
 
 static enum kind wake_tag = K_WAKE;
 static _Thread_local int on_loop_thread;
@@ -295,6 +308,10 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
         lx->next->prev = lx->prev;
     loop.nrunning--;
     lx->dead = 1;
+    /* A kept FastCGI connection outlives the transfer: it must not stay
+     * in the epoll set pointing at lx. */
+    if (lx->watched)
+        epoll_ctl(loop.epfd, EPOLL_CTL_DEL, t->fcgi->ipcFd, NULL);
     xfer_end(x, v, rc);
     piapi_buf_dispose(&x->head);
     t->done(t);  /* ends the FastCGI request: t is gone after this */
@@ -319,6 +336,24 @@ static void client_event(struct lxfer *lx, uint32_t ev)
         watch(lx, 0);
         curl_easy_pause(lx->x.easy, CURLPAUSE_CONT);
     }
+}
+
+/* 1 when it ran any. */
+static int run_posts(void)
+{
+    pthread_mutex_lock(&loop.post_lock);
+    struct post *p = loop.posts;
+    loop.posts = NULL;
+    loop.posts_tail = &loop.posts;
+    pthread_mutex_unlock(&loop.post_lock);
+    int ran = p != NULL;
+    while (p) {
+        struct post *n = p->next;
+        p->fn(p->arg);
+        free(p);
+        p = n;
+    }
+    return ran;
 }
 
 static void take_submitted(void)
@@ -368,6 +403,12 @@ static void end_await(struct await *a, int timed_out)
     a->grave = loop.await_grave;  /* may still be in this batch */
     loop.await_grave = a;
     a->cb(a->fd, a->arg, timed_out);
+}
+
+static void expire_awaits(void)
+{
+    while (loop.awaits)
+        end_await(loop.awaits, 1);
 }
 
 static void sweep(double now)
@@ -505,6 +546,7 @@ static void *loop_main(void *arg)
             loop.watch.resume_at = -1;
             add_watch();
         }
+        run_posts();
         take_submitted();
         for (int rounds = 0; rounds < 4; rounds++) {
             if (loop.curl_deadline < 0 || loop.curl_deadline > piapi_now_mono())
@@ -518,7 +560,9 @@ static void *loop_main(void *arg)
             sweep(now);
         flush_dirty();
         bury();
-        if (stopping && !loop.nrunning && !loop.awaits &&
+        if (stopping)  /* nothing is left to arrive: the drain is over */
+            expire_awaits();
+        if (stopping && !loop.nrunning && !loop.awaits && !run_posts() &&
             !atomic_load(&loop.submitting) && !atomic_load(&loop.queue))
             break;
     }
@@ -556,7 +600,7 @@ int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int t
     struct await *a = piapi_xcalloc(1, sizeof *a);
     *a = (struct await){
         .kind = K_AWAIT, .fd = fd, .cb = cb, .arg = arg,
-        .deadline = piapi_now_mono() + timeout_ms / 1000.0,
+        .deadline = timeout_ms < 0 ? HUGE_VAL : piapi_now_mono() + timeout_ms / 1000.0,
     };
     struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP, .data.ptr = a };
     if (epoll_ctl(loop.epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -567,8 +611,29 @@ int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int t
     if (a->next)
         a->next->prev = a;
     loop.awaits = a;
-    lower_sweep(a->deadline);
+    if (timeout_ms >= 0)
+        lower_sweep(a->deadline);
     return 0;
+}
+
+void piapi_loop_post(void (*fn)(void *arg), void *arg)
+{
+    if (on_loop_thread) {
+        fn(arg);
+        return;
+    }
+    struct post *p = piapi_xmalloc(sizeof *p);
+    *p = (struct post){ .fn = fn, .arg = arg };
+    pthread_mutex_lock(&loop.post_lock);
+    *loop.posts_tail = p;
+    loop.posts_tail = &p->next;
+    pthread_mutex_unlock(&loop.post_lock);
+    wake();
+}
+
+void piapi_loop_expire_awaits(void)
+{
+    expire_awaits();
 }
 
 void piapi_loop_pause(int fd, int ms)

@@ -1,14 +1,15 @@
 /* FastCGI connections: accepted on the event loop, served there when the
  * request is already whole in the socket, else handed to a pool thread.
- * Every pool thread owns a worker (curl handles, buffers) for its whole
- * life. A request counts as active, and holds its request slot, until it
- * ends: on the loop, or on a pool thread. */
+ * A kept connection (fastcgi_keep_conn) goes back to the loop after each
+ * request and waits there for the next one, so no thread is ever parked on
+ * an idle connection. Every pool thread owns a worker (curl handles,
+ * buffers) for its whole life. A request counts as active, and holds its
+ * request slot, until it ends: on the loop, or on a pool thread. */
 #include "piapi/pool.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <fcgiapp.h>
-#include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
@@ -32,9 +33,6 @@
 #define PEEK_MAX (PIAPI_PROXY_INLINE_BODY_MAX + 32 * 1024)
 /* Connections taken per wake-up of the loop, so transfers are not starved. */
 #define ACCEPT_BATCH 64
-/* With fastcgi_keep_conn the web server may send the next request on the
- * connection the last one used; see accept_kept(). */
-#define KEPT_IDLE_MS 250
 /* The loop may accept a connection before the web server has written the
  * request: it waits this long for the rest, then hands it to a thread. */
 #define ARRIVAL_MS 50
@@ -57,7 +55,6 @@ static struct {
     atomic_uint waiting;        /* threads waiting for a job */
     atomic_uint active;         /* requests accepted and not ended */
     atomic_uint serving;        /* threads busy with a request */
-    int wake[2];                /* pipe, readable once stopping: wakes kept-connection waits */
     sem_t request_slots;
     atomic_int stopping;
     atomic_int aborting;
@@ -71,7 +68,7 @@ static void probe(unsigned *busy, unsigned *idle)
 {
     unsigned n = atomic_load(&pool.nthreads), b = atomic_load(&pool.serving);
     *busy = b;
-    *idle = n > b ? n - b : 0;  /* threads on kept connections wait for work: idle */
+    *idle = n > b ? n - b : 0;
 }
 
 static int spawn_locked(char *err, size_t errlen)
@@ -111,8 +108,40 @@ static int take_request_slot(void)
     return rc == 0;
 }
 
-static void request_over(void)
+static void take_connection(int fd);
+
+/* A kept connection's next request, or its end. */
+static void next_request(int fd, void *arg, int closed)
 {
+    (void)arg;
+    if (closed)
+        close(fd);
+    else
+        take_connection(fd);
+}
+
+static void keep_connection(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    if (atomic_load(&pool.stopping) || piapi_loop_await(fd, -1, next_request, NULL) != 0)
+        close(fd);
+}
+
+/* req's request has ended. libfcgi left its connection open if the web
+ * server keeps it: the loop waits for the next request on it. */
+static void release_connection(FCGX_Request *req)
+{
+    int fd = req->ipcFd;
+    free(req);
+    if (fd >= 0)
+        piapi_loop_post(keep_connection, (void *)(intptr_t)fd);
+}
+
+/* The connection goes back before the request stops counting as active,
+ * so a shutdown's drain cannot end between the two. */
+static void request_over(FCGX_Request *req)
+{
+    release_connection(req);
     sem_post(&pool.request_slots);
     atomic_fetch_sub(&pool.active, 1);
 }
@@ -174,70 +203,24 @@ static FCGX_Request *next_job(void)
 
 /* ---- pool threads ------------------------------------------------------ */
 
-/* 1 when the request (and req) went on to the event loop. */
-static int serve(struct piapi_worker *w, FCGX_Request *req)
+/* Reads the connection's request (libfcgi's reads block) and serves it. */
+static void serve_connection(struct piapi_worker *w, FCGX_Request *req)
 {
-    int handed_over = 0;
-
+    if (FCGX_Accept_r(req) != 0) {  /* malformed or cut: libfcgi closed it */
+        free(req);
+        return;
+    }
     atomic_fetch_add(&pool.active, 1);
     atomic_fetch_add(&pool.serving, 1);
     if (take_request_slot()) {
-        handed_over = piapi_request_handle(w, req, request_over);
+        piapi_request_handle(w, req, request_over);
     } else {
         piapi_request_reject(w, req, 503, "gateway saturated; retry shortly",
                              "pool_saturated");
+        release_connection(req);
         atomic_fetch_sub(&pool.active, 1);
     }
     atomic_fetch_sub(&pool.serving, 1);
-    return handed_over;
-}
-
-/* Connections wait for a thread while every thread is taken. */
-static int starved(void)
-{
-    return atomic_load(&pool.njobs) > 0 && atomic_load(&pool.waiting) == 0 &&
-           atomic_load(&pool.nthreads) >= pool.cap;
-}
-
-/* The thread waits for the next request of its kept connection here,
- * where it can also be told to stop, instead of inside libfcgi's blocking
- * read. 0: that request has been read; -1: none will come (closed,
- * stopping, or given up). */
-static int accept_kept(FCGX_Request *req)
-{
-    struct pollfd p[2] = {
-        { .fd = req->ipcFd, .events = POLLIN },
-        { .fd = pool.wake[0], .events = POLLIN },
-    };
-    for (;;) {
-        int rc = poll(p, 2, KEPT_IDLE_MS);
-        if (rc > 0 || (rc < 0 && errno != EINTR))
-            break;
-        /* Only when no thread can be added: a kept connection idle this
-         * long gives its thread back to the queue, so connections waiting
-         * there are not starved. */
-        if (rc == 0 && starved())
-            return -1;
-    }
-    if (p[1].revents)
-        return -1;
-    return FCGX_Accept_r(req) == 0 ? 0 : -1;
-}
-
-/* Serves the connection's request and, on a kept connection, the ones
- * after it. Owns req (and the connection) unless the loop takes it. */
-static void serve_connection(struct piapi_worker *w, FCGX_Request *req)
-{
-    int rc = FCGX_Accept_r(req);
-    while (rc == 0) {
-        if (serve(w, req))
-            return;
-        if (req->ipcFd < 0)
-            break;  /* not a kept connection: closed after the answer */
-        rc = accept_kept(req);
-    }
-    FCGX_Free(req, 1);
-    free(req);
 }
 
 static void *worker_main(void *arg)
@@ -254,9 +237,9 @@ static void *worker_main(void *arg)
 
 /* ---- the event loop's side --------------------------------------------- */
 
-/* PIAPI_FCGI_WHOLE when the socket already holds the whole request and
- * the web server does not keep the connection: only then can the loop let
- * libfcgi read it, whose reads block and here find everything there. */
+/* PIAPI_FCGI_WHOLE when the socket already holds the whole request: only
+ * then can the loop let libfcgi read it, whose reads block and here find
+ * everything there. */
 static enum piapi_fcgi_arrival in_socket(int fd)
 {
     ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
@@ -278,8 +261,7 @@ static void serve_here(FCGX_Request *req)
         return;
     }
     atomic_fetch_add(&pool.active, 1);
-    if (!piapi_request_handle(pool.loop_worker, req, request_over))
-        free(req);
+    piapi_request_handle(pool.loop_worker, req, request_over);
 }
 
 struct arrival_wait {
@@ -342,6 +324,9 @@ void piapi_pool_connection_ready(int listen_fd)
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         if (atomic_load(&pool.stopping)) {
             piapi_loop_pause(listen_fd, -1);
+            /* Idle kept connections close now, so the web server stops
+             * sending on them; a request still arriving goes to a thread. */
+            piapi_loop_expire_awaits();
             return;
         }
         int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -388,10 +373,6 @@ int piapi_pool_start(const struct piapi_pool_opts *o, char *err, size_t errlen)
         snprintf(err, errlen, "listening socket: %s", strerror(errno));
         return -1;
     }
-    if (pipe2(pool.wake, O_CLOEXEC) != 0) {
-        snprintf(err, errlen, "pipe: %s", strerror(errno));
-        return -1;
-    }
     if (sem_init(&pool.request_slots, 0, o->max_requests) != 0) {
         snprintf(err, errlen, "sem_init: %s", strerror(errno));
         return -1;
@@ -423,9 +404,6 @@ void piapi_pool_stop_accepting(void)
     pthread_mutex_lock(&pool.lock);
     pthread_cond_broadcast(&pool.work);
     pthread_mutex_unlock(&pool.lock);
-    /* Threads waiting on kept connections poll this pipe too. */
-    ssize_t w = write(pool.wake[1], "x", 1);
-    (void)w;
 }
 
 unsigned piapi_pool_active(void)
@@ -457,8 +435,6 @@ void piapi_pool_join(void)
     piapi_request_worker_destroy(pool.loop_worker);
     free(pool.threads);
     free(pool.peek);
-    close(pool.wake[0]);
-    close(pool.wake[1]);
     pool.threads = NULL;
     sem_destroy(&pool.request_slots);
     pthread_attr_destroy(&pool.attr);

@@ -565,7 +565,7 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
     xfer_end(x, v, rc);
 }
 
-int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
+void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
 {
     struct xfer x = { .t = t };
 
@@ -577,18 +577,11 @@ int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
         /* A body without Content-Length, over the limit already in the
          * part read ahead: refuse before anything goes upstream. */
         apply_verdict(&x, TOO_LARGE);
-    } else if (x.whole && !t->fcgi->keepConnection) {
-        /* The loop answers on this connection after this thread has moved
-         * on; a kept connection has to come back to its thread. */
-        t->async = 1;
-        if (proxy_loop_submit(&x) == 0)
-            return 1;
-        t->async = 0;
-        run_here(p, &x);
+    } else if (x.whole && proxy_loop_submit(&x) == 0) {
+        return;  /* the loop answers on this connection from now on */
     } else {
         run_here(p, &x);
     }
     piapi_buf_dispose(&x.head);
     t->done(t);
-    return 0;
 }

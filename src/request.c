@@ -23,6 +23,9 @@
 #include "piapi/util.h"
 
 #define REQUEST_ID_MAX 128
+/* A kept connection's unread request body is read and dropped up to this
+ * much (see skip_stdin); beyond it the connection closes instead. */
+#define SKIP_STDIN_MAX (1024 * 1024)
 /* One answer for missing, malformed and unknown keys: a caller learns
  * nothing about which it was. */
 #define UNAUTHORIZED \
@@ -38,7 +41,7 @@ struct piapi_worker {
 struct request {
     struct piapi_worker *w;    /* the reading thread's: not after forward() */
     FCGX_Request *r;
-    void (*over)(void);        /* the pool's: called last */
+    void (*over)(FCGX_Request *r);  /* the pool's: called last, gets r back */
     struct piapi_transfer x;
     struct curl_slist *headers;
     struct piapi_route_url url;
@@ -247,10 +250,9 @@ static void forwarded(struct piapi_transfer *x)
 }
 
 /* Who ends a request once dispatch() returns: the caller (ANSWERED), or
- * the proxy through forwarded(), already (ENDED) or later, on its event
- * loop thread (HANDED_OVER: the request, including its FCGX_Request,
- * belongs to the loop now). */
-enum outcome { ANSWERED, ENDED, HANDED_OVER };
+ * the proxy through forwarded() (FORWARDED: already, or later on the event
+ * loop's thread; q is not the caller's any more). */
+enum outcome { ANSWERED, FORWARDED };
 
 static enum outcome forward(struct request *q, const struct piapi_route_target *t,
                    const struct piapi_client_keys *keys)
@@ -289,7 +291,8 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .abort_flag = q->w->aborting,
         .done = forwarded,
     };
-    return piapi_proxy_forward(q->w->proxy, &q->x) ? HANDED_OVER : ENDED;
+    piapi_proxy_forward(q->w->proxy, &q->x);
+    return FORWARDED;
 }
 
 static enum outcome dispatch(struct request *q)
@@ -403,6 +406,23 @@ struct kept_line {
     char path[1024];
 };
 
+/* On a kept connection the next request follows this one's body, and
+ * libfcgi does not skip what was left unread (an answer given before the
+ * body was read, such as a 401). Whatever is left is read now: on the
+ * event loop it is all in the socket already. A body too long for that
+ * closes the connection after the answer instead. */
+static void skip_stdin(FCGX_Request *r)
+{
+    char buf[4096];
+
+    if (!r->keepConnection)
+        return;
+    for (size_t skipped = 0; skipped < SKIP_STDIN_MAX; skipped += sizeof buf)
+        if (FCGX_GetStr(buf, sizeof buf, r->in) < (int)sizeof buf)
+            return;  /* its end, or an error: then libfcgi closes */
+    r->keepConnection = 0;
+}
+
 /* Ends the FastCGI request before the bookkeeping, so the web server has
  * the whole answer while the log line and metrics are written. Detached,
  * libfcgi closes with a plain close() instead of shutdown() plus a poll of
@@ -420,6 +440,7 @@ static void end_fastcgi(struct request *q, struct kept_line *k)
         k->path[n] = '\0';
         q->uri = k->path;
     }
+    skip_stdin(q->r);
     FCGX_Detach(q->r);
     FCGX_Finish_r(q->r);
 }
@@ -481,19 +502,19 @@ static int serve_local(struct request *q)
 
 static void request_end(struct request *q)
 {
-    void (*over)(void) = q->over;
-    FCGX_Request *owned = q->x.async ? q->r : NULL;
+    void (*over)(FCGX_Request *) = q->over;
+    FCGX_Request *r = q->r;
 
     finish(q);
     piapi_metrics_in_flight(-1);
     curl_slist_free_all(q->headers);
     piapi_buf_dispose(&q->url.buf);
     free(q);
-    free(owned);
-    over();
+    over(r);
 }
 
-int piapi_request_handle(struct piapi_worker *w, FCGX_Request *r, void (*over)(void))
+void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r,
+                          void (*over)(FCGX_Request *r))
 {
     struct request *q = piapi_xmalloc(sizeof *q);
 
@@ -501,15 +522,13 @@ int piapi_request_handle(struct piapi_worker *w, FCGX_Request *r, void (*over)(v
     q->over = over;
     if (serve_local(q)) {
         free(q);
-        over();
-        return 0;
+        over(r);
+        return;
     }
     piapi_metrics_in_flight(1);
     q->cfg = piapi_config_current();
-    enum outcome o = dispatch(q);
-    if (o == ANSWERED)
+    if (dispatch(q) == ANSWERED)
         request_end(q);
-    return o == HANDED_OVER;
 }
 
 void piapi_request_reject(struct piapi_worker *w, FCGX_Request *r, int status,

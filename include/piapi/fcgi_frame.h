@@ -10,8 +10,8 @@
 enum piapi_fcgi_arrival {
     PIAPI_FCGI_WHOLE,    /* begin, params to their end, stdin to its end */
     PIAPI_FCGI_PARTIAL,  /* not yet: more may still arrive */
-    PIAPI_FCGI_UNFIT     /* never for the loop: keep-conn, out of order, or
-                            more than `cap` bytes */
+    PIAPI_FCGI_UNFIT     /* never for the loop: out of order, or more than
+                            `cap` bytes */
 };
 
 /* p[0..n) is what the connection holds so far; cap is how much the caller

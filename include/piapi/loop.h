@@ -1,9 +1,10 @@
 /* The event loop: one thread that accepts FastCGI connections, serves
  * every request that arrived whole (nearly all of them: the web server
  * buffers request bodies) and drives its upstream transfer, through epoll
- * and one curl multi handle. Whatever could block it (a body still
- * arriving, a kept connection, a wait for a request slot) goes to the
- * pool's threads instead. */
+ * and one curl multi handle. It also holds every idle kept connection
+ * (fastcgi_keep_conn) until its next request arrives. Whatever could block
+ * it (a body still arriving, a wait for a request slot) goes to the pool's
+ * threads instead. */
 #ifndef PIAPI_LOOP_H
 #define PIAPI_LOOP_H
 
@@ -15,10 +16,18 @@ int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd
                      char *err, size_t errlen);
 
 /* On the loop thread: cb(fd, arg, 0) once fd is readable, or
- * cb(fd, arg, 1) when timeout_ms pass first or the peer hangs up.
- * -1: fd cannot be watched. */
+ * cb(fd, arg, 1) when timeout_ms pass first (never if < 0), the peer hangs
+ * up, or the waits are expired. -1: fd cannot be watched. */
 int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int timed_out),
                      void *arg);
+
+/* On the loop thread: ends every wait now, as if timed out. The loop
+ * does so itself once it is told to stop. */
+void piapi_loop_expire_awaits(void);
+
+/* From any thread: fn(arg) runs on the loop thread (at once when called
+ * there). Posts run before the loop stops. */
+void piapi_loop_post(void (*fn)(void *arg), void *arg);
 
 /* From ready(): stop watching the listening socket for ms milliseconds
  * (resource shortage), or for good with ms < 0. */

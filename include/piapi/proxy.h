@@ -45,18 +45,16 @@ struct piapi_transfer {
     const char *error;     /* metrics reason ("connect", "timeout", ...) or NULL */
     int error_status;      /* when status == 0: what to answer (413/502/504) */
     const char *error_message;  /* client-safe text for error_status */
-    int async;             /* set before the event loop takes the transfer */
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls
- * t->done. Returns 1 when the event loop took it: t->done then runs on the
- * loop thread, possibly before this returns, so the caller must not touch
- * t (or t->fcgi) again. Returns 0 when it ran here and t->done has run.
- * Never writes an error body itself: when t->status is 0 at t->done the
+ * t->done: here, or on the event loop's thread when the body was read
+ * whole, possibly before this returns; either way the caller must not
+ * touch t (or t->fcgi) once this is called. Never writes an error body itself: when t->status is 0 at t->done the
  * owner answers with t->error_status. A failure after the head went out
  * leaves the FastCGI stream invalid, so the web server cuts the client
  * connection instead of ending it cleanly. */
-int piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
+void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
 
 
 #endif

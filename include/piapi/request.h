@@ -17,10 +17,11 @@ struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
 void piapi_request_worker_destroy(struct piapi_worker *w);
 
 /* Serves one accepted request and ends it (FCGX_Finish_r), then calls
- * over(). Returns 0 when that has happened. Returns 1 when the proxy's
- * event loop took the request over: it then owns r (a malloc'ed request,
- * freed there) and calls over() from its thread when the request ends. */
-int piapi_request_handle(struct piapi_worker *w, FCGX_Request *r, void (*over)(void));
+ * over(r): before this returns, or later on the event loop's thread when
+ * the proxy handed the transfer to it. r's connection is still open then
+ * when the web server keeps it (r->ipcFd >= 0). */
+void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r,
+                          void (*over)(FCGX_Request *r));
 
 /* Answers without routing (e.g. 503 when the pool is saturated), logs
  * and records it like any other request; `reason` goes into the log line's

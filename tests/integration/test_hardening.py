@@ -131,12 +131,10 @@ class FcgiResponse:
         return f"<FcgiResponse {self.status} {self.raw[:300]!r}>"
 
 
-def fcgi_request(sock_path, params, stdin=b"", timeout=5.0, split=None, pause=0.0, flags=0):
-    """One FastCGI request straight to piapi's socket. `params` is a list of
-    (name, value) pairs, so duplicates and odd bytes go through exactly as
-    given (no web server in the way). With `split`, the first `split` bytes
-    go out, then the rest `pause` seconds later; `flags` go into
-    FCGI_BEGIN_REQUEST (1: FCGI_KEEP_CONN)."""
+def fcgi_encode(params, stdin=b"", flags=0):
+    """A whole FastCGI request. `params` is a list of (name, value) pairs,
+    so duplicates and odd bytes go through exactly as given (no web server
+    in the way); `flags` go into FCGI_BEGIN_REQUEST (1: FCGI_KEEP_CONN)."""
     def record(rtype, content):
         pad = (-len(content)) % 8
         return struct.pack("!BBHHBx", 1, rtype, 1, len(content), pad) + content + b"\0" * pad
@@ -153,41 +151,62 @@ def fcgi_request(sock_path, params, stdin=b"", timeout=5.0, split=None, pause=0.
     out += record(4, b"")
     for i in range(0, len(stdin), 65528):
         out += record(5, stdin[i:i + 65528])
-    out += record(5, b"")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    return out + record(5, b"")
+
+
+def fcgi_exchange(s, out, timeout=5.0, split=None, pause=0.0):
+    """Sends one encoded request on the connected socket `s` and reads the
+    answer up to FCGI_END_REQUEST (or the socket's end). With `split`, the
+    first `split` bytes go out, then the rest `pause` seconds later."""
     stdout, ended, buf = b"", False, b""
     try:
-        s.connect(str(sock_path))
+        if split is not None:
+            s.sendall(out[:split])
+            time.sleep(pause)
+            out = out[split:]
+        s.sendall(out)
+    except OSError:
+        pass  # answered early and closed: read what came
+    deadline = time.monotonic() + timeout
+    while not ended and time.monotonic() < deadline:
         try:
-            if split is not None:
-                s.sendall(out[:split])
-                time.sleep(pause)
-                out = out[split:]
-            s.sendall(out)
-        except OSError:
-            pass  # answered early and closed: read what came
-        deadline = time.monotonic() + timeout
-        while not ended and time.monotonic() < deadline:
-            try:
-                data = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
+            data = s.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not data:
+            break
+        buf += data
+        while len(buf) >= 8:
+            _, rtype, _, clen, plen = struct.unpack("!BBHHBx", buf[:8])
+            if len(buf) < 8 + clen + plen:
                 break
-            if not data:
-                break
-            buf += data
-            while len(buf) >= 8:
-                _, rtype, _, clen, plen = struct.unpack("!BBHHBx", buf[:8])
-                if len(buf) < 8 + clen + plen:
-                    break
-                content, buf = buf[8:8 + clen], buf[8 + clen + plen:]
-                if rtype == 6:
-                    stdout += content
-                elif rtype == 3:
-                    ended = True
+            content, buf = buf[8:8 + clen], buf[8 + clen + plen:]
+            if rtype == 6:
+                stdout += content
+            elif rtype == 3:
+                ended = True
+    return FcgiResponse(stdout, ended)
+
+
+def fcgi_connect(sock_path, timeout=5.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(sock_path))
+    return s
+
+
+def fcgi_request(sock_path, params, stdin=b"", timeout=5.0, split=None, pause=0.0, flags=0):
+    """One FastCGI request straight to piapi's socket, on a connection of
+    its own (see fcgi_encode and fcgi_exchange)."""
+    out = fcgi_encode(params, stdin, flags)
+    try:
+        s = fcgi_connect(sock_path, timeout)
+    except OSError:
+        return FcgiResponse(b"", False)
+    try:
+        return fcgi_exchange(s, out, timeout, split, pause)
     finally:
         s.close()
-    return FcgiResponse(stdout, ended)
 
 
 def fcgi_params(uri, method="GET", headers=(), content_length=None, extra=()):
@@ -803,13 +822,19 @@ class TestArrival(unittest.TestCase):
     """piapi's event loop serves a request itself only once all of it is in
     the socket; it waits a little for the rest, and gives a request that
     keeps arriving, asks to keep the connection, or is malformed to a pool
-    thread (or drops it), never blocking on it. Straight FastCGI, so the
-    timing of each byte is the test's."""
+    thread (or drops it), never blocking on it; between the requests of a
+    kept connection the loop holds it. Straight FastCGI, so the timing of
+    each byte is the test's. A small pool: 4 request slots, 8 threads at
+    most."""
+
+    SLOTS = 4
+    THREAD_CAP = SLOTS + 4   # src/pool.c: slots + threads for waiters
 
     @classmethod
     def setUpClass(cls):
         cls.stack = harness.Stack("nginx", hardening_config({"sseKeepaliveMs": 300}),
-                                  name="hard-arrival")
+                                  name="hard-arrival",
+                                  piapi_args=["--threads", str(cls.SLOTS)])
         cls.addClassCleanup(cls.stack.stop)
         cls.stack.start()
 
@@ -840,6 +865,61 @@ class TestArrival(unittest.TestCase):
     def test_keep_conn_request_is_served(self):
         body = b'{"k":1}'
         self.check_echo(self.post(body, flags=1), body, "FCGI_KEEP_CONN")
+
+    def test_kept_connection_serves_request_after_request(self):
+        """FCGI_KEEP_CONN: one connection, several requests in turn, among
+        them a 401 whose 40 KB body piapi never needed: its unread rest
+        must not be taken for the next request. Between requests the
+        connection sits idle longer than the loop's arrival wait."""
+        h = [("Content-Type", "application/json")]
+        good = [("Authorization", "Bearer " + ALICE)] + h
+        bad = [("Authorization", "Bearer piapi-nobody")] + h
+        big = b'{"pad":"' + b"x" * 40000 + b'"}'
+        steps = [(good, b'{"n":1}', 200), (bad, big, 401), (good, b'{"n":3}', 200),
+                 (bad, b"{}", 401), (good, big, 200), (good, b'{"n":6}', 200)]
+        s = fcgi_connect(self.stack.socket_path)
+        try:
+            for i, (headers, body, status) in enumerate(steps):
+                params = fcgi_params("/piapi/cx/v1/echo", "POST", headers, content_length=len(body))
+                r = fcgi_exchange(s, fcgi_encode(params, body, flags=1))
+                what = f"request {i + 1} on the kept connection"
+                self.assertEqual(r.status, status, f"{what}: {r!r}")
+                self.assertTrue(r.ended, f"{what}: no FCGI_END_REQUEST")
+                if status == 200:
+                    self.check_echo(r, body, what)
+                time.sleep(0.08)
+        finally:
+            s.close()
+        self.assertTrue(self.stack.piapi.alive())
+
+    def test_idle_kept_connections_hold_no_thread(self):
+        """More idle kept connections than piapi has request slots and
+        threads: a new connection is still answered at once, and the pool
+        gauges show no thread taken by them."""
+        body = b'{"idle":1}'
+        params = fcgi_params("/piapi/cx/v1/echo", "POST",
+                             [("Authorization", "Bearer " + ALICE)], content_length=len(body))
+        kept = []
+        try:
+            for i in range(3 * self.THREAD_CAP):
+                s = fcgi_connect(self.stack.socket_path)
+                kept.append(s)
+                r = fcgi_exchange(s, fcgi_encode(params, body, flags=1))
+                self.check_echo(r, body, f"kept connection {i + 1}")
+            t = time.monotonic()
+            r = self.post(body)
+            secs = time.monotonic() - t
+            self.check_echo(r, body, "new connection beside idle kept ones")
+            self.assertLess(secs, 1.0, "a new request waited behind idle kept connections")
+            m = self.stack.request("GET", "/metrics", timeout=5).body.decode()
+            busy = metric_value(m, "piapi_pool_threads", state="busy")
+            self.assertEqual(busy, 0, "a pool thread is taken while kept connections sit idle")
+            for i, s in enumerate(kept):  # each still serves its next request
+                r = fcgi_exchange(s, fcgi_encode(params, body, flags=1))
+                self.check_echo(r, body, f"second request on kept connection {i + 1}")
+        finally:
+            for s in kept:
+                s.close()
 
     def test_garbage_and_half_requests_leave_piapi_serving(self):
         sock = self.stack.socket_path

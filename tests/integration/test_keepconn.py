@@ -13,10 +13,11 @@ measured with a naive fixed libfcgi pool on this kind of machine):
     got 0 req/s until nginx dropped its idle connections;
   - graceful shutdown waited until nginx closed its idle connections.
 
-piapi's pool (src/pool.c) counts threads parked on a kept connection as
-taken, spawns a thread so someone is always accepting, and at its cap
-(--threads + 4) shuts one parked kept connection so its thread goes back to
-accept(). This test holds it to that with a SMALL pool: --threads 4 (4
+piapi never parks a thread on a kept connection: after each request the
+connection goes back to the event loop (src/pool.c, src/loop.c), which waits
+for its next request in epoll and serves it like a new connection's. Threads
+only serve requests that may block (a body still arriving, a wait for a
+request slot). This test holds it to that with a SMALL pool: --threads 4 (4
 request slots, at most 8 threads) against nginx with `keepalive 32` per
 worker (2 workers here):
 
@@ -27,12 +28,14 @@ worker (2 workers here):
       a second server that uses the same socket without keep-conn (the
       notes' 0 req/s case): every request must answer 200 within 2 s;
   (c) /metrics pool gauges stay <= the cap throughout; SIGTERM with nginx
-      still holding idle kept connections: piapi exits 0 within the grace
-      (its parked threads are woken by shutting their fds down).
+      still holding idle kept connections: piapi closes them and exits 0
+      within the grace.
 
 Error counts per phase are printed (stderr) for the report; the target is 0.
-test_1 fails on the tree of 2026-11-30 (1be44aa): 1-7 of ~200 requests get
-502 in (a) - see its failure message and docs/performance.md ("keep-conn").
+test_1 failed on the tree of 2026-11-30 (1be44aa), when threads were parked
+on kept connections: 1-7 of ~200 requests got 502 in (a).
+test_hardening.TestArrival checks the same straight over FastCGI: idle kept
+connections hold no thread, and each keeps serving its next request.
 """
 import re
 import shutil
@@ -191,9 +194,8 @@ class TestKeepConnPool(unittest.TestCase):
     def test_1_overload_with_more_kept_connections_than_threads(self):
         """(a) 24 clients against 8 threads. Nothing may hang; requests
         beyond the 4 slots may wait (or get a clean 503 after
-        --queue-timeout), but none may fail with 502. piapi's eviction at
-        the cap shuts kept connections down; it must never shut down one
-        that carries a request."""
+        --queue-timeout), but none may fail with 502: piapi must never
+        close a kept connection that carries a request."""
         s = self.stack
         self.assertEqual(s.request("GET", ECHO, [bearer(ALICE)]).status, 200)
         stop = threading.Event()
@@ -249,7 +251,7 @@ class TestKeepConnPool(unittest.TestCase):
         self.assertLessEqual(fresh.slowest(), BOUND,
                              "(b) a fresh request waited behind idle kept connections")
 
-    def test_3_gauges_within_cap_and_sigterm_wakes_parked_threads(self):
+    def test_3_gauges_within_cap_and_sigterm_closes_kept_connections(self):
         """(c) /metrics never showed more than --threads + 4 threads; SIGTERM
         while nginx still holds idle kept connections: exit 0 within the
         grace."""
@@ -264,7 +266,7 @@ class TestKeepConnPool(unittest.TestCase):
         note(f"(c) {len(got)} gauge samples; most threads seen {worst:.0f} (cap {CAP})")
         self.assertLessEqual(worst, CAP, "pool grew beyond --threads + 4")
         # one more request through keep-conn, so nginx surely holds an idle
-        # kept connection (and its parked thread) when SIGTERM comes
+        # kept connection when SIGTERM comes
         self.assertIsNotNone(self.gauges(s.port), "/metrics through keep-conn did not answer")
         self.assertTrue(s.piapi.alive(), s.piapi_log_text()[-2000:])
         t = time.monotonic()
@@ -276,7 +278,7 @@ class TestKeepConnPool(unittest.TestCase):
         secs = time.monotonic() - t
         note(f"(c) SIGTERM -> exit {code} after {secs:.2f} s")
         self.assertIsNotNone(code, f"piapi still running {GRACE + 3} s after SIGTERM "
-                                   "(parked threads not woken)")
+                                   "(idle kept connections not closed)")
         self.assertEqual(code, 0, s.piapi_log_text()[-2000:])
         self.assertLess(secs, GRACE + 1)
 

@@ -65,18 +65,32 @@ static void test_no_body(void)
     CU_ASSERT_EQUAL(arrival(&m, m.n - 1), PIAPI_FCGI_PARTIAL);
 }
 
-static void test_keep_conn_is_unfit(void)
+static void test_keep_conn_is_whole(void)
 {
     struct msg m;
     request(&m, 1, "x");
-    CU_ASSERT_EQUAL(arrival(&m, m.n), PIAPI_FCGI_UNFIT);
-    CU_ASSERT_EQUAL(arrival(&m, 16), PIAPI_FCGI_UNFIT);  /* known from the begin record */
+    CU_ASSERT_EQUAL(arrival(&m, m.n), PIAPI_FCGI_WHOLE);
+    CU_ASSERT_EQUAL(arrival(&m, m.n - 1), PIAPI_FCGI_PARTIAL);
+}
+
+/* The unread end of a kept connection's last body comes first. */
+static void test_stale_stdin_is_skipped(void)
+{
+    struct msg m = {0}, r;
+    record(&m, 5, "rest of an old body", 19, 5);
+    record(&m, 5, "", 0, 0);
+    CU_ASSERT_EQUAL(arrival(&m, m.n), PIAPI_FCGI_PARTIAL);
+    request(&r, 1, "{}");
+    memcpy(m.b + m.n, r.b, r.n);
+    m.n += r.n;
+    CU_ASSERT_EQUAL(arrival(&m, m.n), PIAPI_FCGI_WHOLE);
+    CU_ASSERT_EQUAL(arrival(&m, m.n - 1), PIAPI_FCGI_PARTIAL);
 }
 
 static void test_out_of_order_is_unfit(void)
 {
     struct msg m = {0};
-    record(&m, 5, "", 0, 0);  /* stdin before anything */
+    record(&m, 4, "", 0, 0);  /* params before anything */
     CU_ASSERT_EQUAL(arrival(&m, m.n), PIAPI_FCGI_UNFIT);
 
     memset(&m, 0, sizeof m);
@@ -102,7 +116,8 @@ static void test_beyond_what_was_seen_is_unfit(void)
 static const struct unit_case cases[] = {
     { "whole only at the end", test_whole_only_at_the_end },
     { "no body", test_no_body },
-    { "keep-conn is unfit", test_keep_conn_is_unfit },
+    { "keep-conn is whole", test_keep_conn_is_whole },
+    { "stale stdin is skipped", test_stale_stdin_is_skipped },
     { "out of order is unfit", test_out_of_order_is_unfit },
     { "beyond what was seen is unfit", test_beyond_what_was_seen_is_unfit },
     { NULL, NULL }
