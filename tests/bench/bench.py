@@ -16,7 +16,8 @@ behind `fastcgi_keep_conn on` + upstream `keepalive` (own processes: a floor
 with keepalive x workers + c threads, and piapi_kc with --threads as piapi),
 in the wrk phases, with a second table; then, once, an overload phase
 (`kcover`): a keep-conn piapi with a SMALL pool (BENCH_KC_OVERLOAD_THREADS)
-under wrk -c64, counting the requests its eviction at the cap breaks.
+under wrk -c64, counting the requests that fail when nginx holds far more
+kept connections than piapi has request slots and threads.
 
 `run.sh profile` instead records a CPU profile of piapi (perf, or callgrind
 when perf cannot sample) under the wrk -c64 load; see docs/performance.md.
@@ -942,10 +943,10 @@ def count_lines(path, *needles):
 
 def run_kc_overload(st):
     """Keep-conn piapi with a small pool (cap = threads + 4 threads) under
-    wrk -c64: nginx wants up to 64 + keepalive FastCGI connections, so the
-    pool sits at its cap and evicts parked kept connections all the time.
-    Counts what that costs: non-2xx answers, nginx's upstream errors for
-    that socket, and piapi's 499s (a connection shut down under a request)."""
+    wrk -c64: nginx holds up to 64 + keepalive FastCGI connections, far more
+    than piapi's request slots, so requests queue for a slot. Counts what
+    that costs: non-2xx answers, nginx's upstream errors for that socket,
+    and piapi's 499s (a connection gone under a request) and 503s."""
     elog = os.path.join(RUN, "front-error.log")
     plog = os.path.join(RUN, "piapi_kco.log")
     sock = "piapi_kco.sock"
@@ -1030,7 +1031,7 @@ def report_kc(results, over):
                  f"{over['max_us'] / 1000:.0f} ms; wrk errors {over['errors']} "
                  f"({over['err_detail']}); nginx 'upstream prematurely closed' "
                  f"{over['nginx_premature']} (all upstream errors for the socket "
-                 f"{over['nginx_upstream_errors']}); piapi 499 (connection shut under a "
+                 f"{over['nginx_upstream_errors']}); piapi 499 (connection gone under a "
                  f"request) {over['piapi_499']}, 503 (no slot in time) {over['piapi_503']}; "
                  f"pool gauges after: busy {g.get(BUSY_G)}, idle {g.get(IDLE_G)}.\n")
     return text, ok
