@@ -6,7 +6,8 @@
  * decides what to do with each connection).
  *
  * Everything below runs on the loop thread, except proxy_loop_submit()
- * (also called by pool threads) and piapi_loop_start/stop(). */
+ * and piapi_loop_post() (also called by pool threads) and
+ * piapi_loop_start/stop(). */
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -338,22 +339,27 @@ static void client_event(struct lxfer *lx, uint32_t ev)
     }
 }
 
-/* 1 when it ran any. */
-static int run_posts(void)
+static void run_posts(void)
 {
     pthread_mutex_lock(&loop.post_lock);
     struct post *p = loop.posts;
     loop.posts = NULL;
     loop.posts_tail = &loop.posts;
     pthread_mutex_unlock(&loop.post_lock);
-    int ran = p != NULL;
     while (p) {
         struct post *n = p->next;
         p->fn(p->arg);
         free(p);
         p = n;
     }
-    return ran;
+}
+
+static int posts_pending(void)
+{
+    pthread_mutex_lock(&loop.post_lock);
+    int pending = loop.posts != NULL;
+    pthread_mutex_unlock(&loop.post_lock);
+    return pending;
 }
 
 static void take_submitted(void)
@@ -403,12 +409,6 @@ static void end_await(struct await *a, int timed_out)
     a->grave = loop.await_grave;  /* may still be in this batch */
     loop.await_grave = a;
     a->cb(a->fd, a->arg, timed_out);
-}
-
-static void expire_awaits(void)
-{
-    while (loop.awaits)
-        end_await(loop.awaits, 1);
 }
 
 static void sweep(double now)
@@ -561,9 +561,12 @@ static void *loop_main(void *arg)
         flush_dirty();
         bury();
         if (stopping)  /* nothing is left to arrive: the drain is over */
-            expire_awaits();
-        if (stopping && !loop.nrunning && !loop.awaits && !run_posts() &&
-            !atomic_load(&loop.submitting) && !atomic_load(&loop.queue))
+            piapi_loop_expire_awaits();
+        /* A submitter counted in `submitting` has not queued yet; once it
+         * is 0, every submission made before `closed` is in the queues. */
+        if (stopping && !loop.nrunning && !loop.awaits &&
+            !atomic_load(&loop.submitting) && !atomic_load(&loop.queue) &&
+            !posts_pending())
             break;
     }
     return NULL;
@@ -588,9 +591,10 @@ int proxy_loop_submit(struct xfer *x)
     lx->link = atomic_load(&loop.queue);
     while (!atomic_compare_exchange_weak(&loop.queue, &lx->link, lx))
         ;
-    atomic_fetch_sub(&loop.submitting, 1);
     if (atomic_exchange(&loop.sleeping, 0))
         wake();
+    /* Last: until then the loop cannot stop and close its eventfd. */
+    atomic_fetch_sub(&loop.submitting, 1);
     return 0;
 }
 
@@ -616,11 +620,16 @@ int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int t
     return 0;
 }
 
-void piapi_loop_post(void (*fn)(void *arg), void *arg)
+int piapi_loop_post(void (*fn)(void *arg), void *arg)
 {
     if (on_loop_thread) {
         fn(arg);
-        return;
+        return 0;
+    }
+    atomic_fetch_add(&loop.submitting, 1);
+    if (atomic_load(&loop.closed)) {
+        atomic_fetch_sub(&loop.submitting, 1);
+        return -1;
     }
     struct post *p = piapi_xmalloc(sizeof *p);
     *p = (struct post){ .fn = fn, .arg = arg };
@@ -629,11 +638,14 @@ void piapi_loop_post(void (*fn)(void *arg), void *arg)
     loop.posts_tail = &p->next;
     pthread_mutex_unlock(&loop.post_lock);
     wake();
+    atomic_fetch_sub(&loop.submitting, 1);
+    return 0;
 }
 
 void piapi_loop_expire_awaits(void)
 {
-    expire_awaits();
+    while (loop.awaits)
+        end_await(loop.awaits, 1);
 }
 
 void piapi_loop_pause(int fd, int ms)

@@ -133,8 +133,8 @@ static void release_connection(FCGX_Request *req)
 {
     int fd = req->ipcFd;
     free(req);
-    if (fd >= 0)
-        piapi_loop_post(keep_connection, (void *)(intptr_t)fd);
+    if (fd >= 0 && piapi_loop_post(keep_connection, (void *)(intptr_t)fd) != 0)
+        close(fd);
 }
 
 /* The connection goes back before the request stops counting as active,

@@ -26,8 +26,9 @@ int piapi_loop_await(int fd, int timeout_ms, void (*cb)(int fd, void *arg, int t
 void piapi_loop_expire_awaits(void);
 
 /* From any thread: fn(arg) runs on the loop thread (at once when called
- * there). Posts run before the loop stops. */
-void piapi_loop_post(void (*fn)(void *arg), void *arg);
+ * there), before the loop stops. -1: the loop is stopping or stopped, and
+ * fn will not run. */
+int piapi_loop_post(void (*fn)(void *arg), void *arg);
 
 /* From ready(): stop watching the listening socket for ms milliseconds
  * (resource shortage), or for good with ms < 0. */

@@ -5,8 +5,8 @@
  * A transfer whose body is in hand once read ahead (up to 64 KiB, nearly
  * every LLM request) runs on the event loop (loop.h): one thread, one
  * curl multi handle, every such transfer at once, one upstream connection
- * cache. The rest (larger or slower bodies, fastcgi_keep_conn
- * connections) run on the calling pool thread with its own handles. */
+ * cache. The rest (larger or slower bodies) run on the calling pool
+ * thread with its own handles. */
 #ifndef PIAPI_PROXY_H
 #define PIAPI_PROXY_H
 
@@ -50,10 +50,11 @@ struct piapi_transfer {
 /* Reads the body ahead and runs the transfer to its end, then calls
  * t->done: here, or on the event loop's thread when the body was read
  * whole, possibly before this returns; either way the caller must not
- * touch t (or t->fcgi) once this is called. Never writes an error body itself: when t->status is 0 at t->done the
- * owner answers with t->error_status. A failure after the head went out
- * leaves the FastCGI stream invalid, so the web server cuts the client
- * connection instead of ending it cleanly. */
+ * touch t (or t->fcgi) once this is called. Never writes an error body
+ * itself: when t->status is 0 at t->done the owner answers with
+ * t->error_status. A failure after the head went out leaves the FastCGI
+ * stream invalid, so the web server cuts the client connection instead of
+ * ending it cleanly. */
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
 
 
