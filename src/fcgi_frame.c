@@ -7,9 +7,10 @@
 #define FCGI_PARAMS        4
 #define FCGI_STDIN         5
 
-enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap)
+enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap,
+                                           size_t body_max)
 {
-    size_t off = 0;
+    size_t off = 0, body = 0;
     int begun = 0, params_done = 0;
 
     while (off + FCGI_HEADER_LEN <= n) {
@@ -34,7 +35,7 @@ enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, siz
              * libfcgi skips it too (its request id is not the new one's). */
             if (!begun)
                 break;
-            if (!params_done)
+            if (!params_done || (body += len) > body_max)
                 return PIAPI_FCGI_UNFIT;
             if (len == 0)
                 return PIAPI_FCGI_WHOLE;

@@ -237,15 +237,19 @@ static void *worker_main(void *arg)
 
 /* ---- the event loop's side --------------------------------------------- */
 
-/* PIAPI_FCGI_WHOLE when the socket already holds the whole request: only
- * then can the loop let libfcgi read it, whose reads block and here find
- * everything there. */
+/* PIAPI_FCGI_WHOLE when the socket already holds the whole request, with
+ * a body the proxy reads ahead whole: only then can the loop let libfcgi
+ * read it, whose reads block and here find everything there, and the
+ * transfer run on the loop. */
 static enum piapi_fcgi_arrival in_socket(int fd)
 {
     ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
     if (n <= 0)
         return n < 0 && errno == EAGAIN ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
-    return piapi_fcgi_arrival((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX);
+    /* Shorter than the read-ahead buffer: then the proxy sees the body's
+     * end whatever CONTENT_LENGTH says, and never streams it. */
+    return piapi_fcgi_arrival((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX,
+                              PIAPI_PROXY_INLINE_BODY_MAX - 1);
 }
 
 /* Reads the request (all in the socket) and serves it here. */

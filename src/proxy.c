@@ -189,7 +189,7 @@ static void read_ahead(struct xfer *x, char *buf)
     x->body = buf;
     if (cl >= 0 && cl <= PIAPI_PROXY_INLINE_BODY_MAX)
         x->whole = preread_body(x, buf, (size_t)cl, 1);
-    else if (cl < 0)
+    else  /* unknown, or larger than the buffer (unless the length lies) */
         x->whole = preread_body(x, buf, PIAPI_PROXY_INLINE_BODY_MAX, 0);
     x->t->bytes_in = x->inline_len;
 }

@@ -11,13 +11,18 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    enum piapi_fcgi_arrival all = piapi_fcgi_arrival(data, size, size + 1);
-    if (all == PIAPI_FCGI_PARTIAL && piapi_fcgi_arrival(data, size, size) != PIAPI_FCGI_UNFIT)
+    /* the body limit comes from the input too, so both sides of it are hit */
+    size_t body_max = size ? (size_t)data[size - 1] * 4 : 0;
+    enum piapi_fcgi_arrival all = piapi_fcgi_arrival(data, size, size + 1, body_max);
+    if (all == PIAPI_FCGI_PARTIAL &&
+        piapi_fcgi_arrival(data, size, size, body_max) != PIAPI_FCGI_UNFIT)
         abort();  /* a full peek buffer can never be "partial" */
     for (size_t cut = 0; cut < size; cut += 1 + cut / 4) {
-        enum piapi_fcgi_arrival part = piapi_fcgi_arrival(data, cut, size + 1);
+        enum piapi_fcgi_arrival part = piapi_fcgi_arrival(data, cut, size + 1, body_max);
         if (part == PIAPI_FCGI_WHOLE && all != PIAPI_FCGI_WHOLE)
             abort();
+        if (part == PIAPI_FCGI_UNFIT && all != PIAPI_FCGI_UNFIT)
+            abort();  /* unfit stays unfit whatever follows */
     }
     return 0;
 }

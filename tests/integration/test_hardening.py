@@ -862,6 +862,30 @@ class TestArrival(unittest.TestCase):
                 r = self.post(body, split=split, pause=pause)
                 self.check_echo(r, body, what)
 
+    def test_body_over_the_inline_limit_leaves_the_loop_free(self):
+        """An 80 KB body: the whole request fits what the loop peeks at,
+        but the proxy reads only 64 KiB ahead, so the transfer must run on a
+        pool thread. Run on the loop, its blocking driver held every other
+        request until its upstream answered (0.8 s here, measured)."""
+        big = b'{"pad":"' + b"x" * 80000 + b'"}'
+        h = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")]
+        params = fcgi_params("/piapi/cx/v1/slow-headers?delay=1.0", "POST", h,
+                             content_length=len(big))
+        out = {}
+        th = threading.Thread(target=lambda: out.update(
+            r=fcgi_request(self.stack.socket_path, params, big, timeout=5)))
+        th.start()
+        time.sleep(0.3)
+        body = b'{"beside":"big"}'
+        t = time.monotonic()
+        r = self.post(body)
+        secs = time.monotonic() - t
+        th.join(10)
+        self.check_echo(r, body, "a small request beside the big one")
+        self.assertLess(secs, 0.4, "a small request waited for the big one's upstream")
+        self.assertEqual(out["r"].status, 200, f"the big one: {out['r']!r}")
+        self.assertTrue(out["r"].ended)
+
     def test_keep_conn_request_is_served(self):
         body = b'{"k":1}'
         self.check_echo(self.post(body, flags=1), body, "FCGI_KEEP_CONN")

@@ -45,7 +45,7 @@ static void request(struct msg *m, int flags, const char *body)
 
 static enum piapi_fcgi_arrival arrival(const struct msg *m, size_t n)
 {
-    return piapi_fcgi_arrival(m->b, n, sizeof m->b);
+    return piapi_fcgi_arrival(m->b, n, sizeof m->b, 64);
 }
 
 static void test_whole_only_at_the_end(void)
@@ -109,8 +109,18 @@ static void test_beyond_what_was_seen_is_unfit(void)
     struct msg m;
     request(&m, 0, "{}");
     /* the caller saw only part of it, and could not have seen more */
-    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, 20, 20), PIAPI_FCGI_UNFIT);
-    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n, m.n), PIAPI_FCGI_WHOLE);
+    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, 20, 20, 64), PIAPI_FCGI_UNFIT);
+    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n, m.n, 64), PIAPI_FCGI_WHOLE);
+}
+
+/* A body the caller would not take whole, though all of it is there. */
+static void test_body_over_the_limit_is_unfit(void)
+{
+    struct msg m;
+    request(&m, 0, "0123456789");
+    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n, sizeof m.b, 10), PIAPI_FCGI_WHOLE);
+    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n, sizeof m.b, 9), PIAPI_FCGI_UNFIT);
+    CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n - 8, sizeof m.b, 9), PIAPI_FCGI_UNFIT);
 }
 
 static const struct unit_case cases[] = {
@@ -120,6 +130,7 @@ static const struct unit_case cases[] = {
     { "stale stdin is skipped", test_stale_stdin_is_skipped },
     { "out of order is unfit", test_out_of_order_is_unfit },
     { "beyond what was seen is unfit", test_beyond_what_was_seen_is_unfit },
+    { "body over the limit is unfit", test_body_over_the_limit_is_unfit },
     { NULL, NULL }
 };
 
