@@ -1,9 +1,9 @@
 /* The event loop (loop.h). Transfers: a request that arrived whole runs
- * its upstream transfer here, through one curl multi handle on the socket
- * API, so a request costs no thread sleeping on its upstream, a thousand
- * streams cost no thousand threads, and all transfers share one upstream
- * connection cache. The listening socket is watched here too (pool.c
- * decides what to do with each connection).
+ * its upstream transfer here, through libcurl's multi socket API, so a
+ * request costs no thread sleeping on its upstream, a thousand streams
+ * cost no thousand threads, and all transfers to one origin share one
+ * upstream connection cache. The listening socket is watched here too
+ * (pool.c decides what to do with each connection).
  *
  * Everything below runs on the loop thread, except proxy_loop_submit()
  * and piapi_loop_post() (also called by pool threads) and
@@ -26,8 +26,12 @@
 
 /* Idle easy handles kept for reuse (each holds a download buffer). */
 #define SPARE_MAX 64
-/* Upstream connections kept at most, idle or not; see piapi_loop_start(). */
+/* Upstream connections kept at most per origin, idle or not; see
+ * origin_for(). */
 #define CACHE_MAX 256
+/* Origins with a multi handle of their own; any more share the last. */
+#define ORIGINS_MAX 16
+#define ORIGIN_KEY_MAX 128
 /* The sweep over every transfer's timers (head and idle timeouts, SSE
  * pings) runs at most this often, and at least this often while any
  * transfer runs: a timer fires up to SWEEP_MAX_S late. */
@@ -38,8 +42,20 @@
 /* What an epoll registration points at; each owner starts with it. */
 enum kind { K_WAKE, K_SOCK, K_XFER, K_WATCH, K_AWAIT };
 
+/* One upstream origin (scheme://host:port): a multi handle, so a
+ * connection cache, of its own. libcurl 7.88 walks the whole cache of a
+ * multi handle, origin by origin, each time a transfer leaves it; with one
+ * handle for all, a request to one provider also walked past every idle
+ * connection to the others. */
+struct origin {
+    char key[ORIGIN_KEY_MAX];   /* the URL up to its path */
+    CURLM *multi;
+    double deadline;            /* libcurl's timer; < 0: none */
+};
+
 struct lxfer {
     enum kind kind;
+    struct origin *o;
     struct xfer x;
     struct lxfer *prev, *next;  /* running transfers */
     struct lxfer *link;         /* submission queue, dirty list, graveyard */
@@ -54,6 +70,7 @@ struct lxfer {
  * in the epoll set, so reusing it costs one epoll_ctl instead of two. */
 struct csock {
     enum kind kind;
+    struct origin *o;           /* whose multi handle it belongs to */
     curl_socket_t fd;
     uint32_t events;            /* what it is armed for */
     int parked;                 /* libcurl removed it: not its event */
@@ -87,7 +104,9 @@ static struct {
     pthread_t thread;
     int started;                /* the thread runs (start/stop only) */
     int epfd, evfd;
-    CURLM *multi;
+    struct origin origins[ORIGINS_MAX];
+    unsigned norigins;
+    long cache_max;             /* CURLMOPT_MAXCONNECTS of each */
     size_t budget;              /* see xfer.budget; from the first socket */
 
     /* Submissions: a lock-free stack, newest first. The loop takes all
@@ -107,7 +126,6 @@ static struct {
     struct lxfer *grave;        /* freed after the epoll batch */
     struct csock **socks;       /* by fd number */
     size_t nsocks;
-    double curl_deadline;       /* < 0: none */
     double next_sweep;
     CURL *spare[SPARE_MAX];
     unsigned nspare;
@@ -165,10 +183,10 @@ static void arm(struct csock *cs, uint32_t events)
 static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp)
 {
     (void)e;
-    (void)ud;
     if (fd < 0)
         return 0;
     struct csock *cs = sock_for(fd);
+    cs->o = ud;
     if (what == CURL_POLL_REMOVE) {
         cs->parked = 1;
         return 0;
@@ -180,7 +198,7 @@ static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp)
      * number we knew (a closed socket leaves the epoll set silently), so
      * arm it whatever we remember. */
     if (!sockp)
-        curl_multi_assign(loop.multi, fd, cs);
+        curl_multi_assign(cs->o->multi, fd, cs);
     else if (want == cs->events)
         return 0;
     arm(cs, want);
@@ -190,15 +208,50 @@ static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp)
 static int on_timer(CURLM *m, long timeout_ms, void *ud)
 {
     (void)m;
-    (void)ud;
-    loop.curl_deadline = timeout_ms < 0 ? -1 : piapi_now_mono() + timeout_ms / 1000.0;
+    struct origin *o = ud;
+    o->deadline = timeout_ms < 0 ? -1 : piapi_now_mono() + timeout_ms / 1000.0;
     return 0;
 }
 
-static void curl_act(curl_socket_t fd, int flags)
+static void curl_act(struct origin *o, curl_socket_t fd, int flags)
 {
     int running;
-    curl_multi_socket_action(loop.multi, fd, flags, &running);
+    curl_multi_socket_action(o->multi, fd, flags, &running);
+}
+
+/* The origin of url, found or added (loop thread only). */
+static struct origin *origin_for(const char *url)
+{
+    const char *host = strstr(url, "://");
+    size_t n = host ? (size_t)(host + 3 - url) + strcspn(host + 3, "/?#") : strlen(url);
+    if (n >= ORIGIN_KEY_MAX)
+        n = ORIGIN_KEY_MAX - 1;
+    for (unsigned i = 0; i < loop.norigins; i++) {
+        struct origin *o = &loop.origins[i];
+        if (strncmp(o->key, url, n) == 0 && o->key[n] == '\0')
+            return o;
+    }
+    if (loop.norigins == ORIGINS_MAX)
+        return &loop.origins[ORIGINS_MAX - 1];
+    struct origin *o = &loop.origins[loop.norigins];
+    o->multi = curl_multi_init();
+    if (!o->multi)
+        abort();
+    memcpy(o->key, url, n);
+    o->key[n] = '\0';
+    o->deadline = -1;
+    curl_multi_setopt(o->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(o->multi, CURLMOPT_SOCKETDATA, o);
+    curl_multi_setopt(o->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    curl_multi_setopt(o->multi, CURLMOPT_TIMERDATA, o);
+    /* libcurl's default cache shrinks with the transfers running, so a
+     * burst's connections would all close as it ends. But the walk above
+     * costs about 0.1 us a connection (cache-cold): 1,000 idle connections
+     * after a burst of streams cost 100 us on every later request. The
+     * bound keeps the walk short; above it, connections close after use. */
+    curl_multi_setopt(o->multi, CURLMOPT_MAXCONNECTS, loop.cache_max);
+    loop.norigins++;
+    return o;
 }
 
 /* ---- transfers ------------------------------------------------------ */
@@ -281,6 +334,7 @@ static void start(struct lxfer *lx)
     x->queued = on_queued;
     xfer_setup(x);
     curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
+    lx->o = origin_for(x->t->url);
 
     lx->prev = NULL;
     lx->next = loop.running;
@@ -288,7 +342,7 @@ static void start(struct lxfer *lx)
         lx->next->prev = lx;
     loop.running = lx;
     loop.nrunning++;
-    curl_multi_add_handle(loop.multi, x->easy);
+    curl_multi_add_handle(lx->o->multi, x->easy);
     lower_sweep(x->start + SWEEP_MAX_S);
 }
 
@@ -299,7 +353,7 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
 
     /* Removing an unfinished transfer closes its connection, which is what
      * tells the upstream to stop generating. */
-    curl_multi_remove_handle(loop.multi, x->easy);
+    curl_multi_remove_handle(lx->o->multi, x->easy);
     give_easy(x->easy);
     if (lx->prev)
         lx->prev->next = lx->next;
@@ -381,18 +435,34 @@ static void take_submitted(void)
     }
 }
 
+/* libcurl's timers that are due, a few rounds at most per origin. */
+static void run_timers(void)
+{
+    for (unsigned i = 0; i < loop.norigins; i++) {
+        struct origin *o = &loop.origins[i];
+        for (int rounds = 0; rounds < 4; rounds++) {
+            if (o->deadline < 0 || o->deadline > piapi_now_mono())
+                break;
+            o->deadline = -1;
+            curl_act(o, CURL_SOCKET_TIMEOUT, 0);
+        }
+    }
+}
+
 static void reap_done(void)
 {
-    CURLMsg *m;
-    int left;
-    while ((m = curl_multi_info_read(loop.multi, &left))) {
-        if (m->msg != CURLMSG_DONE)
-            continue;
-        struct lxfer *lx = NULL;
-        CURLcode rc = m->data.result;
-        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&lx);
-        if (lx && !lx->dead)
-            finish(lx, RUNNING, rc);
+    for (unsigned i = 0; i < loop.norigins; i++) {
+        CURLMsg *m;
+        int left;
+        while ((m = curl_multi_info_read(loop.origins[i].multi, &left))) {
+            if (m->msg != CURLMSG_DONE)
+                continue;
+            struct lxfer *lx = NULL;
+            CURLcode rc = m->data.result;
+            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&lx);
+            if (lx && !lx->dead)
+                finish(lx, RUNNING, rc);
+        }
     }
 }
 
@@ -471,8 +541,11 @@ static void bury(void)
 static int wait_ms(double now)
 {
     double until = loop.next_sweep;
-    if (loop.curl_deadline >= 0 && loop.curl_deadline < until)
-        until = loop.curl_deadline;
+    for (unsigned i = 0; i < loop.norigins; i++) {
+        double d = loop.origins[i].deadline;
+        if (d >= 0 && d < until)
+            until = d;
+    }
     if (loop.watch.resume_at >= 0 && loop.watch.resume_at < until)
         until = loop.watch.resume_at;
     if (until <= now)
@@ -505,7 +578,7 @@ static void dispatch(struct epoll_event *ev)
             flags |= CURL_CSELECT_OUT;
         if (ev->events & EPOLLERR)
             flags |= CURL_CSELECT_ERR;
-        curl_act(cs->fd, flags);
+        curl_act(cs->o, cs->fd, flags);
     } else if (*k == K_AWAIT) {
         struct await *a = (struct await *)k;
         if (!a->dead)  /* a hang-up ends the wait like its deadline */
@@ -548,12 +621,7 @@ static void *loop_main(void *arg)
         }
         run_posts();
         take_submitted();
-        for (int rounds = 0; rounds < 4; rounds++) {
-            if (loop.curl_deadline < 0 || loop.curl_deadline > piapi_now_mono())
-                break;
-            loop.curl_deadline = -1;
-            curl_act(CURL_SOCKET_TIMEOUT, 0);
-        }
+        run_timers();
         reap_done();
         now = piapi_now_mono();
         if (now >= loop.next_sweep)
@@ -661,12 +729,11 @@ void piapi_loop_pause(int fd, int ms)
 int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd),
                      char *err, size_t errlen)
 {
-    loop.curl_deadline = -1;
     loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
+    loop.cache_max = max_transfers < CACHE_MAX ? (long)max_transfers : CACHE_MAX;
     loop.epfd = epoll_create1(EPOLL_CLOEXEC);
     loop.evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    loop.multi = curl_multi_init();
-    if (loop.epfd < 0 || loop.evfd < 0 || !loop.multi) {
+    if (loop.epfd < 0 || loop.evfd < 0) {
         snprintf(err, errlen, "event loop: %s", strerror(errno));
         return -1;
     }
@@ -676,17 +743,6 @@ int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd
         .kind = K_WATCH, .fd = listen_fd, .ready = ready, .resume_at = -1
     };
     add_watch();
-    curl_multi_setopt(loop.multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-    curl_multi_setopt(loop.multi, CURLMOPT_TIMERFUNCTION, on_timer);
-    /* The connection cache: libcurl's default shrinks with the transfers
-     * running, so a burst's connections would all close as it ends. But
-     * libcurl 7.88 walks the whole cache each time a transfer leaves the
-     * multi handle (about 0.1 us a connection, cache-cold): 1,000 idle
-     * connections after a burst of streams cost 100 us on every later
-     * request. CACHE_MAX bounds that walk; above it, connections close
-     * after use. */
-    curl_multi_setopt(loop.multi, CURLMOPT_MAXCONNECTS,
-                      (long)(max_transfers < CACHE_MAX ? max_transfers : CACHE_MAX));
     int rc = pthread_create(&loop.thread, NULL, loop_main, NULL);
     if (rc != 0) {
         snprintf(err, errlen, "event loop: pthread_create: %s", strerror(rc));
@@ -707,7 +763,9 @@ void piapi_loop_stop(void)
     pthread_join(loop.thread, NULL);
     while (loop.nspare)
         curl_easy_cleanup(loop.spare[--loop.nspare]);
-    curl_multi_cleanup(loop.multi);
+    for (unsigned i = 0; i < loop.norigins; i++)
+        curl_multi_cleanup(loop.origins[i].multi);
+    loop.norigins = 0;
     for (size_t i = 0; i < loop.nsocks; i++)
         free(loop.socks[i]);
     free(loop.socks);

@@ -1,7 +1,8 @@
 /* The event loop: one thread that accepts FastCGI connections, serves
  * every request that arrived whole (nearly all of them: the web server
  * buffers request bodies) and drives its upstream transfer, through epoll
- * and one curl multi handle. It also holds every idle kept connection
+ * and libcurl's multi interface (one multi handle per upstream origin). It
+ * also holds every idle kept connection
  * (fastcgi_keep_conn) until its next request arrives. Whatever could block
  * it (a body still arriving, a wait for a request slot) goes to the pool's
  * threads instead. */

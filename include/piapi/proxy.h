@@ -3,9 +3,9 @@
  * FastCGI as soon as libcurl has them.
  *
  * A transfer whose body is in hand once read ahead (up to 64 KiB, nearly
- * every LLM request) runs on the event loop (loop.h): one thread, one
- * curl multi handle, every such transfer at once, one upstream connection
- * cache. The rest (larger or slower bodies) run on the calling pool
+ * every LLM request) runs on the event loop (loop.h): one thread, every
+ * such transfer at once, one upstream connection cache per origin. The
+ * rest (larger or slower bodies) run on the calling pool
  * thread with its own handles. */
 #ifndef PIAPI_PROXY_H
 #define PIAPI_PROXY_H
