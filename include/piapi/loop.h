@@ -2,10 +2,9 @@
  * every request that arrived whole (nearly all of them: the web server
  * buffers request bodies) and drives its upstream transfer, through epoll
  * and libcurl's multi interface (one multi handle per upstream origin). It
- * also holds every idle kept connection
- * (fastcgi_keep_conn) until its next request arrives. Whatever could block
- * it (a body still arriving, a wait for a request slot) goes to the pool's
- * threads instead. */
+ * also holds every idle kept connection (fastcgi_keep_conn) until its next
+ * request arrives. Whatever could block it (a body still arriving, a wait
+ * for a request slot) goes to the pool's threads instead. */
 #ifndef PIAPI_LOOP_H
 #define PIAPI_LOOP_H
 
