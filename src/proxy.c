@@ -22,6 +22,9 @@
 /* What one write of n bytes may cost in socket memory (kernel skb
  * overhead and rounding): deliberately high, see xfer.budget. */
 #define WRITE_COST(n) (2 * (n) + 2048)
+/* A pool thread reads a body up to this size whole, so that its transfer
+ * runs on the event loop too; a larger one it streams itself. */
+#define LOOP_BODY_MAX (8 * 1024 * 1024)
 
 struct piapi_proxy {
     CURLM *multi;
@@ -160,8 +163,9 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
     return (size_t)got;
 }
 
-/* Reads up to `limit` (at most PIAPI_PROXY_INLINE_BODY_MAX) bytes into
- * buf. Returns 1 when that is the whole body, 0 when more is left. */
+/* Reads on into buf (already holding inline_len bytes) up to `limit`
+ * bytes in all. Returns 1 when that is the whole body, 0 when more is
+ * left. */
 static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
 {
     FCGX_Stream *in = x->t->fcgi->in;
@@ -565,23 +569,48 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
     xfer_end(x, v, rc);
 }
 
+/* On a pool thread, after read_ahead() found more: reads on into a heap
+ * buffer (returned, the caller's to free), whole if the body fits
+ * LOOP_BODY_MAX and the size limit. NULL: too large to try. */
+static char *read_on(struct xfer *x)
+{
+    int64_t cl = x->t->content_length;
+    uint64_t max = x->t->settings->max_body_bytes + 1;  /* one more: TOO_LARGE */
+    if (max > LOOP_BODY_MAX)
+        max = LOOP_BODY_MAX;
+    if (cl > (int64_t)max || x->inline_len >= max)
+        return NULL;
+    size_t limit = cl >= 0 ? (size_t)cl : (size_t)max;
+    char *buf = piapi_xmalloc(limit);
+    memcpy(buf, x->body, x->inline_len);
+    x->body = buf;
+    x->whole = preread_body(x, buf, limit, cl >= 0);
+    x->t->bytes_in = x->inline_len;
+    return buf;
+}
+
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
 {
     struct xfer x = { .t = t };
+    char *read_whole = NULL;
 
     x.start = x.last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;
     read_ahead(&x, p->body);
+    if (!x.whole && !x.stdin_eof)
+        read_whole = read_on(&x);
     if (x.inline_len > t->settings->max_body_bytes) {
         /* A body without Content-Length, over the limit already in the
          * part read ahead: refuse before anything goes upstream. */
         apply_verdict(&x, TOO_LARGE);
     } else if (x.whole && proxy_loop_submit(&x) == 0) {
+        free(read_whole);  /* the loop has its own copy */
         return;  /* the loop answers on this connection from now on */
     } else {
         run_here(p, &x);
     }
+    free(read_whole);
     piapi_buf_dispose(&x.head);
     t->done(t);
 }

@@ -1,12 +1,11 @@
-/* One upstream transfer with libcurl, streamed both ways: the request body
- * from FastCGI stdin, the response head and every body chunk back to
- * FastCGI as soon as libcurl has them.
+/* One upstream transfer with libcurl: the request body from FastCGI
+ * stdin, the response head and every body chunk back to FastCGI as soon as
+ * libcurl has them.
  *
- * A transfer whose body is in hand once read ahead (up to 64 KiB, nearly
- * every LLM request) runs on the event loop (loop.h): one thread, every
- * such transfer at once, one upstream connection cache per origin. The
- * rest (larger or slower bodies) run on the calling pool
- * thread with its own handles. */
+ * A transfer whose body is in hand once read (up to 8 MiB: every LLM
+ * request) runs on the event loop (loop.h): one thread, every such
+ * transfer at once, one upstream connection cache per origin. A larger
+ * body is streamed by the calling pool thread with its own handles. */
 #ifndef PIAPI_PROXY_H
 #define PIAPI_PROXY_H
 
@@ -18,8 +17,10 @@
 struct curl_slist;
 struct piapi_proxy;
 
-/* Bodies up to this size are read whole and handed to libcurl in one
- * piece; only then can a transfer run on the event loop. */
+/* Bodies up to this size are read ahead whole wherever the request is
+ * served, so the event loop can serve such requests itself. A pool thread
+ * reads larger bodies whole too (up to 8 MiB) before it hands the transfer
+ * to the loop; only a transfer with a body even larger runs on the thread. */
 #define PIAPI_PROXY_INLINE_BODY_MAX (64 * 1024)
 
 struct piapi_proxy *piapi_proxy_create(void);
