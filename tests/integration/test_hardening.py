@@ -862,12 +862,10 @@ class TestArrival(unittest.TestCase):
                 r = self.post(body, split=split, pause=pause)
                 self.check_echo(r, body, what)
 
-    def test_body_over_the_inline_limit_leaves_the_loop_free(self):
-        """An 80 KB body: the whole request fits what the loop peeks at,
-        but the proxy reads only 64 KiB ahead, so the transfer must run on a
-        pool thread. Run on the loop, its blocking driver held every other
-        request until its upstream answered (0.8 s here, measured)."""
-        big = b'{"pad":"' + b"x" * 80000 + b'"}'
+    def start_slow_upload(self, size):
+        """A POST with a body of about `size` bytes to an upstream that
+        answers after 1 s, in a thread: (thread, dict that gets "r")."""
+        big = b'{"pad":"' + b"x" * size + b'"}'
         h = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")]
         params = fcgi_params("/piapi/cx/v1/slow-headers?delay=1.0", "POST", h,
                              content_length=len(big))
@@ -875,6 +873,15 @@ class TestArrival(unittest.TestCase):
         th = threading.Thread(target=lambda: out.update(
             r=fcgi_request(self.stack.socket_path, params, big, timeout=5)))
         th.start()
+        return th, out
+
+    def test_body_over_the_inline_limit_leaves_the_loop_free(self):
+        """An 80 KB body: the whole request fits what the loop peeks at,
+        but the proxy reads only 64 KiB ahead there. The loop must leave the
+        request to a pool thread: when it served it, its transfer ran the
+        blocking driver on the loop thread and held every other request
+        until its upstream answered (0.8 s here, measured)."""
+        th, out = self.start_slow_upload(80000)
         time.sleep(0.3)
         body = b'{"beside":"big"}'
         t = time.monotonic()
@@ -891,14 +898,7 @@ class TestArrival(unittest.TestCase):
         thread reads the request, but once the body is read whole the
         transfer goes to the loop: while the upstream takes its time, no
         pool thread is busy. The body arrives intact."""
-        big = b'{"pad":"' + b"y" * 300000 + b'"}'
-        h = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")]
-        params = fcgi_params("/piapi/cx/v1/slow-headers?delay=1.0", "POST", h,
-                             content_length=len(big))
-        out = {}
-        th = threading.Thread(target=lambda: out.update(
-            r=fcgi_request(self.stack.socket_path, params, big, timeout=5)))
-        th.start()
+        th, out = self.start_slow_upload(300000)
         time.sleep(0.5)
         m = self.stack.request("GET", "/metrics", timeout=5).body.decode()
         th.join(10)
@@ -906,6 +906,7 @@ class TestArrival(unittest.TestCase):
         self.assertEqual(metric_value(m, "piapi_requests_in_flight"), 1, "not in flight")
         self.assertEqual(metric_value(m, "piapi_pool_threads", state="busy"), 0,
                          "a pool thread waits on the upstream")
+        big = b'{"pad":"' + b"y" * 300000 + b'"}'
         self.check_echo(self.post(big), big, "a 300 KB body through the loop")
 
     def test_keep_conn_request_is_served(self):
