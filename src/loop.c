@@ -134,11 +134,10 @@ static struct {
     struct await *await_grave;
 
     /* Calls posted by other threads (rare: a kept connection whose request
-     * ended on a pool thread), oldest first. */
-    pthread_mutex_t post_lock;
-    struct post *posts, **posts_tail;
-} loop = { .closed = 1, .post_lock = PTHREAD_MUTEX_INITIALIZER,
-           .posts_tail = &loop.posts };  /* until started */
+     * ended on a pool thread): a lock-free stack like `queue`, taken whole;
+     * each call stands alone, so their order does not matter. */
+    _Atomic(struct post *) posts;
+} loop = { .closed = 1 };  /* until started */
 
 static enum kind wake_tag = K_WAKE;
 static _Thread_local int on_loop_thread;
@@ -364,8 +363,8 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
     loop.nrunning--;
     lx->dead = 1;
     /* A kept FastCGI connection outlives the transfer: it must not stay
-     * in the epoll set pointing at lx. */
-    if (lx->watched)
+     * in the epoll set pointing at lx (any other closes, which removes it). */
+    if (lx->watched && t->fcgi->keepConnection)
         epoll_ctl(loop.epfd, EPOLL_CTL_DEL, t->fcgi->ipcFd, NULL);
     xfer_end(x, v, rc);
     piapi_buf_dispose(&x->head);
@@ -395,11 +394,7 @@ static void client_event(struct lxfer *lx, uint32_t ev)
 
 static void run_posts(void)
 {
-    pthread_mutex_lock(&loop.post_lock);
-    struct post *p = loop.posts;
-    loop.posts = NULL;
-    loop.posts_tail = &loop.posts;
-    pthread_mutex_unlock(&loop.post_lock);
+    struct post *p = atomic_load(&loop.posts) ? atomic_exchange(&loop.posts, NULL) : NULL;
     while (p) {
         struct post *n = p->next;
         p->fn(p->arg);
@@ -408,13 +403,6 @@ static void run_posts(void)
     }
 }
 
-static int posts_pending(void)
-{
-    pthread_mutex_lock(&loop.post_lock);
-    int pending = loop.posts != NULL;
-    pthread_mutex_unlock(&loop.post_lock);
-    return pending;
-}
 
 static void take_submitted(void)
 {
@@ -634,7 +622,7 @@ static void *loop_main(void *arg)
          * is 0, every submission made before `closed` is in the queues. */
         if (stopping && !loop.nrunning && !loop.awaits &&
             !atomic_load(&loop.submitting) && !atomic_load(&loop.queue) &&
-            !posts_pending())
+            !atomic_load(&loop.posts))
             break;
     }
     return NULL;
@@ -701,10 +689,9 @@ int piapi_loop_post(void (*fn)(void *arg), void *arg)
     }
     struct post *p = piapi_xmalloc(sizeof *p);
     *p = (struct post){ .fn = fn, .arg = arg };
-    pthread_mutex_lock(&loop.post_lock);
-    *loop.posts_tail = p;
-    loop.posts_tail = &p->next;
-    pthread_mutex_unlock(&loop.post_lock);
+    p->next = atomic_load(&loop.posts);
+    while (!atomic_compare_exchange_weak(&loop.posts, &p->next, p))
+        ;
     wake();
     atomic_fetch_sub(&loop.submitting, 1);
     return 0;

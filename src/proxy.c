@@ -184,18 +184,42 @@ static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
     return 0;
 }
 
-/* Reads into buf what may be read whole: then x->whole says whether that
- * is all of the body. */
-static void read_ahead(struct xfer *x, char *buf)
+/* Reads a larger body on from where buf ended into a heap buffer, whole
+ * if it fits LOOP_BODY_MAX and the size limit. NULL: too large to try. */
+static char *read_on(struct xfer *x)
 {
     int64_t cl = x->t->content_length;
+    uint64_t max = x->t->settings->max_body_bytes + 1;  /* one more: TOO_LARGE */
+    if (max > LOOP_BODY_MAX)
+        max = LOOP_BODY_MAX;
+    if (cl > (int64_t)max || x->inline_len >= max)
+        return NULL;
+    size_t limit = cl >= 0 ? (size_t)cl : (size_t)max;
+    char *heap = piapi_xmalloc(limit);
+    memcpy(heap, x->body, x->inline_len);
+    x->body = heap;
+    x->whole = preread_body(x, heap, limit, cl >= 0);
+    return heap;
+}
+
+/* Reads into buf what may be read whole, and a larger body on into a heap
+ * buffer (returned, the caller's to free; NULL if none). x->whole says
+ * whether what was read is all of the body. On the event loop the body
+ * always fits buf (pool.c's arrival check), so it never reads on there. */
+static char *read_ahead(struct xfer *x, char *buf)
+{
+    int64_t cl = x->t->content_length;
+    char *heap = NULL;
 
     x->body = buf;
     if (cl >= 0 && cl <= PIAPI_PROXY_INLINE_BODY_MAX)
         x->whole = preread_body(x, buf, (size_t)cl, 1);
     else  /* unknown, or larger than the buffer (unless the length lies) */
         x->whole = preread_body(x, buf, PIAPI_PROXY_INLINE_BODY_MAX, 0);
+    if (!x->whole)
+        heap = read_on(x);
     x->t->bytes_in = x->inline_len;
+    return heap;
 }
 
 /* ---- response head -------------------------------------------------- */
@@ -569,37 +593,14 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
     xfer_end(x, v, rc);
 }
 
-/* On a pool thread, after read_ahead() found more: reads on into a heap
- * buffer (returned, the caller's to free), whole if the body fits
- * LOOP_BODY_MAX and the size limit. NULL: too large to try. */
-static char *read_on(struct xfer *x)
-{
-    int64_t cl = x->t->content_length;
-    uint64_t max = x->t->settings->max_body_bytes + 1;  /* one more: TOO_LARGE */
-    if (max > LOOP_BODY_MAX)
-        max = LOOP_BODY_MAX;
-    if (cl > (int64_t)max || x->inline_len >= max)
-        return NULL;
-    size_t limit = cl >= 0 ? (size_t)cl : (size_t)max;
-    char *buf = piapi_xmalloc(limit);
-    memcpy(buf, x->body, x->inline_len);
-    x->body = buf;
-    x->whole = preread_body(x, buf, limit, cl >= 0);
-    x->t->bytes_in = x->inline_len;
-    return buf;
-}
-
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
 {
     struct xfer x = { .t = t };
-    char *read_whole = NULL;
 
     x.start = x.last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;
-    read_ahead(&x, p->body);
-    if (!x.whole && !x.stdin_eof)
-        read_whole = read_on(&x);
+    char *read_whole = read_ahead(&x, p->body);
     if (x.inline_len > t->settings->max_body_bytes) {
         /* A body without Content-Length, over the limit already in the
          * part read ahead: refuse before anything goes upstream. */
