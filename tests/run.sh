@@ -32,15 +32,15 @@ if [ "$what" = all ] || [ "$what" = integration ]; then
 fi
 
 if [ -n "$san_dir" ]; then
-    reports=$(find "$san_dir" -name 'report.*' -size +0 | sort)
-    for r in $(echo "$reports" | head -5); do
+    found=$(find "$san_dir" -name 'report.*' -size +0 | sort)
+    n=$(printf '%s' "$found" | grep -c . || true)
+    for r in $(printf '%s\n' "$found" | head -5); do
         echo "--- $r"; head -40 "$r"
     done
-    reports=$(echo "$reports" | grep -c . || true)
-    if [ "$reports" -eq 0 ]; then
+    if [ "$n" -eq 0 ]; then
         echo "sanitizer: no reports in $san_dir"
     else
-        echo "sanitizer: 0 passed, $reports failed (reports in $san_dir)" | tee -a "$log"
+        echo "sanitizer: 0 passed, $n failed (reports in $san_dir)" | tee -a "$log"
     fi
 fi
 
