@@ -10,7 +10,8 @@ PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
 if [ "${1:-}" = test ]; then
     # promtool (prometheus) checks the exposition; node runs the real
     # clients (Debian's nodejs only where no node is installed already).
-    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus"
+    # openssl makes the test CA of the HTTPS upstream tests.
+    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus openssl"
     command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
 fi
 [ -n "${PIAPI_EXTRA_PKGS:-}" ] && PKGS="$PKGS $PIAPI_EXTRA_PKGS"

@@ -353,7 +353,6 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
     /* Removing an unfinished transfer closes its connection, which is what
      * tells the upstream to stop generating. */
     curl_multi_remove_handle(lx->o->multi, x->easy);
-    give_easy(x->easy);
     if (lx->prev)
         lx->prev->next = lx->next;
     else
@@ -367,6 +366,7 @@ static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
     if (lx->watched && t->fcgi->keepConnection)
         epoll_ctl(loop.epfd, EPOLL_CTL_DEL, t->fcgi->ipcFd, NULL);
     xfer_end(x, v, rc);
+    give_easy(x->easy);
     piapi_buf_dispose(&x->head);
     t->done(t);  /* ends the FastCGI request: t is gone after this */
     if (!lx->dirty) {  /* else the dirty list still holds it */

@@ -370,12 +370,17 @@ static void set_method_and_body(struct xfer *x)
     /* Unknown length: libcurl sends it chunked. */
 }
 
+_Static_assert(sizeof ((struct piapi_transfer *)0)->error_detail >= CURL_ERROR_SIZE,
+               "libcurl's error buffer");
+
 void xfer_setup(struct xfer *x)
 {
     CURL *e = x->easy;
     const struct piapi_settings *s = x->t->settings;
 
     curl_easy_reset(e);
+    x->t->error_detail[0] = '\0';
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->t->error_detail);
     curl_easy_setopt(e, CURLOPT_URL, x->t->url);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->t->headers);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
@@ -516,6 +521,8 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
 {
     struct piapi_transfer *t = x->t;
 
+    /* The handle is reused; t's buffer goes with t. */
+    curl_easy_setopt(x->easy, CURLOPT_ERRORBUFFER, NULL);
     if (v == RUNNING) {
         if (x->body_over_limit)
             v = TOO_LARGE;

@@ -55,8 +55,9 @@ int xfer_flush(struct xfer *x);
 /* Timers and flags at `now`; may queue an SSE ping. *next (absolute) is
  * lowered to the next moment this needs looking at. */
 enum verdict xfer_timers(struct xfer *x, double now, double *next);
-/* After x->easy left its multi handle: fills t's outcome from the
- * verdict or libcurl's result, and poisons a stream cut after its head. */
+/* After x->easy left its multi handle, before it is reused: fills t's
+ * outcome from the verdict or libcurl's result, and poisons a stream cut
+ * after its head. */
 void xfer_end(struct xfer *x, enum verdict v, CURLcode rc);
 
 /* Hands x to the event loop, which owns it from then on and calls

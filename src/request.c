@@ -397,6 +397,11 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
     if (q->error)
         piapi_log_str(&l, "error", q->error);
+    /* libcurl names hosts and reasons, never header values or a query;
+     * checked all the same, as a key must never reach a log line. */
+    const char *detail = q->x.error_detail;
+    if (q->error && detail[0] && !(q->user && strstr(detail, q->user->key->value)))
+        piapi_log_str(&l, "error_detail", detail);
     piapi_log_end_batched(&l);
 }
 

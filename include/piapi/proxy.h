@@ -46,6 +46,9 @@ struct piapi_transfer {
     const char *error;     /* metrics reason ("connect", "timeout", ...) or NULL */
     int error_status;      /* when status == 0: what to answer (413/502/504) */
     const char *error_message;  /* client-safe text for error_status */
+    /* libcurl's own account of a failed transfer, for the log ("Failed to
+     * connect to ... port 443", "SSL certificate problem: ..."), or "". */
+    char error_detail[256];
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls

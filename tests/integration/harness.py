@@ -23,6 +23,9 @@ Typical use in a test module:
             cls.stack.start()
     class TestNginx(Checks, unittest.TestCase): FORM = "nginx"
 
+Stack(..., mock_tls=True) serves the mock over HTTPS with a certificate from
+a throw-away CA (stack.tls["ca"], for the config's settings.caFile).
+
 Environment: BUILD (default "build", relative to the repo root) names the
 directory holding the piapi binary; PIAPI_KEEP_TMP=1 keeps the temp dirs;
 PIAPI_LOG_LEVEL (default "debug") is passed as --log-level.
@@ -36,6 +39,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -271,19 +275,47 @@ def pids_mentioning(text):
 
 # --------------------------------------------------------------- mock -----
 
-class Mock:
-    """tests/integration/mock_upstream.py in a child process."""
+def make_test_pki(d):
+    """A throw-away CA and a server certificate it signed for 127.0.0.1 (not
+    for localhost), made with the openssl tool in d: {"ca", "cert", "key"}."""
+    d = Path(d)
+    ca_key, ca, key, csr, cert = (d / n for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    ext = d / "srv.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n"
+                   "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    steps = [
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=piapi test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "2", "-extfile", ext],
+    ]
+    for argv in steps:
+        r = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise HarnessError(f"{' '.join(map(str, argv[:3]))} failed: {r.stderr}")
+    return {"ca": ca, "cert": cert, "key": key}
 
-    def __init__(self, tmp):
+
+class Mock:
+    """tests/integration/mock_upstream.py in a child process; with tls (from
+    make_test_pki) it serves HTTPS."""
+
+    def __init__(self, tmp, tls=None):
         self.record = Path(tmp) / "mock-requests.jsonl"
-        self.proc = Proc("mock", [sys.executable, HERE / "mock_upstream.py", "--port", "0",
-                                  "--record", self.record],
-                         stderr_path=Path(tmp) / "mock.stderr", stdout=subprocess.PIPE)
+        argv = [sys.executable, HERE / "mock_upstream.py", "--port", "0", "--record", self.record]
+        if tls:
+            argv += ["--tls", tls["cert"], tls["key"]]
+        self.proc = Proc("mock", argv, stderr_path=Path(tmp) / "mock.stderr",
+                         stdout=subprocess.PIPE)
         line = self._readline(5.0)
         if not line.startswith("PORT "):
             raise HarnessError(f"mock did not start: {line!r} {self.proc.stderr_text()}")
         self.port = int(line.split()[1])
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._ssl = ssl.create_default_context(cafile=str(tls["ca"])) if tls else None
 
     def _readline(self, timeout):
         r, _, _ = select.select([self.proc.popen.stdout], [], [], timeout)
@@ -292,7 +324,7 @@ class Mock:
     def _call(self, method, what):
         req = urllib.request.Request(f"{self.base}/__mock/{what}", method=method,
                                      data=b"" if method == "POST" else None)
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=self._ssl) as r:
             return json.loads(r.read())
 
     def requests(self):
@@ -509,11 +541,13 @@ class Stack:
     """mock upstream + piapi + front end, for one test class."""
 
     def __init__(self, form, config, piapi_args=(), piapi_bin_path=None, name=None,
-                 spawn_user=None):
+                 spawn_user=None, mock_tls=False):
         if form not in FORMS:
             raise ValueError(f"unknown launch form {form!r}; one of {FORMS}")
         self.form = form
         self.spawn_user = spawn_user    # spawn-fcgi -u: run piapi as this user
+        self.mock_tls = mock_tls        # HTTPS mock; self.tls["ca"] is its CA
+        self.tls = None
         self.config_src = config        # dict, str, or callable(stack) -> dict/str
         self.piapi_args = list(piapi_args)
         self.bin = Path(piapi_bin_path) if piapi_bin_path else piapi_bin()
@@ -534,7 +568,9 @@ class Stack:
         try:
             if not self.bin.exists():
                 raise HarnessError(f"piapi binary not found: {self.bin} (run make; BUILD={build_dir()})")
-            self.mock = Mock(self.tmp)
+            if self.mock_tls:
+                self.tls = make_test_pki(self.tmp)
+            self.mock = Mock(self.tmp, self.tls)
             cfg = self.config_src(self) if callable(self.config_src) else self.config_src
             write_config(self.config_path, cfg)
             self.port = free_port()

@@ -2,6 +2,10 @@
 """Mock LLM provider for piapi's integration tests. Standard library only.
 
     python3 mock_upstream.py --port 0 --record FILE [--host 127.0.0.1]
+                             [--tls CERT KEY]
+
+With --tls it speaks HTTPS only (CERT: PEM chain, KEY: its private key), as
+every real provider does; the handshake runs in the connection's own thread.
 
 Prints `PORT <n>` on stdout (flushed) once it listens. Every request it gets
 (except the control endpoints) is kept in memory and appended to FILE as one
@@ -73,6 +77,7 @@ import hashlib
 import json
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -157,6 +162,13 @@ class Server(ThreadingHTTPServer):
             self.state.accepted += 1
         super().process_request(request, client_address)
 
+    def handle_error(self, request, client_address):
+        # A TLS handshake the client refused (a certificate it does not
+        # trust) is the client's business, not a mock failure.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)) and not self.verbose:
+            return
+        super().handle_error(request, client_address)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -167,6 +179,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         if self.server.verbose:
             sys.stderr.write("mock: " + (fmt % args) + "\n")
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
 
     # ---- plumbing -------------------------------------------------------
 
@@ -257,14 +274,29 @@ class Handler(BaseHTTPRequestHandler):
                 return
             r, _, _ = select.select([sock], [], [], left)
             if r:
-                try:
-                    peek = sock.recv(1, socket.MSG_PEEK)
-                except OSError:
-                    peek = b""
+                peek = self.peek_byte(sock)
                 if not peek:
                     self.client_gone("closed")
                     raise ClientGone()
                 time.sleep(min(left, 0.05))  # pipelined data: not a close
+
+    @staticmethod
+    def peek_byte(sock):
+        """b"" once the peer has closed. TLS cannot peek: there one byte is
+        read, which is harmless as piapi sends nothing more on a connection
+        while it waits for the answer."""
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                return sock.recv(1, socket.MSG_PEEK)
+            sock.settimeout(0.05)
+            try:
+                return sock.recv(1)
+            except socket.timeout:
+                return b"?"     # a TLS record without data
+            finally:
+                sock.settimeout(None)
+        except OSError:
+            return b""
 
     def hard_close(self, rst=False):
         self.close_connection = True
@@ -628,8 +660,14 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--record", help="append one JSON line per request/event here")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS")
     args = ap.parse_args()
     server = Server((args.host, args.port), Handler)
+    if args.tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*args.tls)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
     server.state = State(args.record)
     server.verbose = args.verbose
     print("PORT %d" % server.server_address[1], flush=True)

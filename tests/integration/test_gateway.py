@@ -296,8 +296,14 @@ class GatewayChecks:
         self.assertEqual(self.stack.mock.requests(), [])
 
     def test_04_upstream_unreachable_502(self):
-        self.assert_error(self.req("GET", "/piapi/cx/v1/models", [bearer(DAVE)]), 502,
-                          "closed upstream port")
+        r = self.req("GET", "/piapi/cx/v1/models", [bearer(DAVE)])
+        self.assert_error(r, 502, "closed upstream port")
+        rid = r.header("X-Request-ID")
+        line = self.stack.wait_log(lambda l: l.get("request_id") == rid and "status" in l)
+        self.assertIsNotNone(line, "no log line for " + rid)
+        self.assertEqual(line.get("error"), "connect", line)
+        # libcurl's words, for the operator: which address failed, and how
+        self.assertIn(f"port {self.stack.dead_port}", line.get("error_detail", ""), line)
 
     def test_04_upstream_reset_or_garbage_502(self):
         for what in ("reset", "garbage"):
