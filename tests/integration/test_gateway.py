@@ -37,6 +37,8 @@ def gateway_config(stack):
                  {"type": "cx", "baseUrl": mock + "/codex"},   # default auth: Bearer
                  {"type": "oq", "baseUrl": mock + "/q",
                   "auth": {"mode": "query", "name": "api_key"}},
+                 # a host name, as real providers have: libcurl resolves it
+                 {"type": "ln", "baseUrl": f"http://localhost:{stack.mock.port}/named"},
              ]},
             {"name": "anthropic",
              "apiKeys": {"main": ANTHROPIC_MAIN},
@@ -164,6 +166,15 @@ class GatewayChecks:
         r = self.req("GET", "/piapi/cx/v1/chat/completions?a=1&b=%20x&c=%2F", [bearer(ALICE)])
         self.assertEqual(r.status, 200, r)
         self.assertEqual(self.upstream()[0]["path"], "/codex/v1/chat/completions?a=1&b=%20x&c=%2F")
+
+    def test_02_upstream_named_by_host_name(self):
+        for _ in range(3):  # resolved, then from libcurl's DNS cache
+            r = self.req("POST", "/piapi/ln/v1/echo", [bearer(ALICE)], b'{"x":1}')
+            self.assertEqual(r.status, 200, r)
+        got = self.upstream(3)
+        self.assertEqual([g["path"] for g in got], ["/named/v1/echo"] * 3)
+        self.assertEqual(harness.header_values(got[0]["headers"], "Host"),
+                         [f"localhost:{self.stack.mock.port}"])
 
     def test_02_no_rest_is_base_url_path(self):
         r = self.req("GET", "/piapi/cx", [bearer(ALICE)])
