@@ -2,10 +2,19 @@
 serves TLS with a certificate from a throw-away CA that piapi trusts through
 settings.caFile. The event loop drives libcurl's TLS connections like plain
 ones; these checks show the bytes, the keys, the streaming, the connection
-reuse and the certificate check all hold across TLS."""
+reuse and the certificate check all hold across TLS.
+
+Real providers also speak HTTP/2, which libcurl negotiates by default:
+TestHttp2Upstream puts a real nginx (`listen ssl http2`) in front of the
+mock and checks the same over HTTP/2, including multiplexing and a reader
+that stalls (flow control meets piapi's pause)."""
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import threading
+import time
 import unittest
 
 import harness
@@ -110,6 +119,174 @@ class TestTlsUpstream(unittest.TestCase):
         self.assertIsNotNone(line, "no log line for the refused upstream")
         self.assertEqual(line.get("error"), "tls", line)
         self.assertIn("localhost", line.get("error_detail", ""), line)
+
+
+
+# ------------------------------------------------------------ HTTP/2 ----
+
+H2_NGINX = """\
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    log_format h2 '$server_protocol $connection $request_uri $status';
+    access_log {d}/access.log h2;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        client_max_body_size 64m;
+        location / {{
+            proxy_pass http://127.0.0.1:{mock};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_h2_front(stack, port, pki):
+    """nginx serving HTTPS + HTTP/2 on port, proxying to the stack's mock."""
+    d = stack.tmp / "h2"
+    (d / "tmp").mkdir(parents=True)
+    (d / "nginx.conf").write_text(H2_NGINX.format(d=d, port=port, mock=stack.mock.port,
+                                                  cert=pki["cert"], key=pki["key"]))
+    argv = ["nginx", "-p", f"{d}/", "-c", str(d / "nginx.conf")]
+    t = subprocess.run(argv + ["-t", "-q"], capture_output=True, text=True, timeout=10)
+    if t.returncode != 0:
+        raise harness.HarnessError(f"nginx -t (HTTP/2 front) failed:\n{t.stderr}")
+    proc = harness.Proc("nginx-h2", argv + ["-g", "daemon off;"], stderr_path=d / "stderr.log")
+
+    def listening():
+        with socket.socket() as c:
+            return c.connect_ex(("127.0.0.1", port)) == 0
+    if not harness.wait_until(listening, 5.0):
+        proc.stop()
+        raise harness.HarnessError("HTTP/2 front did not listen")
+    return proc, d / "access.log"
+
+
+class TestHttp2Upstream(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        port = harness.free_port()
+
+        def config(stack):
+            return {
+                "providers": [{"name": "openai", "apiKeys": {"main": PROVIDER_KEY},
+                               "services": [{"type": "cx",
+                                             "baseUrl": f"https://127.0.0.1:{port}/v1"}]}],
+                "users": [{"name": "alice", "apiKey": MEMBER, "providerName": "openai",
+                           "providerKeyName": "main"}],
+                "settings": {"caFile": str(cls.pki["ca"]), "headerTimeoutMs": 3000,
+                             "sseKeepaliveMs": 300},
+            }
+        cls.stack = harness.Stack("nginx", config, name="h2")
+        cls.addClassCleanup(cls.stack.stop)
+        cls.pki = harness.make_test_pki(cls.stack.tmp)
+        cls.stack.start()
+        cls.front, cls.access_log = start_h2_front(cls.stack, port, cls.pki)
+        cls.addClassCleanup(cls.front.stop)
+
+    def setUp(self):
+        self.stack.mock.reset()
+
+    def req(self, method, path, body=None, headers=(), **kw):
+        return self.stack.request(method, path, [bearer(MEMBER), *headers], body, **kw)
+
+    def access(self):
+        """(protocol, connection, uri, status) of every request the front saw."""
+        lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        return [tuple(l.split()) for l in lines]
+
+    def test_requests_multiplex_over_one_http2_connection(self):
+        self.assertEqual(self.req("POST", "/piapi/cx/echo", b"{}").status, 200)
+        seen = len(self.access())
+        results = []
+
+        def one(i):
+            results.append(self.req("POST", f"/piapi/cx/echo?i={i}", b'{"i":%d}' % i).status)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(results, [200] * 10)
+        batch = harness.wait_until(lambda: (lambda a: a if len(a) == 10 else None)(
+            self.access()[seen:]), 2.0)
+        self.assertTrue(batch, self.access()[seen:])
+        print(f"\n  10 concurrent requests: {sorted(set(p for p, *_ in batch))} on "
+              f"{len(set(c for _, c, *_ in batch))} connection(s)")
+        self.assertEqual({p for p, *_ in batch}, {"HTTP/2.0"})
+        self.assertEqual(len({c for _, c, *_ in batch}), 1, batch)
+
+    def test_keys_and_body_cross_http2(self):
+        body = json.dumps({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})
+        r = self.req("POST", "/piapi/cx/chat/completions", body.encode(),
+                     [("Content-Type", "application/json")])
+        self.assertEqual(r.status, 200, r.body[:300])
+        self.assertIn(ANSWER, r.json()["choices"][0]["message"]["content"])
+        (got,) = self.stack.mock.requests()
+        self.assertEqual(harness.header_values(got["headers"], "Authorization"),
+                         ["Bearer " + PROVIDER_KEY])
+        self.assertEqual(got["body"], body.encode())
+        self.assertNotIn(MEMBER.encode(), json.dumps(got["headers"]).encode() + got["body"])
+        self.assertEqual(self.access()[-1][0], "HTTP/2.0")
+
+    def test_sse_over_http2_arrives_event_by_event(self):
+        req = harness.build_request("GET", "/piapi/cx/sse?n=8&interval=0.15",
+                                    [bearer(MEMBER), ("Connection", "close")])
+        ex = self.stack.raw(req, timeout=8)
+        self.assertEqual(ex.status, 200, ex.raw[:500])
+        times = [ex.arrival_of(b'data: {"i":%d}\n\n' % k) for k in range(8)]
+        self.assertNotIn(None, times, f"missing events; body={ex.body()[:800]!r}")
+        self.assertIsNotNone(ex.arrival_of(b"data: [DONE]\n\n"), "no [DONE]")
+        self.assertTrue(ex.raw.endswith(b"0\r\n\r\n"), "stream not ended cleanly")
+        distinct = 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > 0.05)
+        self.assertGreaterEqual(distinct, 7, f"events in lumps: {[round(t, 3) for t in times]}")
+
+    def test_stalled_reader_pauses_and_resumes_over_http2(self):
+        # The answer outgrows every buffer on the way, so piapi pauses the
+        # transfer (HTTP/2 flow control then holds the upstream) while other
+        # requests on the same upstream connection go on; once the client
+        # reads again the answer resumes and arrives intact.
+        size = 24 << 20
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", self.stack.port))
+        sock.sendall(harness.build_request("GET", f"/piapi/cx/big?bytes={size}",
+                                           [bearer(MEMBER), ("Connection", "close")]))
+        self.assertTrue(harness.wait_until(lambda: self.stack.mock.requests(), 3.0))
+        time.sleep(1.0)
+        slowest = 0.0
+        for i in range(4):
+            t = time.monotonic()
+            r = self.req("POST", f"/piapi/cx/echo?during={i}", b"{}", timeout=5)
+            self.assertEqual(r.status, 200, r.body[:300])
+            slowest = max(slowest, time.monotonic() - t)
+        print(f"\n  requests beside a stalled HTTP/2 reader: slowest {slowest * 1000:.0f} ms")
+        self.assertLess(slowest, 2.0)
+        got = bytearray()
+        sock.settimeout(20)
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0], head[:200])
+        self.assertNotIn(b"chunked", head.lower(), "Content-Length expected from the mock")
+        self.assertEqual(len(body), size)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(size)).digest())
 
 
 if __name__ == "__main__":
