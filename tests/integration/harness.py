@@ -541,12 +541,16 @@ class Stack:
     """mock upstream + piapi + front end, for one test class."""
 
     def __init__(self, form, config, piapi_args=(), piapi_bin_path=None, name=None,
-                 spawn_user=None, mock_tls=False):
+                 spawn_user=None, mock_tls=False, piapi_env=None):
         if form not in FORMS:
             raise ValueError(f"unknown launch form {form!r}; one of {FORMS}")
+        if piapi_env and form == "lighttpd-binpath":
+            raise ValueError("lighttpd starts piapi itself: piapi_env cannot reach it")
         self.form = form
         self.spawn_user = spawn_user    # spawn-fcgi -u: run piapi as this user
         self.mock_tls = mock_tls        # HTTPS mock; self.tls["ca"] is its CA
+        # extra environment of piapi (not in the lighttpd-binpath form)
+        self.piapi_env = {**os.environ, **piapi_env} if piapi_env else None
         self.tls = None
         self.config_src = config        # dict, str, or callable(stack) -> dict/str
         self.piapi_args = list(piapi_args)
@@ -580,7 +584,7 @@ class Stack:
                 self.socket_path = self.tmp / "piapi.sock"
                 self.piapi = Proc("piapi", [self.bin] + common +
                                   ["--socket", self.socket_path, "--socket-mode", "0666"],
-                                  stderr_path=self.tmp / "piapi.stderr")
+                                  stderr_path=self.tmp / "piapi.stderr", env=self.piapi_env)
                 self._wait_socket()
             elif self.form == "spawn-fcgi":
                 self.socket_path = self.tmp / "piapi.sock"
@@ -597,7 +601,7 @@ class Stack:
                     os.chmod(self.tmp, 0o755)
                     spawn += ["-u", self.spawn_user]
                 self.piapi = Proc("piapi", spawn + ["-n", "--", binary] + common,
-                                  stderr_path=self.tmp / "piapi.stderr")
+                                  stderr_path=self.tmp / "piapi.stderr", env=self.piapi_env)
                 self._wait_socket()
             else:
                 self.socket_path = self.tmp / "piapi.sock"   # lighttpd adds -0

@@ -7,10 +7,13 @@ reuse and the certificate check all hold across TLS.
 Real providers also speak HTTP/2, which libcurl negotiates by default:
 TestHttp2Upstream puts a real nginx (`listen ssl http2`) in front of the
 mock and checks the same over HTTP/2, including multiplexing and a reader
-that stalls (flow control meets piapi's pause)."""
+that stalls (flow control meets piapi's pause). TestEgressProxy runs piapi
+with https_proxy in its environment, as a server behind an egress proxy
+would: the provider's TLS goes through a CONNECT tunnel."""
 import hashlib
 import json
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -287,6 +290,102 @@ class TestHttp2Upstream(unittest.TestCase):
         self.assertNotIn(b"chunked", head.lower(), "Content-Length expected from the mock")
         self.assertEqual(len(body), size)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(size)).digest())
+
+
+
+# ------------------------------------------------------ egress proxy ----
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy on 127.0.0.1. It records each request
+    line and every byte it carried towards the upstream."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.requests, self.carried = [], bytearray()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.tunnel, args=(c,), daemon=True).start()
+
+    def tunnel(self, c):
+        with c:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = c.recv(4096)
+                if not data:
+                    return
+                head += data
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            with self.lock:
+                self.requests.append(line)
+            method, target = line.split(" ")[:2]
+            host, _, port = target.rpartition(":")
+            if method != "CONNECT":
+                c.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            try:
+                u = socket.create_connection((host, int(port)), timeout=5)
+            except (OSError, ValueError):
+                c.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                return
+            with u:
+                c.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self.pipe(c, u)
+
+    def pipe(self, c, u):
+        while True:
+            r, _, _ = select.select([c, u], [], [], 30)
+            if not r:
+                return
+            for s in r:
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                (u if s is c else c).sendall(data)
+                if s is c:
+                    with self.lock:
+                        self.carried += data
+
+    def close(self):
+        self.sock.close()
+
+
+class TestEgressProxy(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.proxy = ConnectProxy()
+        cls.addClassCleanup(cls.proxy.close)
+        env = {"https_proxy": f"http://127.0.0.1:{cls.proxy.port}", "no_proxy": "", "NO_PROXY": ""}
+        cls.stack = harness.Stack("nginx", tls_config, name="proxy", mock_tls=True, piapi_env=env)
+        cls.addClassCleanup(cls.stack.stop)
+        cls.stack.start()
+
+    def test_provider_tls_goes_through_one_connect_tunnel(self):
+        for i in range(3):
+            r = self.stack.request("POST", "/piapi/cx/echo", [bearer(MEMBER)], b'{"i":%d}' % i)
+            self.assertEqual(r.status, 200, r.body[:300])
+        self.assertEqual(self.proxy.requests, [f"CONNECT 127.0.0.1:{self.stack.mock.port} HTTP/1.1"])
+        got = self.stack.mock.requests()
+        self.assertEqual(len(got), 3)
+        self.assertEqual(harness.header_values(got[0]["headers"], "Authorization"),
+                         ["Bearer " + PROVIDER_KEY])
+        with self.proxy.lock:
+            carried = bytes(self.proxy.carried)
+        self.assertGreater(len(carried), 0)
+        self.assertNotIn(PROVIDER_KEY.encode(), carried, "the proxy saw the key in clear")
+        self.assertNotIn(MEMBER.encode(), carried)
 
 
 if __name__ == "__main__":
