@@ -6,8 +6,9 @@ reuse and the certificate check all hold across TLS.
 
 Real providers also speak HTTP/2, which libcurl negotiates by default:
 TestHttp2Upstream puts a real nginx (`listen ssl http2`) in front of the
-mock and checks the same over HTTP/2, including multiplexing and a reader
-that stalls (flow control meets piapi's pause). TestEgressProxy runs piapi
+mock and checks the same over HTTP/2, including multiplexing, connections
+the upstream ends (GOAWAY) under concurrent requests, and a reader that
+stalls (flow control meets piapi's pause). TestEgressProxy runs piapi
 with https_proxy in its environment, as a server behind an egress proxy
 would: the provider's TLS goes through a CONNECT tunnel."""
 import hashlib
@@ -133,34 +134,41 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    log_format h2 '$server_protocol $connection $request_uri $status';
+    log_format h2 '$server_protocol $connection $server_port $request_uri $status';
     access_log {d}/access.log h2;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 64m;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
     server {{
         listen 127.0.0.1:{port} ssl http2;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        client_max_body_size 64m;
-        location / {{
-            proxy_pass http://127.0.0.1:{mock};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
+        location / {{ proxy_pass http://127.0.0.1:{mock}; }}
+    }}
+    # Ends every connection after 3 requests (GOAWAY), as providers' edges
+    # do after some number of requests or some time.
+    server {{
+        listen 127.0.0.1:{goaway_port} ssl http2;
+        keepalive_requests 3;
+        location / {{ proxy_pass http://127.0.0.1:{mock}; }}
     }}
 }}
 """
 
 
-def start_h2_front(stack, port, pki):
-    """nginx serving HTTPS + HTTP/2 on port, proxying to the stack's mock."""
+def start_h2_front(stack, port, goaway_port, pki):
+    """nginx serving HTTPS + HTTP/2 on port (and on goaway_port, where it
+    ends each connection after 3 requests), proxying to the stack's mock."""
     d = stack.tmp / "h2"
     (d / "tmp").mkdir(parents=True)
-    (d / "nginx.conf").write_text(H2_NGINX.format(d=d, port=port, mock=stack.mock.port,
+    (d / "nginx.conf").write_text(H2_NGINX.format(d=d, port=port, goaway_port=goaway_port,
+                                                  mock=stack.mock.port,
                                                   cert=pki["cert"], key=pki["key"]))
     argv = ["nginx", "-p", f"{d}/", "-c", str(d / "nginx.conf")]
     t = subprocess.run(argv + ["-t", "-q"], capture_output=True, text=True, timeout=10)
@@ -168,10 +176,10 @@ def start_h2_front(stack, port, pki):
         raise harness.HarnessError(f"nginx -t (HTTP/2 front) failed:\n{t.stderr}")
     proc = harness.Proc("nginx-h2", argv + ["-g", "daemon off;"], stderr_path=d / "stderr.log")
 
-    def listening():
+    def listening(p):
         with socket.socket() as c:
-            return c.connect_ex(("127.0.0.1", port)) == 0
-    if not harness.wait_until(listening, 5.0):
+            return c.connect_ex(("127.0.0.1", p)) == 0
+    if not harness.wait_until(lambda: listening(port) and listening(goaway_port), 5.0):
         proc.stop()
         raise harness.HarnessError("HTTP/2 front did not listen")
     return proc, d / "access.log"
@@ -180,13 +188,15 @@ def start_h2_front(stack, port, pki):
 class TestHttp2Upstream(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        port = harness.free_port()
+        port, goaway_port = harness.free_port(), harness.free_port()
 
         def config(stack):
             return {
                 "providers": [{"name": "openai", "apiKeys": {"main": PROVIDER_KEY},
-                               "services": [{"type": "cx",
-                                             "baseUrl": f"https://127.0.0.1:{port}/v1"}]}],
+                               "services": [
+                                   {"type": "cx", "baseUrl": f"https://127.0.0.1:{port}/v1"},
+                                   {"type": "ga", "baseUrl": f"https://127.0.0.1:{goaway_port}/v1"},
+                               ]}],
                 "users": [{"name": "alice", "apiKey": MEMBER, "providerName": "openai",
                            "providerKeyName": "main"}],
                 "settings": {"caFile": str(cls.pki["ca"]), "headerTimeoutMs": 3000,
@@ -196,7 +206,8 @@ class TestHttp2Upstream(unittest.TestCase):
         cls.addClassCleanup(cls.stack.stop)
         cls.pki = harness.make_test_pki(cls.stack.tmp)
         cls.stack.start()
-        cls.front, cls.access_log = start_h2_front(cls.stack, port, cls.pki)
+        cls.goaway_port = goaway_port
+        cls.front, cls.access_log = start_h2_front(cls.stack, port, goaway_port, cls.pki)
         cls.addClassCleanup(cls.front.stop)
 
     def setUp(self):
@@ -206,7 +217,7 @@ class TestHttp2Upstream(unittest.TestCase):
         return self.stack.request(method, path, [bearer(MEMBER), *headers], body, **kw)
 
     def access(self):
-        """(protocol, connection, uri, status) of every request the front saw."""
+        """(protocol, connection, port, uri, status) of every request the front saw."""
         lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
         return [tuple(l.split()) for l in lines]
 
@@ -230,6 +241,29 @@ class TestHttp2Upstream(unittest.TestCase):
               f"{len(set(c for _, c, *_ in batch))} connection(s)")
         self.assertEqual({p for p, *_ in batch}, {"HTTP/2.0"})
         self.assertEqual(len({c for _, c, *_ in batch}), 1, batch)
+
+    def test_connections_the_upstream_ends_are_replaced_without_errors(self):
+        seen = len(self.access())
+        statuses = []
+
+        def one(i):
+            r = self.req("POST", f"/piapi/ga/echo?i={i}", b'{"i":%d}' % i, timeout=10)
+            statuses.append(r.status)
+        for burst in range(4):
+            threads = [threading.Thread(target=one, args=(burst * 8 + i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(15)
+        self.assertEqual(statuses, [200] * 32)
+        port = str(self.goaway_port)
+        batch = harness.wait_until(lambda: (lambda a: a if len(a) >= 32 else None)(
+            [x for x in self.access()[seen:] if x[2] == port]), 2.0)
+        self.assertTrue(batch, self.access()[seen:])
+        conns = {c for _, c, *_ in batch}
+        print(f"\n  32 requests, connections ended after 3 requests each: "
+              f"{len(conns)} upstream connections, all answered")
+        self.assertGreaterEqual(len(conns), 11, "the upstream did not end connections")
 
     def test_keys_and_body_cross_http2(self):
         body = json.dumps({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})
