@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -79,6 +80,40 @@ def free_port():
 def closed_port():
     """A port with (very probably) nothing listening: connect gets ECONNREFUSED."""
     return free_port()
+
+
+def listen_local():
+    """A listening TCP socket on 127.0.0.1 and a free port: (sock, port)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock, sock.getsockname()[1]
+
+
+def serve_connections(sock, handle):
+    """handle(conn) in a thread of its own for every connection accepted on
+    sock, until sock is closed (test servers)."""
+    def accept_loop():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept_loop, daemon=True).start()
+
+
+def read_head(conn):
+    """Bytes from conn up to and including the blank line that ends an HTTP
+    head (with whatever followed in the same reads); None if it closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 def wait_until(pred, timeout, interval=0.02):
@@ -509,6 +544,29 @@ def raw_exchange(port, request_bytes, timeout=10.0, close_after=None, rst=False,
     ex.closed_at = time.monotonic() - t0
     ex.closed_wall = time.time()
     return ex
+
+
+def read_answer(sock, timeout=20.0):
+    """Reads an HTTP answer from sock until the peer closes: (head, body),
+    the body de-chunked when it came chunked."""
+    got = bytearray()
+    sock.settimeout(timeout)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return head, body
+    out, i = bytearray(), 0
+    while True:
+        j = body.index(b"\r\n", i)
+        n = int(body[i:j].split(b";")[0], 16)
+        if n == 0:
+            return head, bytes(out)
+        out += body[j + 2:j + 2 + n]
+        i = j + 2 + n + 2
 
 
 def build_request(method, path, headers=(), body=b"", host="127.0.0.1"):

@@ -228,33 +228,16 @@ class RawUpstream:
     it and closes; anything else: 200 "ok"."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
+        self.sock, self.port = harness.listen_local()
         self.hits = []
-        self.stopped = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        harness.serve_connections(self.sock, self._handle)
 
     def _handle(self, conn):
         try:
             conn.settimeout(5)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = harness.read_head(conn)
+            if data is None:
+                return
             line = data.split(b"\r\n", 1)[0].decode("latin-1")
             path = line.split()[1] if len(line.split()) > 1 else ""
             self.hits.append((time.time(), path))
@@ -275,7 +258,6 @@ class RawUpstream:
             conn.close()
 
     def stop(self):
-        self.stopped = True
         try:
             self.sock.close()
         except OSError:
@@ -1022,17 +1004,8 @@ class TestStalledReader(unittest.TestCase):
         print(f"\n  {form}: others served while a reader stalls, slowest pair {slowest * 1000:.0f} ms")
         self.assertLess(slowest, 2.0)
 
-        got = bytearray()
-        sock.settimeout(20)
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            got += chunk
-        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        head, body = harness.read_answer(sock)
         self.assertIn(b" 200 ", head.split(b"\r\n")[0], head[:200])
-        if b"chunked" in head.lower():
-            body = harness_dechunk(body)
         self.assertEqual(len(body), self.SIZE)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(self.SIZE)).digest())
 
@@ -1041,17 +1014,6 @@ class TestStalledReader(unittest.TestCase):
 
     def test_lighttpd(self):
         self.check("lighttpd-socket")
-
-
-def harness_dechunk(body):
-    out, i = bytearray(), 0
-    while True:
-        j = body.index(b"\r\n", i)
-        n = int(body[i:j].split(b";")[0], 16)
-        if n == 0:
-            return bytes(out)
-        out += body[j + 2:j + 2 + n]
-        i = j + 2 + n + 2
 
 
 # ================================================== 5: pool saturation ====

@@ -52,12 +52,8 @@ def bearer(key):
     return ("Authorization", "Bearer " + key)
 
 
-class TestTlsUpstream(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.stack = harness.Stack("nginx", tls_config, name="tls", mock_tls=True)
-        cls.addClassCleanup(cls.stack.stop)
-        cls.stack.start()
+class UpstreamChecks:
+    """What must hold whatever carries the upstream exchange."""
 
     def setUp(self):
         self.stack.mock.reset()
@@ -65,7 +61,7 @@ class TestTlsUpstream(unittest.TestCase):
     def req(self, method, path, body=None, headers=(), **kw):
         return self.stack.request(method, path, [bearer(MEMBER), *headers], body, **kw)
 
-    def test_request_and_answer_cross_tls_with_the_provider_key(self):
+    def test_request_and_answer_cross_with_the_provider_key(self):
         body = json.dumps({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})
         r = self.req("POST", "/piapi/cx/chat/completions", body.encode(),
                      [("Content-Type", "application/json")])
@@ -79,16 +75,7 @@ class TestTlsUpstream(unittest.TestCase):
         wire = json.dumps(got["headers"]).encode() + got["body"]
         self.assertNotIn(MEMBER.encode(), wire, "member key reached the upstream")
 
-    def test_tls_connection_is_reused(self):
-        for i in range(20):
-            r = self.req("POST", "/piapi/cx/echo", b'{"i":%d}' % i)
-            self.assertEqual(r.status, 200, r.body[:300])
-        stats = self.stack.mock.stats()
-        print(f"\n  20 requests over TLS: {stats['connections']} new upstream connection(s)")
-        self.assertEqual(stats["requests"], 20)
-        self.assertLessEqual(stats["connections"], 1, stats)
-
-    def test_sse_over_tls_arrives_event_by_event(self):
+    def test_sse_arrives_event_by_event(self):
         req = harness.build_request("GET", "/piapi/cx/sse?n=8&interval=0.15",
                                     [bearer(MEMBER), ("Connection", "close")])
         ex = self.stack.raw(req, timeout=8)
@@ -97,9 +84,25 @@ class TestTlsUpstream(unittest.TestCase):
         self.assertNotIn(None, times, f"missing events; body={ex.body()[:800]!r}")
         self.assertIsNotNone(ex.arrival_of(b"data: [DONE]\n\n"), "no [DONE]")
         self.assertTrue(ex.raw.endswith(b"0\r\n\r\n"), "stream not ended cleanly")
-        report = f"arrivals={[round(t, 3) for t in times]}"
         distinct = 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > 0.05)
-        self.assertGreaterEqual(distinct, 7, "events arrived in lumps: " + report)
+        self.assertGreaterEqual(distinct, 7, f"events in lumps: {[round(t, 3) for t in times]}")
+
+
+class TestTlsUpstream(UpstreamChecks, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = harness.Stack("nginx", tls_config, name="tls", mock_tls=True)
+        cls.addClassCleanup(cls.stack.stop)
+        cls.stack.start()
+
+    def test_tls_connection_is_reused(self):
+        for i in range(20):
+            r = self.req("POST", "/piapi/cx/echo", b'{"i":%d}' % i)
+            self.assertEqual(r.status, 200, r.body[:300])
+        stats = self.stack.mock.stats()
+        print(f"\n  20 requests over TLS: {stats['connections']} new upstream connection(s)")
+        self.assertEqual(stats["requests"], 20)
+        self.assertLessEqual(stats["connections"], 1, stats)
 
     def test_large_answer_and_large_body_intact(self):
         # TLS records hold data that epoll does not see: an answer several
@@ -185,7 +188,7 @@ def start_h2_front(stack, port, goaway_port, pki):
     return proc, d / "access.log"
 
 
-class TestHttp2Upstream(unittest.TestCase):
+class TestHttp2Upstream(UpstreamChecks, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         port, goaway_port = harness.free_port(), harness.free_port()
@@ -210,85 +213,50 @@ class TestHttp2Upstream(unittest.TestCase):
         cls.front, cls.access_log = start_h2_front(cls.stack, port, goaway_port, cls.pki)
         cls.addClassCleanup(cls.front.stop)
 
-    def setUp(self):
-        self.stack.mock.reset()
-
-    def req(self, method, path, body=None, headers=(), **kw):
-        return self.stack.request(method, path, [bearer(MEMBER), *headers], body, **kw)
-
     def access(self):
         """(protocol, connection, port, uri, status) of every request the front saw."""
         lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
         return [tuple(l.split()) for l in lines]
 
-    def test_requests_multiplex_over_one_http2_connection(self):
-        self.assertEqual(self.req("POST", "/piapi/cx/echo", b"{}").status, 200)
-        seen = len(self.access())
-        results = []
-
-        def one(i):
-            results.append(self.req("POST", f"/piapi/cx/echo?i={i}", b'{"i":%d}' % i).status)
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        self.assertEqual(results, [200] * 10)
-        batch = harness.wait_until(lambda: (lambda a: a if len(a) == 10 else None)(
-            self.access()[seen:]), 2.0)
-        self.assertTrue(batch, self.access()[seen:])
-        print(f"\n  10 concurrent requests: {sorted(set(p for p, *_ in batch))} on "
-              f"{len(set(c for _, c, *_ in batch))} connection(s)")
-        self.assertEqual({p for p, *_ in batch}, {"HTTP/2.0"})
-        self.assertEqual(len({c for _, c, *_ in batch}), 1, batch)
-
-    def test_connections_the_upstream_ends_are_replaced_without_errors(self):
+    def burst(self, service, n):
+        """n requests at once to service; their statuses, and the front's
+        access lines for them (waited for)."""
         seen = len(self.access())
         statuses = []
 
         def one(i):
-            r = self.req("POST", f"/piapi/ga/echo?i={i}", b'{"i":%d}' % i, timeout=10)
+            r = self.req("POST", f"/piapi/{service}/echo?i={i}", b'{"i":%d}' % i, timeout=10)
             statuses.append(r.status)
-        for burst in range(4):
-            threads = [threading.Thread(target=one, args=(burst * 8 + i,)) for i in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(15)
-        self.assertEqual(statuses, [200] * 32)
-        port = str(self.goaway_port)
-        batch = harness.wait_until(lambda: (lambda a: a if len(a) >= 32 else None)(
-            [x for x in self.access()[seen:] if x[2] == port]), 2.0)
-        self.assertTrue(batch, self.access()[seen:])
-        conns = {c for _, c, *_ in batch}
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        lines = harness.wait_until(lambda: (lambda a: a if len(a) >= n else None)(
+            self.access()[seen:]), 2.0)
+        self.assertTrue(lines, self.access()[seen:])
+        return statuses, lines
+
+    def test_requests_multiplex_over_one_http2_connection(self):
+        self.assertEqual(self.req("POST", "/piapi/cx/echo", b"{}").status, 200)
+        statuses, lines = self.burst("cx", 10)
+        self.assertEqual(statuses, [200] * 10)
+        conns = {c for _, c, *_ in lines}
+        print(f"\n  10 concurrent requests: {sorted({p for p, *_ in lines})} on "
+              f"{len(conns)} connection(s)")
+        self.assertEqual({p for p, *_ in lines}, {"HTTP/2.0"})
+        self.assertEqual(len(conns), 1, lines)
+
+    def test_connections_the_upstream_ends_are_replaced_without_errors(self):
+        conns = set()
+        for _ in range(4):
+            statuses, lines = self.burst("ga", 8)
+            self.assertEqual(statuses, [200] * 8)
+            self.assertEqual({port for _, _, port, *_ in lines}, {str(self.goaway_port)})
+            conns |= {c for _, c, *_ in lines}
         print(f"\n  32 requests, connections ended after 3 requests each: "
               f"{len(conns)} upstream connections, all answered")
         self.assertGreaterEqual(len(conns), 11, "the upstream did not end connections")
-
-    def test_keys_and_body_cross_http2(self):
-        body = json.dumps({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]})
-        r = self.req("POST", "/piapi/cx/chat/completions", body.encode(),
-                     [("Content-Type", "application/json")])
-        self.assertEqual(r.status, 200, r.body[:300])
-        self.assertIn(ANSWER, r.json()["choices"][0]["message"]["content"])
-        (got,) = self.stack.mock.requests()
-        self.assertEqual(harness.header_values(got["headers"], "Authorization"),
-                         ["Bearer " + PROVIDER_KEY])
-        self.assertEqual(got["body"], body.encode())
-        self.assertNotIn(MEMBER.encode(), json.dumps(got["headers"]).encode() + got["body"])
-        self.assertEqual(self.access()[-1][0], "HTTP/2.0")
-
-    def test_sse_over_http2_arrives_event_by_event(self):
-        req = harness.build_request("GET", "/piapi/cx/sse?n=8&interval=0.15",
-                                    [bearer(MEMBER), ("Connection", "close")])
-        ex = self.stack.raw(req, timeout=8)
-        self.assertEqual(ex.status, 200, ex.raw[:500])
-        times = [ex.arrival_of(b'data: {"i":%d}\n\n' % k) for k in range(8)]
-        self.assertNotIn(None, times, f"missing events; body={ex.body()[:800]!r}")
-        self.assertIsNotNone(ex.arrival_of(b"data: [DONE]\n\n"), "no [DONE]")
-        self.assertTrue(ex.raw.endswith(b"0\r\n\r\n"), "stream not ended cleanly")
-        distinct = 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > 0.05)
-        self.assertGreaterEqual(distinct, 7, f"events in lumps: {[round(t, 3) for t in times]}")
 
     def test_stalled_reader_pauses_and_resumes_over_http2(self):
         # The answer outgrows every buffer on the way, so piapi pauses the
@@ -312,16 +280,8 @@ class TestHttp2Upstream(unittest.TestCase):
             slowest = max(slowest, time.monotonic() - t)
         print(f"\n  requests beside a stalled HTTP/2 reader: slowest {slowest * 1000:.0f} ms")
         self.assertLess(slowest, 2.0)
-        got = bytearray()
-        sock.settimeout(20)
-        while True:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            got += chunk
-        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        head, body = harness.read_answer(sock)
         self.assertIn(b" 200 ", head.split(b"\r\n")[0], head[:200])
-        self.assertNotIn(b"chunked", head.lower(), "Content-Length expected from the mock")
         self.assertEqual(len(body), size)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(size)).digest())
 
@@ -334,30 +294,16 @@ class ConnectProxy:
     line and every byte it carried towards the upstream."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
+        self.sock, self.port = harness.listen_local()
         self.lock = threading.Lock()
         self.requests, self.carried = [], bytearray()
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.tunnel, args=(c,), daemon=True).start()
+        harness.serve_connections(self.sock, self.tunnel)
 
     def tunnel(self, c):
         with c:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = c.recv(4096)
-                if not data:
-                    return
-                head += data
+            head = harness.read_head(c)
+            if head is None:
+                return
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             with self.lock:
                 self.requests.append(line)
