@@ -11,7 +11,8 @@
 
 enum {
     DROP_REQ  = 1,  /* never forwarded upstream */
-    DROP_RESP = 2   /* never relayed to the client */
+    DROP_RESP = 2,  /* never relayed to the client */
+    RENAME_RESP = 4 /* relayed under UPSTREAM_ID instead */
 };
 
 struct header_rule {
@@ -26,7 +27,9 @@ static const struct header_rule header_rules[] = {
     { "content-length",      DROP_REQ },              /* libcurl frames the upstream body; relayed back so a cut body looks cut */
     { "content-type",        DROP_REQ },              /* taken from CONTENT_TYPE */
     { "expect",              DROP_REQ },
-    { "x-request-id",        DROP_REQ | DROP_RESP },  /* piapi sets its own */
+    /* piapi sets its own; the provider's id (what its support asks for)
+     * reaches the client under another name */
+    { "x-request-id",        DROP_REQ | RENAME_RESP },
     { "connection",          DROP_REQ | DROP_RESP },
     { "keep-alive",          DROP_REQ | DROP_RESP },
     { "te",                  DROP_REQ | DROP_RESP },
@@ -60,9 +63,19 @@ static unsigned rule_flags(const char *name, size_t len)
     return 0;
 }
 
-int piapi_headers_response_allowed(const char *name, size_t len)
+#define UPSTREAM_ID "X-Upstream-Request-ID"
+
+const char *piapi_headers_response_name(const char *name, size_t len, size_t *out_len)
 {
-    return !(rule_flags(name, len) & DROP_RESP);
+    unsigned f = rule_flags(name, len);
+    if (f & DROP_RESP)
+        return NULL;
+    if (f & RENAME_RESP) {
+        *out_len = sizeof UPSTREAM_ID - 1;
+        return UPSTREAM_ID;
+    }
+    *out_len = len;
+    return name;
 }
 
 const char *piapi_headers_param(char **envp, const char *name, int *count)

@@ -293,8 +293,9 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     const char *colon = memchr(data, ':', len);
     if (!colon)
         return n;
-    size_t name_len = (size_t)(colon - data);
-    if (!piapi_headers_response_allowed(data, name_len))
+    size_t name_len = (size_t)(colon - data), out_len;
+    const char *out = piapi_headers_response_name(data, name_len, &out_len);
+    if (!out)
         return n;
     if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
         const char *v = colon + 1;
@@ -304,7 +305,8 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
         x->encoded = 1;
     }
-    piapi_buf_append(h, data, len);
+    piapi_buf_append(h, out, out_len);
+    piapi_buf_append(h, colon, len - name_len);
     piapi_buf_puts(h, "\r\n");
     return n;
 }

@@ -42,8 +42,9 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
                           const char *provider_key, const char *request_id,
                           struct curl_slist **out, const char **why);
 
-/* 1 when an upstream response header may be relayed to the client. */
-int piapi_headers_response_allowed(const char *name, size_t len);
+/* The name under which an upstream response header reaches the client
+ * (name itself, or a replacement, *out_len long), or NULL: not relayed. */
+const char *piapi_headers_response_name(const char *name, size_t len, size_t *out_len);
 
 /* Value of FastCGI param `name`; *count gets how many times it appears
  * (nginx passes repeated headers as repeated params). NULL when absent. */

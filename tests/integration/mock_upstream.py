@@ -40,6 +40,9 @@ them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
     .../big?bytes=N               200 with big_content(N)
     anything else                 like echo (or a JSON 404 in strict mode)
 
+Every recorded request's answer carries `x-request-id: req_mock_<seq>`, as
+OpenAI's answers carry an id of their own.
+
 It also speaks enough of the real provider APIs for real clients (Claude
 Code, Codex CLI, the openai and @anthropic-ai/sdk SDKs). Every answer's text
 is ANSWER ("PIAPI-MOCK-ANSWER-42"), sent as several deltas when streamed:
@@ -174,6 +177,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "piapi-mock/1"
     conn_id = None          # set on the first non-control request
+    answer_id = None        # x-request-id of the answer, as OpenAI sends one
     counted_open = False
 
     def log_message(self, fmt, *args):
@@ -226,6 +230,11 @@ class Handler(BaseHTTPRequestHandler):
         if length:
             return self.rfile.read(int(length))
         return b""
+
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        if self.answer_id and not self.path.startswith("/__mock/"):
+            self.send_header("x-request-id", self.answer_id)
 
     def send_bytes(self, status, body, ctype="application/json", extra=()):
         self.send_response(status)
@@ -332,11 +341,13 @@ class Handler(BaseHTTPRequestHandler):
             self.counted_open = True
         t = time.time()
         self.body = self.read_body()
-        st.add_request({
+        rec = {
             "conn": self.conn_id, "t": t, "method": self.command, "path": raw_path,
             "headers": [[k, v] for k, v in self.headers.items()],
             "body_b64": base64.b64encode(self.body).decode(), "body_len": len(self.body),
-        })
+        }
+        st.add_request(rec)
+        self.answer_id = "req_mock_%d" % rec["seq"]
         query = dict(urllib.parse.parse_qsl(query_s, keep_blank_values=True))
         segs = [s for s in path.split("/") if s]
         api = self.api_endpoint(segs)

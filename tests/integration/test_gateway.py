@@ -362,6 +362,9 @@ class GatewayChecks:
         generated = r.header("X-Request-ID")
         self.assertTrue(generated, "2xx without X-Request-ID")
         self.assertEqual(header_values(self.upstream()[0]["headers"], "X-Request-ID"), [generated])
+        # the provider's own id (the mock sends req_mock_<n>) keeps a name of its own
+        self.assertEqual(header_values(r.headers, "X-Request-ID"), [generated], r.headers)
+        self.assertEqual(header_values(r.headers, "X-Upstream-Request-ID"), ["req_mock_0"], r.headers)
         self.stack.mock.reset()
         r = self.req("GET", "/piapi/cx/v1/models", [bearer(ALICE), ("X-Request-ID", "abc-123")])
         self.assertEqual(r.status, 200, r)

@@ -154,18 +154,31 @@ static void test_forward_rejects(void)
 
 static void test_response_policy(void)
 {
-    static const struct { const char *name; int allowed; } cases[] = {
-        { "Content-Type", 1 }, { "content-encoding", 1 }, { "Cache-Control", 1 },
-        { "request-id", 1 }, { "anthropic-ratelimit-requests-limit", 1 },
-        { "Set-Cookie", 1 }, { "Connection", 0 }, { "Keep-Alive", 0 },
-        { "Transfer-Encoding", 0 }, { "TE", 0 }, { "Trailer", 0 }, { "Upgrade", 0 },
-        { "Proxy-Authenticate", 0 }, { "Status", 0 }, { "X-Accel-Redirect", 0 },
-        { "X-Accel-Buffering", 0 }, { "X-Sendfile", 0 }, { "Content-Length", 1 },
-        { "X-Request-ID", 0 },
+    /* out: the name the client sees; NULL: not relayed; "" : unchanged */
+    static const struct { const char *name, *out; } cases[] = {
+        { "Content-Type", "" }, { "content-encoding", "" }, { "Cache-Control", "" },
+        { "request-id", "" }, { "anthropic-ratelimit-requests-limit", "" },
+        { "Set-Cookie", "" }, { "Connection", NULL }, { "Keep-Alive", NULL },
+        { "Transfer-Encoding", NULL }, { "TE", NULL }, { "Trailer", NULL },
+        { "Upgrade", NULL }, { "Proxy-Authenticate", NULL }, { "Status", NULL },
+        { "X-Accel-Redirect", NULL }, { "X-Accel-Buffering", NULL },
+        { "X-Sendfile", NULL }, { "Content-Length", "" },
+        { "X-Request-ID", "X-Upstream-Request-ID" }, { "x-request-id", "X-Upstream-Request-ID" },
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        CU_ASSERT_EQUAL(piapi_headers_response_allowed(cases[i].name, strlen(cases[i].name)),
-                        cases[i].allowed);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        size_t n = strlen(cases[i].name), out_len = 0;
+        const char *out = piapi_headers_response_name(cases[i].name, n, &out_len);
+        if (!cases[i].out) {
+            CU_ASSERT_PTR_NULL(out);
+        } else if (!cases[i].out[0]) {
+            CU_ASSERT_PTR_EQUAL(out, cases[i].name);
+            CU_ASSERT_EQUAL(out_len, n);
+        } else {
+            CU_ASSERT_PTR_NOT_NULL_FATAL(out);
+            CU_ASSERT_EQUAL(out_len, strlen(cases[i].out));
+            CU_ASSERT(strncmp(out, cases[i].out, out_len) == 0);
+        }
+    }
 }
 
 static void test_client_keys(void)
