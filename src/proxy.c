@@ -297,13 +297,17 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     const char *out = piapi_headers_response_name(data, name_len, &out_len);
     if (!out)
         return n;
+    const char *v = colon + 1;
+    while (v < data + len && *v == ' ')
+        v++;
     if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
-        const char *v = colon + 1;
-        while (*v == ' ')
-            v++;
         x->event_stream = strncasecmp(v, "text/event-stream", 17) == 0;
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
         x->encoded = 1;
+    } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
+               (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
+        snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s",
+                 (int)(data + len - v), v);
     }
     piapi_buf_append(h, out, out_len);
     piapi_buf_append(h, colon, len - name_len);

@@ -369,6 +369,15 @@ static size_t path_len(const char *uri)
     return qm ? (size_t)(qm - uri) : strlen(uri);
 }
 
+/* Text libcurl or the upstream wrote (never a header value of ours, nor
+ * the query): checked all the same, as a key must never reach a log line. */
+static void log_foreign(struct piapi_log_line *l, const char *name, const char *text,
+                        const struct request *q)
+{
+    if (text[0] && !(q->user && strstr(text, q->user->key->value)))
+        piapi_log_str(l, name, text);
+}
+
 static void log_request(struct request *q, enum piapi_log_level level,
                         double latency)
 {
@@ -397,11 +406,9 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
     if (q->error)
         piapi_log_str(&l, "error", q->error);
-    /* libcurl names hosts and reasons, never header values or a query;
-     * checked all the same, as a key must never reach a log line. */
-    const char *detail = q->x.error_detail;
-    if (q->error && detail[0] && !(q->user && strstr(detail, q->user->key->value)))
-        piapi_log_str(&l, "error_detail", detail);
+    if (q->error)
+        log_foreign(&l, "error_detail", q->x.error_detail, q);
+    log_foreign(&l, "upstream_request_id", q->x.upstream_id, q);
     piapi_log_end_batched(&l);
 }
 

@@ -49,6 +49,9 @@ struct piapi_transfer {
     /* libcurl's own account of a failed transfer, for the log ("Failed to
      * connect to ... port 443", "SSL certificate problem: ..."), or "". */
     char error_detail[256];
+    /* The provider's id of its answer (x-request-id, request-id), for the
+     * log: what its support asks for. "" when it sent none. */
+    char upstream_id[96];
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls

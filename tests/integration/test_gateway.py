@@ -365,6 +365,9 @@ class GatewayChecks:
         # the provider's own id (the mock sends req_mock_<n>) keeps a name of its own
         self.assertEqual(header_values(r.headers, "X-Request-ID"), [generated], r.headers)
         self.assertEqual(header_values(r.headers, "X-Upstream-Request-ID"), ["req_mock_0"], r.headers)
+        line = self.stack.wait_log(lambda l: l.get("request_id") == generated and "status" in l)
+        self.assertIsNotNone(line, "no log line for " + generated)
+        self.assertEqual(line.get("upstream_request_id"), "req_mock_0", line)
         self.stack.mock.reset()
         r = self.req("GET", "/piapi/cx/v1/models", [bearer(ALICE), ("X-Request-ID", "abc-123")])
         self.assertEqual(r.status, 200, r)
