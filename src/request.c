@@ -404,10 +404,10 @@ static void log_request(struct request *q, enum piapi_log_level level,
         piapi_log_double(&l, "ttfb_ms", q->ttfb * 1000.0);
     piapi_log_int(&l, "bytes_in", (int64_t)q->bytes_in);
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
-    if (q->error)
+    if (q->error) {
         piapi_log_str(&l, "error", q->error);
-    if (q->error)
         log_foreign(&l, "error_detail", q->x.error_detail, q);
+    }
     log_foreign(&l, "upstream_request_id", q->x.upstream_id, q);
     piapi_log_end_batched(&l);
 }
