@@ -403,7 +403,6 @@ static void run_posts(void)
     }
 }
 
-
 static void take_submitted(void)
 {
     struct lxfer *q = atomic_exchange(&loop.queue, NULL);

@@ -23,6 +23,7 @@ import unittest
 
 import harness
 from mock_upstream import ANSWER, big_content
+from test_gateway import bearer
 
 MEMBER = "piapi-user-alice-Tl5sUp7Kq2"
 PROVIDER_KEY = "sk-openai-tls-9c4e1a7b3d"
@@ -46,10 +47,6 @@ def tls_config(stack):
         ],
         "settings": {"caFile": str(stack.tls["ca"]), "headerTimeoutMs": 3000},
     }
-
-
-def bearer(key):
-    return ("Authorization", "Bearer " + key)
 
 
 class UpstreamChecks:
@@ -126,7 +123,6 @@ class TestTlsUpstream(UpstreamChecks, unittest.TestCase):
         self.assertIsNotNone(line, "no log line for the refused upstream")
         self.assertEqual(line.get("error"), "tls", line)
         self.assertIn("localhost", line.get("error_detail", ""), line)
-
 
 
 # ------------------------------------------------------------ HTTP/2 ----
@@ -284,7 +280,6 @@ class TestHttp2Upstream(UpstreamChecks, unittest.TestCase):
         self.assertIn(b" 200 ", head.split(b"\r\n")[0], head[:200])
         self.assertEqual(len(body), size)
         self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(big_content(size)).digest())
-
 
 
 # ------------------------------------------------------ egress proxy ----
