@@ -10,8 +10,9 @@ PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
 if [ "${1:-}" = test ]; then
     # promtool (prometheus) checks the exposition; node runs the real
     # clients (Debian's nodejs only where no node is installed already).
-    # openssl makes the test CA of the HTTPS upstream tests.
-    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus openssl"
+    # openssl makes the test CA of the HTTPS upstream tests; strace watches
+    # the event loop's syscalls (test_upstream_cache).
+    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus openssl strace"
     command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
 fi
 [ -n "${PIAPI_EXTRA_PKGS:-}" ] && PKGS="$PKGS $PIAPI_EXTRA_PKGS"

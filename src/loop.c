@@ -37,6 +37,11 @@
  * transfer runs: a timer fires up to SWEEP_MAX_S late. */
 #define SWEEP_MIN_S 0.010
 #define SWEEP_MAX_S 0.050
+/* libcurl 7.88 checks every idle connection of a cache (a poll() each) at
+ * most once a second, for as long as one may be reused: its default
+ * CURLOPT_MAXAGE_CONN, 118 s. See prune(). */
+#define PRUNE_EVERY_S 1.0
+#define PRUNE_FOR_S 120.0
 #define EVENTS_MAX 64
 
 /* What an epoll registration points at; each owner starts with it. */
@@ -51,6 +56,11 @@ struct origin {
     char key[ORIGIN_KEY_MAX];   /* the URL up to its path */
     CURLM *multi;
     double deadline;            /* libcurl's timer; < 0: none */
+    double used_at;             /* a transfer last started */
+    double pruned_at;           /* libcurl last pruned the cache, or later */
+    int prunes;                 /* a transfer started that prunes */
+    int pruning;                /* the pruner is in the multi handle */
+    CURL *pruner;               /* see prune() */
 };
 
 struct lxfer {
@@ -239,6 +249,7 @@ static struct origin *origin_for(const char *url)
     memcpy(o->key, url, n);
     o->key[n] = '\0';
     o->deadline = -1;
+    o->used_at = o->pruned_at = -HUGE_VAL;
     curl_multi_setopt(o->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
     curl_multi_setopt(o->multi, CURLMOPT_SOCKETDATA, o);
     curl_multi_setopt(o->multi, CURLMOPT_TIMERFUNCTION, on_timer);
@@ -334,6 +345,9 @@ static void start(struct lxfer *lx)
     xfer_setup(x);
     curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
     lx->o = origin_for(x->t->url);
+    lx->o->used_at = piapi_now_mono();
+    if (lx->o->used_at >= lx->o->pruned_at + PRUNE_EVERY_S)
+        lx->o->prunes = 1;
 
     lx->prev = NULL;
     lx->next = loop.running;
@@ -422,16 +436,60 @@ static void take_submitted(void)
     }
 }
 
-/* libcurl's timers that are due, a few rounds at most per origin. */
+/* When the prune of an origin's cache is due and no transfer has run it.
+ * < 0: none is. */
+static double prune_due(const struct origin *o)
+{
+    if (o->pruning || o->used_at + PRUNE_FOR_S < o->pruned_at)
+        return -1;
+    return o->pruned_at + PRUNE_EVERY_S;
+}
+
+/* libcurl prunes an origin's cache (one poll() per idle connection: 1 to
+ * 3 ms for the 256 a burst of streams leaves) on the path of the first
+ * transfer to start a second or more after the last prune. A request
+ * that comes after a pause would pay for it before its upstream request
+ * goes out. So when a prune is due and no transfer has started, the loop
+ * starts one that runs the prune and nothing else: it needs a connection,
+ * and the one it asks for (a UNIX socket at /dev/null, which no cached
+ * connection matches and no proxy applies to) fails at once. */
+static void prune(struct origin *o)
+{
+    o->prunes = 1;  /* done, or tried: the next try is a second away */
+    if (!o->pruner) {
+        char url[ORIGIN_KEY_MAX + 1];
+        snprintf(url, sizeof url, "%s/", o->key);
+        o->pruner = curl_easy_init();
+        if (!o->pruner)
+            return;
+        curl_easy_setopt(o->pruner, CURLOPT_URL, url);
+        curl_easy_setopt(o->pruner, CURLOPT_UNIX_SOCKET_PATH, "/dev/null");
+        curl_easy_setopt(o->pruner, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(o->pruner, CURLOPT_CONNECTTIMEOUT_MS, 1000L);
+    }
+    if (curl_multi_add_handle(o->multi, o->pruner) == CURLM_OK)
+        o->pruning = 1;
+}
+
+/* libcurl's timers that are due, a few rounds at most per origin. A
+ * transfer started since the last round runs its first steps here, the
+ * prune among them. */
 static void run_timers(void)
 {
     for (unsigned i = 0; i < loop.norigins; i++) {
         struct origin *o = &loop.origins[i];
+        double due = prune_due(o);
+        if (!o->prunes && due >= 0 && due <= piapi_now_mono())
+            prune(o);
         for (int rounds = 0; rounds < 4; rounds++) {
             if (o->deadline < 0 || o->deadline > piapi_now_mono())
                 break;
             o->deadline = -1;
             curl_act(o, CURL_SOCKET_TIMEOUT, 0);
+        }
+        if (o->prunes) {  /* now, or a moment ago: never too early */
+            o->pruned_at = piapi_now_mono();
+            o->prunes = 0;
         }
     }
 }
@@ -439,11 +497,17 @@ static void run_timers(void)
 static void reap_done(void)
 {
     for (unsigned i = 0; i < loop.norigins; i++) {
+        struct origin *o = &loop.origins[i];
         CURLMsg *m;
         int left;
-        while ((m = curl_multi_info_read(loop.origins[i].multi, &left))) {
+        while ((m = curl_multi_info_read(o->multi, &left))) {
             if (m->msg != CURLMSG_DONE)
                 continue;
+            if (m->easy_handle == o->pruner) {
+                curl_multi_remove_handle(o->multi, o->pruner);
+                o->pruning = 0;
+                continue;
+            }
             struct lxfer *lx = NULL;
             CURLcode rc = m->data.result;
             curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&lx);
@@ -530,6 +594,9 @@ static int wait_ms(double now)
     double until = loop.next_sweep;
     for (unsigned i = 0; i < loop.norigins; i++) {
         double d = loop.origins[i].deadline;
+        if (d >= 0 && d < until)
+            until = d;
+        d = prune_due(&loop.origins[i]);
         if (d >= 0 && d < until)
             until = d;
     }
@@ -749,8 +816,14 @@ void piapi_loop_stop(void)
     pthread_join(loop.thread, NULL);
     while (loop.nspare)
         curl_easy_cleanup(loop.spare[--loop.nspare]);
-    for (unsigned i = 0; i < loop.norigins; i++)
-        curl_multi_cleanup(loop.origins[i].multi);
+    for (unsigned i = 0; i < loop.norigins; i++) {
+        struct origin *o = &loop.origins[i];
+        if (o->pruning)
+            curl_multi_remove_handle(o->multi, o->pruner);
+        curl_multi_cleanup(o->multi);
+        if (o->pruner)
+            curl_easy_cleanup(o->pruner);
+    }
     loop.norigins = 0;
     for (size_t i = 0; i < loop.nsocks; i++)
         free(loop.socks[i]);
