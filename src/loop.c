@@ -117,6 +117,7 @@ static struct {
     struct origin origins[ORIGINS_MAX];
     unsigned norigins;
     long cache_max;             /* CURLMOPT_MAXCONNECTS of each */
+    int can_prune;              /* see prune() */
     size_t budget;              /* see xfer.budget; from the first socket */
 
     /* Submissions: a lock-free stack, newest first. The loop takes all
@@ -440,7 +441,7 @@ static void take_submitted(void)
  * < 0: none is. */
 static double prune_due(const struct origin *o)
 {
-    if (o->pruning || o->used_at + PRUNE_FOR_S < o->pruned_at)
+    if (!loop.can_prune || o->pruning || o->used_at + PRUNE_FOR_S < o->pruned_at)
         return -1;
     return o->pruned_at + PRUNE_EVERY_S;
 }
@@ -462,8 +463,8 @@ static void prune(struct origin *o)
         o->pruner = curl_easy_init();
         if (!o->pruner)
             return;
-        curl_easy_setopt(o->pruner, CURLOPT_URL, url);
         curl_easy_setopt(o->pruner, CURLOPT_UNIX_SOCKET_PATH, "/dev/null");
+        curl_easy_setopt(o->pruner, CURLOPT_URL, url);
         curl_easy_setopt(o->pruner, CURLOPT_NOSIGNAL, 1L);
         curl_easy_setopt(o->pruner, CURLOPT_CONNECTTIMEOUT_MS, 1000L);
     }
@@ -784,6 +785,8 @@ int piapi_loop_start(unsigned max_transfers, int listen_fd, void (*ready)(int fd
 {
     loop.next_sweep = piapi_now_mono() + POLL_SLICE_MS / 1000.0;
     loop.cache_max = max_transfers < CACHE_MAX ? (long)max_transfers : CACHE_MAX;
+    /* Without them the pruner would reach the origin. */
+    loop.can_prune = (curl_version_info(CURLVERSION_NOW)->features & CURL_VERSION_UNIX_SOCKETS) != 0;
     loop.epfd = epoll_create1(EPOLL_CLOEXEC);
     loop.evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (loop.epfd < 0 || loop.evfd < 0) {
