@@ -99,6 +99,8 @@ class TestIdleConnectionCheck(unittest.TestCase):
         self.assertLessEqual(sum(n > PATH_POLLS for n in per_request), 1, per_request)
         # The check itself still runs: every idle connection, once a second.
         self.assertGreaterEqual(others, BURST)
+        # ...and the transfer that runs it never reaches the upstream.
+        self.assertEqual(len(s.mock.requests()), BURST + REQUESTS)
 
 
 if __name__ == "__main__":
