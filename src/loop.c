@@ -58,7 +58,7 @@ struct origin {
     double deadline;            /* libcurl's timer; < 0: none */
     double used_at;             /* a transfer last started */
     double pruned_at;           /* libcurl last pruned the cache, or later */
-    int prunes;                 /* a transfer started that prunes */
+    int pruned_now;             /* a transfer of this round runs the prune */
     int pruning;                /* the pruner is in the multi handle */
     CURL *pruner;               /* see prune() */
 };
@@ -345,10 +345,10 @@ static void start(struct lxfer *lx)
     x->queued = on_queued;
     xfer_setup(x);
     curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
-    lx->o = origin_for(x->t->url);
-    lx->o->used_at = piapi_now_mono();
-    if (lx->o->used_at >= lx->o->pruned_at + PRUNE_EVERY_S)
-        lx->o->prunes = 1;
+    struct origin *o = lx->o = origin_for(x->t->url);
+    o->used_at = piapi_now_mono();
+    if (o->used_at >= o->pruned_at + PRUNE_EVERY_S)
+        o->pruned_now = 1;
 
     lx->prev = NULL;
     lx->next = loop.running;
@@ -356,7 +356,7 @@ static void start(struct lxfer *lx)
         lx->next->prev = lx;
     loop.running = lx;
     loop.nrunning++;
-    curl_multi_add_handle(lx->o->multi, x->easy);
+    curl_multi_add_handle(o->multi, x->easy);
     lower_sweep(x->start + SWEEP_MAX_S);
 }
 
@@ -456,7 +456,7 @@ static double prune_due(const struct origin *o)
  * connection matches and no proxy applies to) fails at once. */
 static void prune(struct origin *o)
 {
-    o->prunes = 1;  /* done, or tried: the next try is a second away */
+    o->pruned_now = 1;  /* done, or tried: the next try is a second away */
     if (!o->pruner) {
         char url[ORIGIN_KEY_MAX + 1];
         snprintf(url, sizeof url, "%s/", o->key);
@@ -480,7 +480,7 @@ static void run_timers(void)
     for (unsigned i = 0; i < loop.norigins; i++) {
         struct origin *o = &loop.origins[i];
         double due = prune_due(o);
-        if (!o->prunes && due >= 0 && due <= piapi_now_mono())
+        if (!o->pruned_now && due >= 0 && due <= piapi_now_mono())
             prune(o);
         for (int rounds = 0; rounds < 4; rounds++) {
             if (o->deadline < 0 || o->deadline > piapi_now_mono())
@@ -488,9 +488,9 @@ static void run_timers(void)
             o->deadline = -1;
             curl_act(o, CURL_SOCKET_TIMEOUT, 0);
         }
-        if (o->prunes) {  /* now, or a moment ago: never too early */
+        if (o->pruned_now) {  /* now, or a moment ago: never too early */
             o->pruned_at = piapi_now_mono();
-            o->prunes = 0;
+            o->pruned_now = 0;
         }
     }
 }
