@@ -15,12 +15,14 @@
  * Everything a snapshot points to lives in one arena, so releasing it is
  * "wipe every block, free every block": secrets cannot be missed. */
 #include "piapi/config.h"
+#include "piapi/sha256.h"
 #include "piapi/util.h"
 
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -246,7 +248,7 @@ struct ctx {
     struct strset prov_keys;   /* group provider: key name → key index */
     struct strset svc_types;   /* group provider: type → line */
     struct strset user_names;  /* name → line */
-    struct strset user_keys;   /* apiKey → user index */
+    struct strset user_keys;   /* key digest → user index */
     struct strset secrets;     /* every key value, never to be echoed */
     size_t nodes;
 };
@@ -265,6 +267,7 @@ struct piapi_config {
     const struct piapi_service **svc_tab;
     size_t svc_mask;
     char hash[13];
+    uint64_t external_id;  /* keys read from outside the file (seeded hash) */
 };
 
 static void msgs_add(struct msgs *m, unsigned long line, char *text)
@@ -1175,6 +1178,116 @@ static const struct ynode *get_coll(struct ctx *c, const struct ynode *map,
     return v;
 }
 
+/* ------------------------------------------------------- provider keys */
+
+#define MAX_KEY_FILE 16384  /* a key is tens of bytes; a certificate is not one */
+
+/* Reads a key file whole into buf (NUL-terminated). Only a regular file:
+ * opening a FIFO or a device must not hang or flood a reload. Returns NULL
+ * on success, else what went wrong (errno's words or our own). */
+static const char *read_key_file(const char *path, char *buf, size_t cap,
+                                 size_t *len)
+{
+    struct stat st;
+    const char *why = NULL;
+    int fd = open(path, O_RDONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+
+    if (fd < 0)
+        return strerror(errno);
+    if (fstat(fd, &st) != 0)
+        why = strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+        why = "not a regular file";
+    else if ((uint64_t)st.st_size >= cap)
+        why = "larger than 16 KiB";
+    *len = 0;
+    while (!why && *len < cap - 1) {
+        ssize_t n = read(fd, buf + *len, cap - 1 - *len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            why = strerror(errno);
+        if (n <= 0)
+            break;
+        *len += (size_t)n;
+    }
+    close(fd);
+    buf[*len] = '\0';
+    return why;
+}
+
+/* `env:NAME`, `file:PATH` and `credential:NAME` (systemd LoadCredential=,
+ * read from $CREDENTIALS_DIRECTORY) take the key from outside the file, at
+ * every load, so a secret store never has to be copied into config.yaml.
+ * Messages name the reference, never what it holds. The value is copied
+ * into the arena and every scratch copy is wiped. */
+static const char *external_key(struct ctx *c, const struct ynode *v,
+                                const char *kp)
+{
+    char buf[MAX_KEY_FILE], path[PATH_MAX], shown[SHOW_LEN];
+    const char *ref = v->str, *src = NULL, *why = NULL;
+    size_t len = 0;
+
+    if (strncmp(ref, "env:", 4) == 0) {
+        src = getenv(ref + 4);
+        if (!src || !*src)
+            why = "environment variable is not set or empty";
+        else
+            len = strlen(src);
+    } else {
+        const char *dir = getenv("CREDENTIALS_DIRECTORY");
+        bool cred = strncmp(ref, "credential:", 11) == 0;
+        if (cred && (!dir || !*dir))
+            why = "$CREDENTIALS_DIRECTORY is not set (systemd LoadCredential=)";
+        else if ((size_t)snprintf(path, sizeof path, "%s%s%s", cred ? dir : "",
+                                  cred ? "/" : "", ref + (cred ? 11 : 5)) >= sizeof path)
+            why = "path too long";
+        else if (!(why = read_key_file(path, buf, sizeof buf, &len)))
+            src = buf;
+    }
+    /* Files end with a newline, and `echo` or an editor puts one there. */
+    while (src && len && isspace((unsigned char)src[len - 1]))
+        len--;
+    while (src && len && isspace((unsigned char)*src))
+        src++, len--;
+    const char *out = NULL;
+    if (!why && len == 0)
+        why = "the key it names is empty";
+    else if (!why && has_space_or_ctl(src, len))
+        why = "the key it names contains whitespace or control characters";
+    else if (!why) {
+        out = arena_strndup(&c->cfg->arena, src, len);
+        /* A rotated secret changes what is live while the file's bytes,
+         * and so its public hash, stay the same. */
+        c->cfg->external_id = (c->cfg->external_id ^ piapi_hash(src, len)) *
+                              0x100000001b3ULL;
+    }
+    if (why)
+        err(c, v, kp, "'%s': %s", show(c, shown, ref, v->len), why);
+    explicit_bzero(buf, sizeof buf);
+    return out;
+}
+
+static bool is_key_reference(const struct ynode *v)
+{
+    return v->kind == Y_SCALAR && !v->null && !v->has_nul &&
+           (strncmp(v->str, "env:", 4) == 0 || strncmp(v->str, "file:", 5) == 0 ||
+           strncmp(v->str, "credential:", 11) == 0);
+}
+
+static const char *key_value(struct ctx *c, const struct ynode *v, const char *kp)
+{
+    if (is_key_reference(v))
+        return external_key(c, v, kp);
+    if (v->has_nul || has_space_or_ctl(v->str, v->len)) {
+        /* It goes into a header or a query string verbatim. */
+        err(c, v, kp, "key value must not contain whitespace or control "
+                      "characters");
+        return NULL;
+    }
+    return dup_str(c, v);
+}
+
 static void walk_api_keys(struct ctx *c, const struct ynode *prov,
                           const char *path, size_t pi,
                           struct piapi_provider *out)
@@ -1208,12 +1321,8 @@ static void walk_api_keys(struct ctx *c, const struct ynode *prov,
         } else if (v->null || v->len == 0) {
             /* Not named: "{sk-...}" is a key pasted without a name. */
             err(c, v, mp, "empty key value (entries are <name>: <key>)");
-        } else if (has_space_or_ctl(v->str, v->len)) {
-            /* It goes into a header or a query string verbatim. */
-            err(c, v, kp, "key value must not contain whitespace or control "
-                          "characters");
         } else {
-            key->value = dup_str(c, v);
+            key->value = key_value(c, v, kp);
         }
     }
     out->keys = keys;
@@ -1294,34 +1403,81 @@ static void walk_user_binding(struct ctx *c, const struct ynode *u,
     out->key = &out->provider->keys[ke->val];
 }
 
+/* "sha256:" and 64 hex digits, either case. 0 on success. */
+static int parse_key_hash(const char *s, size_t len,
+                          unsigned char out[PIAPI_SHA256_LEN])
+{
+    static const char prefix[] = "sha256:";
+    const size_t plen = sizeof prefix - 1;
+
+    if (len != plen + 2 * PIAPI_SHA256_LEN || strncmp(s, prefix, plen) != 0)
+        return -1;
+    for (size_t i = 0; i < PIAPI_SHA256_LEN; i++) {
+        int hi = piapi_hex_digit(s[plen + 2 * i]), lo = piapi_hex_digit(s[plen + 2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[i] = (unsigned char)(hi << 4 | lo);
+    }
+    return 0;
+}
+
+/* A member key is kept only as its SHA-256, taken from apiKey or given as
+ * apiKeyHash (a config that never holds the key itself). Exactly one of
+ * the two; duplicates are found across both forms. */
+static void walk_user_key(struct ctx *c, const struct ynode *u,
+                          const char *path, size_t ui, struct piapi_user *out)
+{
+    const struct ynode *plain = map_get(u, "apiKey");
+    const struct ynode *hashed = map_get(u, "apiKeyHash");
+    const char *field = hashed ? "apiKeyHash" : "apiKey";
+    char kp[PATH_LEN];
+
+    path_key(c, kp, path, field, strlen(field));
+    if (plain && hashed) {
+        err(c, hashed, kp, "give apiKey or apiKeyHash, not both");
+        return;
+    }
+    if (!plain && !hashed) {
+        err(c, u, kp, "required field is missing (or apiKeyHash)");
+        return;
+    }
+    const struct ynode *v = get_str(c, u, path, field, REQUIRED);
+    if (!v)
+        return;
+    if (hashed) {
+        if (parse_key_hash(v->str, v->len, out->key_digest) != 0) {
+            err(c, v, kp, "must be \"sha256:\" and 64 hex digits "
+                          "(piapi keygen prints one)");
+            return;
+        }
+    } else if (has_space_or_ctl(v->str, v->len)) {
+        /* Clients send it in a header; it could never match. */
+        err(c, v, kp, "must not contain whitespace or control characters");
+        return;
+    } else {
+        piapi_sha256(v->str, v->len, out->key_digest);
+    }
+    const struct strset_ent *dup = strset_add(&c->user_keys, 0,
+                                              (const char *)out->key_digest,
+                                              PIAPI_SHA256_LEN, ui);
+    if (dup)
+        err(c, v, kp, "same key as users[%zu] (keys must be unique)", dup->val);
+}
+
 static void walk_user(struct ctx *c, const struct ynode *u, size_t ui)
 {
     static const char *const known[] = {
-        "name", "apiKey", "providerName", "providerKeyName",
+        "name", "apiKey", "apiKeyHash", "providerName", "providerKeyName",
     };
     struct piapi_user *out = &c->cfg->users[ui];
-    char path[PATH_LEN], kp[PATH_LEN];
+    char path[PATH_LEN];
 
     path_idx(path, "users", ui);
     if (!expect_kind(c, u, path, Y_MAP))
         return;
-    check_keys(c, u, path, known, 4);
+    check_keys(c, u, path, known, 5);
     out->name = unique_name(c, u, path, &c->user_names, ui, "user", "users");
-
-    const struct ynode *key = get_str(c, u, path, "apiKey", REQUIRED);
-    path_key(c, kp, path, "apiKey", 6);
-    if (key && has_space_or_ctl(key->str, key->len)) {
-        /* Clients send it in a header; it could never match. */
-        err(c, key, kp, "must not contain whitespace or control characters");
-    } else if (key) {
-        const struct strset_ent *dup = strset_add(&c->user_keys, 0, key->str,
-                                                  key->len, ui);
-        if (dup)
-            err(c, key, kp, "same key as users[%zu].apiKey (keys must be unique)",
-                dup->val);
-        out->api_key = dup_str(c, key);
-        out->api_key_len = key->len;
-    }
+    walk_user_key(c, u, path, ui, out);
     walk_user_binding(c, u, path, out);
 }
 
@@ -1363,12 +1519,15 @@ static void collect_secrets(struct ctx *c, const struct ynode *root)
         if (!keys || keys->kind != Y_MAP)
             continue;
         for (const struct ynode *k = keys->first; k && k->next; k = k->next->next)
-            add_secret(c, k->next);
+            if (!is_key_reference(k->next))  /* a reference is no secret */
+                add_secret(c, k->next);
     }
     for (const struct ynode *u = users && users->kind == Y_SEQ ? users->first : NULL;
          u; u = u->next)
-        if (u->kind == Y_MAP)
+        if (u->kind == Y_MAP) {
             add_secret(c, map_get(u, "apiKey"));
+            add_secret(c, map_get(u, "apiKeyHash"));
+        }
 }
 
 static void walk_root(struct ctx *c, const struct ynode *root)
@@ -1414,7 +1573,8 @@ static void build_tables(struct piapi_config *cfg)
     cfg->user_mask = cap - 1;
     for (size_t i = 0; i < cfg->nusers; i++) {
         const struct piapi_user *u = &cfg->users[i];
-        size_t s = (size_t)piapi_hash(u->api_key, u->api_key_len) & cfg->user_mask;
+        size_t s = (size_t)piapi_hash(u->key_digest, PIAPI_SHA256_LEN) &
+                   cfg->user_mask;
         while (cfg->user_tab[s])
             s = (s + 1) & cfg->user_mask;
         cfg->user_tab[s] = u;
@@ -1631,12 +1791,15 @@ void piapi_config_release(struct piapi_config *cfg)
 const struct piapi_user *piapi_config_find_user(const struct piapi_config *cfg,
                                                 const char *key, size_t len)
 {
+    unsigned char digest[PIAPI_SHA256_LEN];
+
     if (!cfg || !key || len == 0)
         return NULL;
-    size_t s = (size_t)piapi_hash(key, len) & cfg->user_mask;
+    piapi_sha256(key, len, digest);
+    size_t s = (size_t)piapi_hash(digest, sizeof digest) & cfg->user_mask;
     for (; cfg->user_tab[s]; s = (s + 1) & cfg->user_mask) {
         const struct piapi_user *u = cfg->user_tab[s];
-        if (piapi_ct_equal(u->api_key, u->api_key_len, key, len))
+        if (piapi_ct_equal(u->key_digest, PIAPI_SHA256_LEN, digest, sizeof digest))
             return u;
     }
     return NULL;
@@ -1667,6 +1830,11 @@ const struct piapi_settings *piapi_config_settings(const struct piapi_config *cf
 const char *piapi_config_hash(const struct piapi_config *cfg)
 {
     return cfg->hash;
+}
+
+bool piapi_config_same(const struct piapi_config *a, const struct piapi_config *b)
+{
+    return strcmp(a->hash, b->hash) == 0 && a->external_id == b->external_id;
 }
 
 void piapi_config_counts(const struct piapi_config *cfg, size_t *providers,

@@ -137,7 +137,7 @@ static void log_success(const char *msg, enum piapi_log_level level,
 }
 
 /* Takes over `cfg`. Swaps it in unless the live snapshot already has the
- * same bytes, in which case in-flight and future requests keep the one they
+ * same bytes and the same outside keys, in which case in-flight and future requests keep the one they
  * have and nothing is logged as reloaded. */
 static void publish_if_changed(struct piapi_config *cfg, const char *trigger)
 {
@@ -147,7 +147,7 @@ static void publish_if_changed(struct piapi_config *cfg, const char *trigger)
     /* Copied out: once published, cfg may be replaced and freed by a
      * publish that does not go through this lock (main's first publish). */
     snprintf(hash, sizeof hash, "%s", piapi_config_hash(cfg));
-    if (cur && strcmp(piapi_config_hash(cur), hash) == 0) {
+    if (cur && piapi_config_same(cur, cfg)) {
         log_success("config unchanged", PIAPI_LOG_INFO, cfg, hash, trigger);
         piapi_config_release(cfg);
     } else {

@@ -15,6 +15,7 @@
 
 #include "piapi/config.h"
 #include "piapi/config_watch.h"
+#include "piapi/keygen.h"
 #include "piapi/listen.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
@@ -39,6 +40,7 @@ static void usage(FILE *f)
     fprintf(f,
         "usage: piapi [--config FILE] [--socket PATH|HOST:PORT] [options]\n"
         "       piapi --check-config [--config FILE]\n"
+        "       piapi keygen [--name NAME]   a new member key and its config lines\n"
         "\n"
         "LLM coding-assistant gateway (FastCGI responder).\n"
         "\n"
@@ -277,8 +279,11 @@ int main(int argc, char **argv)
     struct options o;
     sigset_t set;
     char err[512];
-    int rc = parse_args(argc, argv, &o);
+    int rc;
 
+    if (argc > 1 && strcmp(argv[1], "keygen") == 0)
+        return piapi_keygen_main(argc - 1, argv + 1);
+    rc = parse_args(argc, argv, &o);
     if (rc)
         return rc > 0 ? 0 : 2;
     if (o.check_only)

@@ -78,6 +78,17 @@ int piapi_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out)
     return 0;
 }
 
+int piapi_hex_digit(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 int piapi_ct_equal(const void *a, size_t alen, const void *b, size_t blen)
 {
     const volatile unsigned char *x = a;

@@ -6,8 +6,11 @@
 #ifndef PIAPI_CONFIG_H
 #define PIAPI_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "piapi/sha256.h"
 
 enum piapi_auth_mode {
     PIAPI_AUTH_HEADER,  /* <name>: <prefix><key> */
@@ -44,8 +47,7 @@ struct piapi_provider {
 
 struct piapi_user {
     const char *name;
-    const char *api_key;  /* secret */
-    size_t api_key_len;
+    unsigned char key_digest[PIAPI_SHA256_LEN];  /* of the member's key */
     const struct piapi_provider *provider;
     const struct piapi_provider_key *key;
 };
@@ -91,6 +93,9 @@ piapi_config_find_service(const struct piapi_config *cfg,
 const struct piapi_settings *piapi_config_settings(const struct piapi_config *cfg);
 /* Short hex digest of the file's bytes (12 chars); identifies what is live. */
 const char *piapi_config_hash(const struct piapi_config *cfg);
+/* Same file and same keys read from outside it (env:, file:, credential:):
+ * a reload that changes neither has nothing to swap in. */
+bool piapi_config_same(const struct piapi_config *a, const struct piapi_config *b);
 void piapi_config_counts(const struct piapi_config *cfg, size_t *providers,
                          size_t *services, size_t *users);
 

@@ -18,6 +18,9 @@ char *piapi_xstrndup(const char *s, size_t n);
  * junk, sign, overflow or range error (never partially consumes). */
 int piapi_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out);
 
+/* 0-15 for a hex digit of either case, else -1. */
+int piapi_hex_digit(int c);
+
 /* 1 when equal; time depends only on the lengths, never on the contents. */
 int piapi_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
 

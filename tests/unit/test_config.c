@@ -79,6 +79,13 @@
 /* One user at line 7 given in flow style. */
 #define USER(fields) PROV "users:\n  - {" fields "}\n"
 #define USERF "name: u, apiKey: piapi-SECRET-u, providerName: p, "
+/* A provider at line 2 whose one key `k` is the given value. */
+#define KEYREF(v)                                                     \
+    "providers:\n"                                                    \
+    "  - {name: p, apiKeys: {k: " v "}, "                             \
+    "services: [{type: cx, baseUrl: 'https://h'}]}\n" NOUSERS
+/* SHA-256 of "piapi-SECRET-u", the key USERF gives. */
+#define U_HASH "f284c9e7388784ba7a39a97b98bbc3c7b6af6dd96db982a36adec6a5901ea8dc"
 #define SETTINGS(s) PROV NOUSERS "settings:\n  " s "\n"  /* setting on line 8 */
 
 struct bad_case {
@@ -285,7 +292,44 @@ static const struct bad_case bad[] = {
       { "t.yaml:10: users[0].providerKeyName: key 'k2' not defined for provider 'p'" } },
     { PROV "users:\n  - {" USERF "providerKeyName: k}\n"
       "  - {name: v, apiKey: piapi-SECRET-u, providerName: p, providerKeyName: k}\n",
-      { "t.yaml:8: users[1].apiKey: same key as users[0].apiKey (keys must be unique)" } },
+      { "t.yaml:8: users[1].apiKey: same key as users[0] (keys must be unique)" } },
+    /* ---- users[].apiKeyHash: the same key given as its digest */
+    { PROV "users:\n  - {" USERF "providerKeyName: k}\n"
+      "  - {name: v, apiKeyHash: 'sha256:" U_HASH "', providerName: p, providerKeyName: k}\n",
+      { "t.yaml:8: users[1].apiKeyHash: same key as users[0] (keys must be unique)" } },
+    { PROV "users:\n  - {name: v, apiKeyHash: 'sha256:" U_HASH "', providerName: p, providerKeyName: k}\n"
+      "  - {" USERF "providerKeyName: k}\n",
+      { "t.yaml:8: users[1].apiKey: same key as users[0] (keys must be unique)" } },
+    { USER(USERF "apiKeyHash: 'sha256:" U_HASH "', providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: give apiKey or apiKeyHash, not both" } },
+    { USER("name: u, apiKeyHash: 'sha256:abc', providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must be \"sha256:\" and 64 hex digits" } },
+    { USER("name: u, apiKeyHash: '" U_HASH "', providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must be \"sha256:\" and 64 hex digits" } },
+    { USER("name: u, apiKeyHash: 'sha256:" U_HASH "0', providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must be \"sha256:\" and 64 hex digits" } },
+    { USER("name: u, apiKeyHash: 'sha256:g284c9e7388784ba7a39a97b98bbc3c7b6af6dd96db982a36adec6a5901ea8dc', "
+           "providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must be \"sha256:\" and 64 hex digits" } },
+    { USER("name: u, apiKeyHash: 'SHA256:" U_HASH "', providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must be \"sha256:\" and 64 hex digits" } },
+    { USER("name: u, apiKeyHash: '', providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: must not be empty" } },
+    { USER("name: u, apiKeyHash: [x], providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apiKeyHash: expected a string, got a sequence" } },
+    { USER("name: u, apikeyhash: x, providerName: p, providerKeyName: k"),
+      { "t.yaml:7: users[0].apikeyhash: unknown field; did you mean 'apiKeyHash'?" } },
+    /* ---- provider keys taken from outside the file: never quoted */
+    { KEYREF("'env:PIAPI_TEST_UNSET_VAR'"),
+      { "t.yaml:2: providers[0].apiKeys.k: 'env:PIAPI_TEST_UNSET_VAR': environment variable is not set or empty" } },
+    { KEYREF("'file:/nonexistent/piapi-key'"),
+      { "t.yaml:2: providers[0].apiKeys.k: 'file:/nonexistent/piapi-key': No such file or directory" } },
+    { KEYREF("'file:/'"),
+      { "t.yaml:2: providers[0].apiKeys.k: 'file:/': not a regular file" } },
+    { KEYREF("'file:'"),
+      { "t.yaml:2: providers[0].apiKeys.k: 'file:': No such file or directory" } },
+    { KEYREF("'credential:openai'"),
+      { "t.yaml:2: providers[0].apiKeys.k: 'credential:openai': $CREDENTIALS_DIRECTORY is not set" } },
     { PROV "users:\n  - {" USERF "providerKeyName: k}\n"
       "  - {name: u, apiKey: piapi-SECRET-v, providerName: p, providerKeyName: k}\n",
       { "t.yaml:8: users[1].name: duplicate user name 'u' (first is users[0])" } },
@@ -375,6 +419,8 @@ static const struct bad_case bad[] = {
 
 static void test_bad_table(void)
 {
+    unsetenv("PIAPI_TEST_UNSET_VAR");
+    unsetenv("CREDENTIALS_DIRECTORY");
     for (size_t i = 0; i < NBAD; i++) {
         char *errors = NULL, *warnings = NULL;
         const struct bad_case *c = &bad[i];
@@ -453,7 +499,6 @@ static void test_seed_loads(void)
     const struct piapi_user *bob = piapi_config_find_user(cfg, "piapi-user-bob", 14);
     CU_ASSERT_PTR_NOT_NULL_FATAL(bob);
     CU_ASSERT_STRING_EQUAL(bob->name, "Bob");
-    CU_ASSERT_EQUAL(bob->api_key_len, 14);
     CU_ASSERT_STRING_EQUAL(bob->provider->name, "provider-alpha");
     CU_ASSERT_STRING_EQUAL(bob->key->name, "backup-key");
     CU_ASSERT_STRING_EQUAL(bob->key->value, "sk-alpha-backup");
@@ -597,6 +642,107 @@ static void test_find_user_many(void)
     }
     CU_ASSERT_PTR_NULL(piapi_config_find_user(cfg, "k-300", 5));
     piapi_config_release(cfg);
+}
+
+/* ------------------------------------------------- keys kept as digests */
+
+/* A member given only as apiKeyHash is found by the key itself, in either
+ * hex case, beside members given with apiKey. */
+static void test_key_hash(void)
+{
+    static const char yaml[] = PROV "users:\n"
+        "  - {name: u, apiKeyHash: 'sha256:" U_HASH "', providerName: p, providerKeyName: k}\n"
+        "  - {name: d, apiKeyHash: 'sha256:576D962B6F0E941043FD23D86DB8F8CBAFA419EC383D8CE806E637E4C7DEB3C0', "
+        "providerName: p, providerKeyName: k}\n"
+        "  - {name: e, apiKey: piapi-user-eve, providerName: p, providerKeyName: k}\n";
+    struct piapi_config *cfg = load_ok(yaml, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cfg);
+    static const struct { const char *key, *who; } cases[] = {
+        { "piapi-SECRET-u", "u" }, { "piapi-user-dave", "d" },
+        { "piapi-user-eve", "e" }, { "piapi-SECRET-U", NULL },
+        { U_HASH, NULL },                      /* the digest is no key */
+        { "sha256:" U_HASH, NULL },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const struct piapi_user *u = piapi_config_find_user(cfg, cases[i].key,
+                                                            strlen(cases[i].key));
+        if (!cases[i].who) {
+            CU_ASSERT_PTR_NULL(u);
+        } else {
+            CU_ASSERT_PTR_NOT_NULL(u);
+            if (u)
+                CU_ASSERT_STRING_EQUAL(u->name, cases[i].who);
+        }
+    }
+    piapi_config_release(cfg);
+}
+
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* env:, file: and credential: read the key at load time, trimmed; a
+ * change shows in the next load. */
+static void test_external_keys(void)
+{
+    char dir[] = "/tmp/piapi-keys-XXXXXX", path[64], cred[64], yaml[512];
+    CU_ASSERT_PTR_NOT_NULL_FATAL(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/beta", dir);
+    snprintf(cred, sizeof cred, "%s/gamma", dir);
+    write_file(path, "  sk-from-file\n\n");
+    write_file(cred, "sk-from-credential\r\n");
+    setenv("PIAPI_TEST_KEY", "sk-from-env", 1);
+    setenv("CREDENTIALS_DIRECTORY", dir, 1);
+    snprintf(yaml, sizeof yaml,
+             "providers:\n"
+             "  - name: p\n"
+             "    apiKeys: {a: 'env:PIAPI_TEST_KEY', b: 'file:%s', c: 'credential:gamma', d: sk-literal}\n"
+             "    services: [{type: cx, baseUrl: 'https://h'}]\n"
+             "users:\n"
+             "  - {name: a, apiKey: ua, providerName: p, providerKeyName: a}\n"
+             "  - {name: b, apiKey: ub, providerName: p, providerKeyName: b}\n"
+             "  - {name: c, apiKey: uc, providerName: p, providerKeyName: c}\n"
+             "  - {name: d, apiKey: ud, providerName: p, providerKeyName: d}\n", path);
+    struct piapi_config *cfg = load_ok(yaml, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cfg);
+    static const struct { const char *user, *value; } want[] = {
+        { "ua", "sk-from-env" }, { "ub", "sk-from-file" },
+        { "uc", "sk-from-credential" }, { "ud", "sk-literal" },
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        const struct piapi_user *u = piapi_config_find_user(cfg, want[i].user, 2);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(u);
+        CU_ASSERT_STRING_EQUAL(u->key->value, want[i].value);
+    }
+    piapi_config_release(cfg);
+
+    /* A key that turns empty or gains a space is refused on the next load,
+     * naming the reference only. */
+    write_file(path, "\n");
+    char *errors = NULL;
+    cfg = piapi_config_parse(yaml, strlen(yaml), "t.yaml", &errors, NULL);
+    CU_ASSERT_PTR_NULL(cfg);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
+    CU_ASSERT_PTR_NOT_NULL(strstr(errors, "providers[0].apiKeys.b: 'file:"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(errors, "the key it names is empty"));
+    free(errors);
+    setenv("PIAPI_TEST_KEY", "sk-SECRET with space", 1);
+    cfg = piapi_config_parse(yaml, strlen(yaml), "t.yaml", &errors, NULL);
+    CU_ASSERT_PTR_NULL(cfg);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
+    CU_ASSERT_PTR_NOT_NULL(strstr(errors, "t.yaml:3: providers[0].apiKeys.a: 'env:PIAPI_TEST_KEY': "
+                                          "the key it names contains whitespace"));
+    CU_ASSERT_PTR_NULL(strstr(errors, "SECRET"));
+    free(errors);
+    unsetenv("PIAPI_TEST_KEY");
+    unsetenv("CREDENTIALS_DIRECTORY");
+    unlink(path);
+    unlink(cred);
+    rmdir(dir);
 }
 
 static void test_find_service(void)
@@ -1011,6 +1157,8 @@ static const struct unit_case cases[] = {
     { "user lookup hits and misses", test_find_user },
     { "user lookup with many users", test_find_user_many },
     { "service lookup", test_find_service },
+    { "apiKeyHash: members kept as digests", test_key_hash },
+    { "provider keys from env:, file:, credential:", test_external_keys },
     { "settings defaults and overrides", test_settings },
     { "baseUrl normalisation and http warning", test_base_url },
     { "edge loads", test_edge_loads },
