@@ -1,12 +1,10 @@
-/* Config hot reload: the reload routine (inotify and SIGHUP share it) and
- * the watcher thread.
+/* Config hot reload: the watcher thread.
  *
- * The watcher watches the
- * config file's directory, never the file, because editors, `sed -i`, `mv`
- * and the Kubernetes ConfigMap swap all replace the file's inode and a watch
- * on the file dies with it. Relevant events are debounced into one check;
- * the check reads the file and reloads only when its bytes changed, so a
- * `touch` or a chmod costs one read and no parse. */
+ * It watches the config file's directory, never the file, because editors,
+ * `sed -i`, `mv` and the Kubernetes ConfigMap swap all replace the file's
+ * inode and a watch on the file dies with it. Relevant events are debounced
+ * into one check, handed to the apply path, which reloads only when the
+ * file's bytes changed: a `touch` or a chmod is no reload. */
 #include "piapi/config_watch.h"
 
 #include <errno.h>
@@ -23,7 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "piapi/config.h"
+#include "piapi/config_apply.h"
 #include "piapi/log.h"
 #include "piapi/metrics.h"
 #include "piapi/util.h"
@@ -56,202 +54,11 @@ struct watcher {
     double check_at;     /* debounce deadline, 0 = none pending */
     double burst_start;  /* first event of the pending burst */
     double retry_at;     /* next attempt to re-add the watch, 0 = none */
-    int have_last;       /* last_hash/last_len describe the file */
-    uint64_t last_hash;
-    size_t last_len;
     int missing;         /* "removed" was logged; log it once per removal */
     pthread_t thread;
 };
 
 static struct watcher *g_watcher;  /* start/stop are called from main only */
-static pthread_mutex_t g_reload_lock = PTHREAD_MUTEX_INITIALIZER;
-
-/* ---- reload ------------------------------------------------------------ */
-
-/* Loader messages are newline-separated; a log field wants one line. */
-static void join_lines(struct piapi_buf *out, const char *text)
-{
-    const char *p = text;
-
-    while (*p) {
-        size_t n = strcspn(p, "\n");
-        if (n > 0) {
-            if (out->len > 0)
-                piapi_buf_puts(out, "; ");
-            piapi_buf_append(out, p, n);
-        }
-        p += n;
-        if (*p == '\n')
-            p++;
-    }
-}
-
-static void log_warnings(const char *warnings, const char *trigger)
-{
-    const char *p = warnings;
-
-    while (p && *p) {
-        size_t n = strcspn(p, "\n");
-        struct piapi_log_line l;
-        if (n > 0 && piapi_log_begin(&l, PIAPI_LOG_WARN, "config warning")) {
-            piapi_log_strn(&l, "warning", p, n);
-            piapi_log_str(&l, "trigger", trigger);
-            piapi_log_end(&l);
-        }
-        p += n;
-        if (*p == '\n')
-            p++;
-    }
-}
-
-static void log_failure(const char *errors, const char *trigger)
-{
-    struct piapi_buf joined = { 0 };
-    struct piapi_log_line l;
-
-    join_lines(&joined, errors ? errors : "");
-    if (piapi_log_begin(&l, PIAPI_LOG_ERROR, "config reload failed")) {
-        piapi_log_str(&l, "error", joined.len ? joined.data : "unknown error");
-        piapi_log_str(&l, "trigger", trigger);
-        piapi_log_end(&l);
-    }
-    piapi_buf_dispose(&joined);
-}
-
-static void log_success(const char *msg, enum piapi_log_level level,
-                        const struct piapi_config *cfg, const char *hash,
-                        const char *trigger)
-{
-    size_t providers, services, users;
-    struct piapi_log_line l;
-
-    if (!piapi_log_begin(&l, level, msg))
-        return;
-    piapi_config_counts(cfg, &providers, &services, &users);
-    piapi_log_int(&l, "providers", (int64_t)providers);
-    piapi_log_int(&l, "services", (int64_t)services);
-    piapi_log_int(&l, "users", (int64_t)users);
-    piapi_log_str(&l, "hash", hash);
-    piapi_log_str(&l, "trigger", trigger);
-    piapi_log_end(&l);
-}
-
-/* Takes over `cfg`. Swaps it in unless the live snapshot already has the
- * same bytes and the same outside keys, in which case in-flight and future requests keep the one they
- * have and nothing is logged as reloaded. */
-static void publish_if_changed(struct piapi_config *cfg, const char *trigger)
-{
-    struct piapi_config *cur = piapi_config_current();
-    char hash[64];
-
-    /* Copied out: once published, cfg may be replaced and freed by a
-     * publish that does not go through this lock (main's first publish). */
-    snprintf(hash, sizeof hash, "%s", piapi_config_hash(cfg));
-    if (cur && piapi_config_same(cur, cfg)) {
-        log_success("config unchanged", PIAPI_LOG_INFO, cfg, hash, trigger);
-        piapi_config_release(cfg);
-    } else {
-        log_success("config reloaded", PIAPI_LOG_INFO, cfg, hash, trigger);
-        piapi_config_publish(cfg);
-    }
-    piapi_config_release(cur);
-    /* An unchanged reload is still a successful one (operators count it);
-     * the hash is the live one either way, so the info series stays. */
-    piapi_metrics_config_reload(1, hash);
-}
-
-int piapi_config_reload(const char *path, const char *trigger)
-{
-    char *errors = NULL, *warnings = NULL;
-    int rc = 0;
-
-    /* SIGHUP (main thread) and inotify (watcher) can coincide; two loads
-     * racing to publish could leave the older file live. */
-    pthread_mutex_lock(&g_reload_lock);
-    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings);
-    log_warnings(warnings, trigger);
-    if (!cfg) {
-        log_failure(errors, trigger);
-        piapi_metrics_config_reload(0, NULL);
-        rc = -1;
-        goto out;
-    }
-    publish_if_changed(cfg, trigger);
-out:
-    pthread_mutex_unlock(&g_reload_lock);
-    free(errors);
-    free(warnings);
-    return rc;
-}
-
-/* ---- reading the file -------------------------------------------------- */
-
-/* config.c rejects larger files; hashing past this would only cost memory. */
-#define MAX_READ_BYTES ((size_t)16 << 20)
-
-/* The bytes hold provider and member keys: wiped before the heap reuses
- * them, as config.c does with its copy. */
-static void buf_wipe(struct piapi_buf *b)
-{
-    if (b->data)
-        explicit_bzero(b->data, b->cap);
-    piapi_buf_dispose(b);
-}
-
-/* Doubles b without leaving the old copy readable in freed memory
- * (piapi_buf_reserve would realloc). */
-static void buf_grow_wiped(struct piapi_buf *b)
-{
-    struct piapi_buf nb = { 0 };
-
-    piapi_buf_reserve(&nb, b->cap * 2);
-    piapi_buf_append(&nb, b->data, b->len);
-    buf_wipe(b);
-    *b = nb;
-}
-
-/* Reads the file (up to MAX_READ_BYTES) into b. -1 with errno on failure.
- * O_NONBLOCK and the S_ISREG check keep a FIFO (or a device) at the path
- * from hanging the watcher, which would also hang stop(). */
-static int read_file(const char *path, struct piapi_buf *b)
-{
-    struct stat st;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    int saved;
-
-    if (fd < 0)
-        return -1;
-    if (fstat(fd, &st) < 0)
-        goto fail;
-    if (!S_ISREG(st.st_mode)) {
-        errno = EINVAL;
-        goto fail;
-    }
-    /* Sized from fstat, so the usual read needs no growing at all. */
-    piapi_buf_reserve(b, (size_t)st.st_size < MAX_READ_BYTES
-                             ? (size_t)st.st_size + 1 : MAX_READ_BYTES);
-    while (b->len < MAX_READ_BYTES) {
-        if (b->len + 1 >= b->cap)
-            buf_grow_wiped(b);
-        ssize_t n = read(fd, b->data + b->len, b->cap - b->len - 1);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            goto fail;
-        if (n == 0)
-            break;
-        b->len += (size_t)n;
-        b->data[b->len] = '\0';
-    }
-    close(fd);
-    return 0;
-fail:
-    saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
-}
-
 /* ---- the watcher thread ------------------------------------------------ */
 
 static void log_path(enum piapi_log_level level, const char *msg,
@@ -271,9 +78,6 @@ static void log_path(enum piapi_log_level level, const char *msg,
  * whole point: a deleted file must not take the gateway down. */
 static void file_unreadable(struct watcher *w, int err)
 {
-    /* Forget the old bytes: a recreated file with the same content still
-     * goes through reload, which reports it as unchanged. */
-    w->have_last = 0;
     if (err == ENOENT || err == ENOTDIR) {
         if (!w->missing)
             log_path(PIAPI_LOG_WARN,
@@ -287,33 +91,14 @@ static void file_unreadable(struct watcher *w, int err)
              "path", w->path, err);
 }
 
-/* The debounced check: reload only when the bytes differ from what the
- * watcher last handed to reload (recipe step 4). */
+/* The debounced check: the apply path reads the file and reloads only
+ * when its bytes differ from what it last read. */
 static void check_file(struct watcher *w)
 {
-    struct piapi_buf b = { 0 };
-
-    if (read_file(w->path, &b) < 0) {
+    if (piapi_config_apply(w->path, PIAPI_APPLY_INOTIFY) == PIAPI_APPLY_UNREADABLE)
         file_unreadable(w, errno);
-        goto out;
-    }
-    w->missing = 0;
-    uint64_t h = piapi_hash(b.data ? b.data : "", b.len);
-    if (w->have_last && w->last_hash == h && w->last_len == b.len) {
-        /* touch, chmod, an editor saving without changes: not a reload,
-         * so neither a log line at info nor a reload in the metrics. */
-        log_path(PIAPI_LOG_DEBUG, "config file unchanged; not reloading",
-                 "path", w->path, 0);
-        goto out;
-    }
-    w->have_last = 1;
-    w->last_hash = h;
-    w->last_len = b.len;
-    /* reload() reads the file again itself; if it changed in between, the
-     * change's own event brings us back here with the newer bytes. */
-    piapi_config_reload(w->path, "inotify");
-out:
-    buf_wipe(&b);
+    else
+        w->missing = 0;
 }
 
 static void arm_check(struct watcher *w, double now)
@@ -492,22 +277,6 @@ static struct watcher *watcher_new(const char *path)
     return w;
 }
 
-/* The bytes live now are the ones main loaded before starting us; taking
- * them as the baseline keeps the first `touch` from reloading. (A change
- * between main's load and this read would be missed until the next event
- * or SIGHUP; the window is the few microseconds of start-up.) */
-static void take_baseline(struct watcher *w)
-{
-    struct piapi_buf b = { 0 };
-
-    if (read_file(w->path, &b) == 0) {
-        w->have_last = 1;
-        w->last_hash = piapi_hash(b.data ? b.data : "", b.len);
-        w->last_len = b.len;
-    }
-    buf_wipe(&b);
-}
-
 static int spawn(struct watcher *w, char *err, size_t errlen)
 {
     sigset_t all, old;
@@ -563,8 +332,6 @@ int piapi_config_watch_start(const char *path, char *err, size_t errlen)
                  strerror(errno));
         goto fail;
     }
-    /* After the watch exists, so a change from here on is seen as an event. */
-    take_baseline(w);
     if (spawn(w, err, errlen) < 0)
         goto fail;
     g_watcher = w;

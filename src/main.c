@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "piapi/config.h"
+#include "piapi/config_apply.h"
 #include "piapi/config_watch.h"
 #include "piapi/keygen.h"
 #include "piapi/listen.h"
@@ -149,7 +150,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 static int check_config(const char *path)
 {
     char *errors = NULL, *warnings = NULL;
-    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings);
+    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings, NULL);
     int rc = 0;
 
     if (warnings && *warnings)
@@ -195,7 +196,7 @@ static void signal_loop(const sigset_t *set, const char *config_path)
             continue;
         switch (sig) {
         case SIGHUP:
-            piapi_config_reload(config_path, "sighup");
+            piapi_config_apply(config_path, PIAPI_APPLY_SIGHUP);
             break;
         case SIGUSR1:
             piapi_log_reopen();
@@ -207,38 +208,6 @@ static void signal_loop(const sigset_t *set, const char *config_path)
             return;
         }
     }
-}
-
-static int load_initial_config(const char *path)
-{
-    char *errors = NULL, *warnings = NULL;
-    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings);
-
-    if (warnings && *warnings) {
-        for (char *line = strtok(warnings, "\n"); line; line = strtok(NULL, "\n"))
-            piapi_log_msg(PIAPI_LOG_WARN, "config warning", "warning", line);
-    }
-    free(warnings);
-    if (!cfg) {
-        piapi_log_msg(PIAPI_LOG_ERROR, "config invalid", "error", errors);
-        free(errors);
-        piapi_metrics_config_reload(0, NULL);
-        return -1;
-    }
-    piapi_metrics_config_reload(1, piapi_config_hash(cfg));
-    struct piapi_log_line l;
-    if (piapi_log_begin(&l, PIAPI_LOG_INFO, "config loaded")) {
-        size_t p, s, u;
-        piapi_config_counts(cfg, &p, &s, &u);
-        piapi_log_str(&l, "path", path);
-        piapi_log_int(&l, "providers", (int64_t)p);
-        piapi_log_int(&l, "services", (int64_t)s);
-        piapi_log_int(&l, "users", (int64_t)u);
-        piapi_log_str(&l, "hash", piapi_config_hash(cfg));
-        piapi_log_end(&l);
-    }
-    piapi_config_publish(cfg);
-    return 0;
 }
 
 /* Each request holds up to four descriptors: its FastCGI connection, its
@@ -309,7 +278,7 @@ int main(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     piapi_metrics_init(PIAPI_VERSION);
     rc = 1;
-    if (load_initial_config(o.config) != 0)
+    if (piapi_config_apply(o.config, PIAPI_APPLY_STARTUP) != 0)
         goto out;
     if (FCGX_Init() != 0) {
         piapi_log_msg(PIAPI_LOG_ERROR, "FCGX_Init failed", NULL, NULL);

@@ -64,15 +64,25 @@ struct piapi_settings {
 
 struct piapi_config;
 
+/* What a load read, so the apply path can tell a changed file from a
+ * touch without reading it twice. */
+struct piapi_config_read {
+    bool read;        /* the bytes were read (whether valid or not) */
+    int error;        /* errno when they could not be */
+    size_t len;
+    uint64_t digest;  /* seeded hash of the bytes; never leaves the process */
+};
+
 /* Loads and validates. On success returns a snapshot holding one
  * reference. On failure returns NULL and sets *errors to a malloc'd,
  * newline-separated list of every problem found, each naming the place:
  *   "config.yaml:14: users[1].providerKeyName: key 'x' not defined for provider 'p'"
  * *warnings (may be NULL on either path) lists non-fatal findings such as
  * a world-readable file or plain http to a non-loopback host. The caller
- * frees both strings. */
+ * frees both strings. `rd` (may be NULL) is filled on either path. */
 struct piapi_config *piapi_config_load_file(const char *path, char **errors,
-                                            char **warnings);
+                                            char **warnings,
+                                            struct piapi_config_read *rd);
 /* Same, from memory; `name` prefixes messages instead of a path. */
 struct piapi_config *piapi_config_parse(const char *text, size_t len,
                                         const char *name, char **errors,

@@ -5,7 +5,7 @@
  * that provider, and every service of that provider is found again by
  * (provider, type) with a normalised baseUrl and complete auth.
  *   clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined \
- *       -Iinclude tests/fuzz/fuzz_config.c src/config.c src/util.c -lyaml \
+ *       -Iinclude tests/fuzz/fuzz_config.c src/config*.c src/sha256.c src/util.c -lyaml \
  *       -pthread -o fuzz_config */
 #include <stdint.h>
 #include <stdlib.h>

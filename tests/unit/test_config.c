@@ -1002,7 +1002,7 @@ static void test_load_file(void)
 {
     char *errors = NULL, *warnings = NULL;
     char *path = write_temp(SEED, 0600);
-    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings);
+    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings, NULL);
 
     CU_ASSERT_PTR_NOT_NULL(cfg);
     CU_ASSERT_PTR_NULL(errors);
@@ -1021,7 +1021,7 @@ static void test_load_file(void)
 
     /* Readable by others: loads, with a warning naming the file. */
     chmod(path, 0644);
-    cfg = piapi_config_load_file(path, &errors, &warnings);
+    cfg = piapi_config_load_file(path, &errors, &warnings, NULL);
     CU_ASSERT_PTR_NOT_NULL(cfg);
     CU_ASSERT_PTR_NULL(errors);
     CU_ASSERT_PTR_NOT_NULL_FATAL(warnings);
@@ -1034,7 +1034,7 @@ static void test_load_file(void)
 
     /* Group-readable is how a service user reads it: no warning. */
     chmod(path, 0640);
-    cfg = piapi_config_load_file(path, &errors, &warnings);
+    cfg = piapi_config_load_file(path, &errors, &warnings, NULL);
     CU_ASSERT_PTR_NOT_NULL(cfg);
     CU_ASSERT_PTR_NULL(warnings);
     free(warnings);
@@ -1045,7 +1045,7 @@ static void test_load_file(void)
     fputs("providers: [\n", f);
     fclose(f);
     chmod(path, 0604);
-    cfg = piapi_config_load_file(path, &errors, &warnings);
+    cfg = piapi_config_load_file(path, &errors, &warnings, NULL);
     CU_ASSERT_PTR_NULL(cfg);
     CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
     snprintf(want, sizeof want, "%s:2: (yaml): column", path);
@@ -1056,7 +1056,7 @@ static void test_load_file(void)
     unlink(path);
     free(path);
 
-    cfg = piapi_config_load_file("/nonexistent/piapi.yaml", &errors, &warnings);
+    cfg = piapi_config_load_file("/nonexistent/piapi.yaml", &errors, &warnings, NULL);
     CU_ASSERT_PTR_NULL(cfg);
     CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
     CU_ASSERT_STRING_EQUAL(errors, "/nonexistent/piapi.yaml: cannot open config "
@@ -1064,7 +1064,7 @@ static void test_load_file(void)
     CU_ASSERT_PTR_NULL(warnings);
     free(errors);
 
-    cfg = piapi_config_load_file("/tmp", &errors, &warnings);
+    cfg = piapi_config_load_file("/tmp", &errors, &warnings, NULL);
     CU_ASSERT_PTR_NULL(cfg);
     CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
     CU_ASSERT_STRING_EQUAL(errors, "/tmp: config file is not a regular file");

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "piapi/config.h"
+#include "piapi/config_apply.h"
 #include "piapi/config_watch.h"
 #include "piapi/log.h"
 #include "piapi/metrics.h"
@@ -221,19 +222,12 @@ static void open_log_once(void)
     CU_ASSERT_FATAL(piapi_log_open(log_path, PIAPI_LOG_DEBUG) == 0);
 }
 
-/* Publishes `path` the way main does at start-up, then starts the watcher. */
+/* Applies `path` the way main does at start-up, then starts the watcher. */
 static void start_on(const char *path)
 {
-    char *errors = NULL, *warnings = NULL;
     char err[256] = "";
-    struct piapi_config *cfg = piapi_config_load_file(path, &errors, &warnings);
 
-    if (!cfg)
-        fprintf(stderr, "initial config rejected: %s\n", errors);
-    CU_ASSERT_FATAL(cfg != NULL);
-    free(errors);
-    free(warnings);
-    piapi_config_publish(cfg);
+    CU_ASSERT_FATAL(piapi_config_apply(path, PIAPI_APPLY_STARTUP) == 0);
     CU_ASSERT_FATAL(piapi_config_watch_start(path, err, sizeof err) == 0);
 }
 
@@ -577,7 +571,7 @@ static void test_sighup_unchanged_no_swap(void)
     struct piapi_config *old = piapi_config_current();
     long ok = reload_metric("success");
 
-    CU_ASSERT_EQUAL(piapi_config_reload(cfg_path, "sighup"), 0);
+    CU_ASSERT_EQUAL(piapi_config_apply(cfg_path, PIAPI_APPLY_SIGHUP), 0);
     /* A reload that finds nothing new still counts as a success. */
     CU_ASSERT_EQUAL(reload_metric("success"), ok + 1);
     CU_ASSERT_EQUAL(reloads(), before);
@@ -600,7 +594,7 @@ static void test_sighup_failure(void)
     int failed = count_lines("config reload failed", NULL);
 
     snprintf(missing, sizeof missing, "%s/nope.yaml", dir);
-    CU_ASSERT_EQUAL(piapi_config_reload(missing, "sighup"), -1);
+    CU_ASSERT_EQUAL(piapi_config_apply(missing, PIAPI_APPLY_SIGHUP), -1);
     CU_ASSERT_EQUAL(count_lines("config reload failed", &line), failed + 1);
     CU_ASSERT_FATAL(line != NULL);
     CU_ASSERT_STRING_EQUAL(field_str(line, "trigger"), "sighup");
