@@ -138,6 +138,8 @@ static void walk_settings(struct ctx *c, const struct ynode *map)
             continue;
         }
         setting_store(s, spec, n);
+        if (spec->off == offsetof(struct piapi_settings, sse_keepalive_ms))
+            s->sse_keepalive_explicit = 1;
     }
     walk_ca_file(c, map);
 }

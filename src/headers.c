@@ -78,6 +78,167 @@ const char *piapi_headers_response_name(const char *name, size_t len, size_t *ou
     return name;
 }
 
+/* ---- the provider key in responses ------------------------------------ */
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* The byte %XX at s encodes, or -1. */
+static int pct_byte(const char *s, size_t n)
+{
+    int h, l;
+    if (n < 3 || s[0] != '%' || (h = hexval(s[1])) < 0 || (l = hexval(s[2])) < 0)
+        return -1;
+    return h * 16 + l;
+}
+
+/* Length of s that spells key[0..klen) (each byte raw, %XX or %25XX),
+ * or 0. Tries every spelling of a byte: a '%' in the key is ambiguous. */
+static size_t spelled_at(const char *s, size_t n, const unsigned char *key, size_t klen)
+{
+    if (!klen)
+        return 0;
+    size_t alt[3], na = 0;
+    if (n >= 1 && (unsigned char)s[0] == key[0])
+        alt[na++] = 1;
+    if (pct_byte(s, n) == key[0])
+        alt[na++] = 3;
+    if (n >= 5 && pct_byte(s, n) == '%' && hexval(s[3]) >= 0 && hexval(s[4]) >= 0 &&
+        hexval(s[3]) * 16 + hexval(s[4]) == key[0])
+        alt[na++] = 5;
+    for (size_t i = 0; i < na; i++) {
+        if (klen == 1)
+            return alt[i];
+        size_t rest = spelled_at(s + alt[i], n - alt[i], key + 1, klen - 1);
+        if (rest)
+            return alt[i] + rest;
+    }
+    return 0;
+}
+
+/* First position at or after `from` where the key is spelled; *mlen gets
+ * the spelling's length. n when there is none. */
+static size_t find_key(const struct piapi_secret *k, const char *s, size_t n,
+                       size_t from, size_t *mlen)
+{
+    const unsigned char *key = (const unsigned char *)k->key;
+    for (size_t i = from; i < n; i++) {
+        if ((unsigned char)s[i] != key[0] && s[i] != '%')
+            continue;
+        size_t m = spelled_at(s + i, n - i, key, k->len);
+        if (m) {
+            *mlen = m;
+            return i;
+        }
+    }
+    return n;
+}
+
+int piapi_secret_in(const struct piapi_secret *k, const char *s, size_t n)
+{
+    size_t m;
+    return k && k->key && k->len && find_key(k, s, n, 0, &m) < n;
+}
+
+size_t piapi_secret_redact(const struct piapi_secret *k, const char *s, size_t n,
+                           struct piapi_buf *out)
+{
+    size_t at = 0, count = 0, m = 0;
+    while (k && k->key && k->len && at < n) {
+        size_t i = find_key(k, s, n, at, &m);
+        if (i == n)
+            break;
+        piapi_buf_append(out, s + at, i - at);
+        piapi_buf_puts(out, "REDACTED");
+        at = i + m;
+        count++;
+    }
+    piapi_buf_append(out, s + at, n - at);
+    return count;
+}
+
+/* Where a query parameter's value ends inside a header value: a URL in
+ * Link sits in <>, one in Refresh may be quoted, lists use ',' and ';'. */
+static int ends_param(char c)
+{
+    return strchr("&#<>\"' \t,;", c) != NULL;
+}
+
+/* Appends v with the value of every query parameter named k->param
+ * (after '?', '&' or ';'; the name itself possibly percent-encoded)
+ * replaced by "REDACTED". Returns how many were replaced. */
+static size_t redact_param(const struct piapi_secret *k, const char *v, size_t n,
+                           struct piapi_buf *out)
+{
+    const unsigned char *name = (const unsigned char *)k->param;
+    size_t name_len = strlen(k->param), at = 0, count = 0;
+
+    for (size_t i = 1; name_len && i < n; i++) {
+        char prev = v[i - 1];
+        if (prev != '?' && prev != '&' && prev != ';')
+            continue;
+        size_t m = spelled_at(v + i, n - i, name, name_len);
+        if (!m || i + m >= n || v[i + m] != '=')
+            continue;
+        size_t start = i + m + 1, end = start;
+        while (end < n && !ends_param(v[end]))
+            end++;
+        if (end == start)
+            continue;
+        piapi_buf_append(out, v + at, start - at);
+        piapi_buf_puts(out, "REDACTED");
+        at = end;
+        i = end;
+        count++;
+    }
+    piapi_buf_append(out, v + at, n - at);
+    return count;
+}
+
+static int carries_url(const char *name, size_t len)
+{
+    static const char *const names[] = { "location", "content-location", "link", "refresh" };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strlen(names[i]) == len && strncasecmp(names[i], name, len) == 0)
+            return 1;
+    return 0;
+}
+
+enum piapi_resp_value piapi_headers_response_value(const struct piapi_secret *k,
+                                                   const char *name, size_t name_len,
+                                                   const char *val, size_t val_len,
+                                                   struct piapi_buf *out)
+{
+    if (!k || !k->key || !k->len)
+        return PIAPI_RESP_KEEP;
+    if (!carries_url(name, name_len))
+        return piapi_secret_in(k, name, name_len) || piapi_secret_in(k, val, val_len)
+               ? PIAPI_RESP_DROP : PIAPI_RESP_KEEP;
+    if (!val_len)
+        return PIAPI_RESP_KEEP;
+
+    /* A redirect that keeps the query hands back ?<param>=<key>: the key
+     * goes wherever it shows (a raw '&' in it must not cut it short), then
+     * the parameter's value, whatever it became on the way. */
+    struct piapi_buf tmp = {0};
+    size_t changed = piapi_secret_redact(k, val, val_len, &tmp);
+    piapi_buf_reset(out);
+    if (k->param)
+        changed += redact_param(k, tmp.data, tmp.len, out);
+    else
+        piapi_buf_append(out, tmp.data, tmp.len);
+    piapi_buf_dispose(&tmp);
+    return changed ? PIAPI_RESP_REDACTED : PIAPI_RESP_KEEP;
+}
+
 const char *piapi_headers_param(char **envp, const char *name, int *count)
 {
     size_t n = strlen(name);
@@ -204,6 +365,19 @@ static int listed_in_connection(const char *conn, const char *name, size_t len)
     return 0;
 }
 
+/* Is `name` listed in any of the client's Connection headers? nginx
+ * passes repeated lines as repeated params (lighttpd joins them), and
+ * every line counts. */
+static int listed_in_any_connection(char **envp, const char *name, size_t len)
+{
+    static const char param[] = "HTTP_CONNECTION=";
+    for (char **e = envp; e && *e; e++)
+        if (strncmp(*e, param, sizeof param - 1) == 0 &&
+            listed_in_connection(*e + sizeof param - 1, name, len))
+            return 1;
+    return 0;
+}
+
 static struct curl_slist *append(struct curl_slist *l, const char *line)
 {
     struct curl_slist *n = curl_slist_append(l, line);
@@ -216,7 +390,6 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
                           const char *provider_key, const char *request_id,
                           struct curl_slist **out, const char **why)
 {
-    const char *conn = piapi_headers_param(envp, "HTTP_CONNECTION", NULL);
     const char *auth_name = svc->auth.mode == PIAPI_AUTH_HEADER ? svc->auth.name : NULL;
     struct curl_slist *list = NULL;
     struct piapi_buf line = {0};
@@ -252,7 +425,7 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
             continue;
         if (auth_name && strlen(auth_name) == hlen && strncasecmp(auth_name, hname, hlen) == 0)
             continue;
-        if (conn && listed_in_connection(conn, hname, hlen))
+        if (listed_in_any_connection(envp, hname, hlen))
             continue;
         if (!value_ok(val)) {
             *why = "invalid character in a request header";

@@ -25,6 +25,15 @@
 /* A pool thread reads a body up to this size whole, so that its transfer
  * runs on the event loop too; a larger one it streams itself. */
 #define LOOP_BODY_MAX (8 * 1024 * 1024)
+/* An answer that may echo the provider key (status >= 300, not an event
+ * stream, not encoded) is held whole up to this size and redacted; a
+ * larger one streams unscanned past it. */
+#define HOLD_MAX (64 * 1024)
+/* lighttpd tells piapi nothing when a client leaves: only a write to the
+ * client fails, and lighttpd closes the FastCGI connection at the second
+ * write after the close. Unless the operator chose an interval, pings
+ * this often during silence bound that to about twice this. */
+#define LIGHTTPD_PROBE_MS 500
 
 struct piapi_proxy {
     CURLM *multi;
@@ -256,6 +265,60 @@ static void finish_head(struct piapi_buf *h)
     piapi_buf_puts(h, post);
 }
 
+/* A Content-Length value, or -1 when it is not a plain number. */
+static int64_t parse_length(const char *v, size_t n)
+{
+    int64_t cl = 0;
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    if (!n || n > 18)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9')
+            return -1;
+        cl = cl * 10 + (v[i] - '0');
+    }
+    return cl;
+}
+
+static int send_head(struct xfer *x)
+{
+    struct piapi_buf *h = &x->head;
+    piapi_buf_printf(h, "X-Request-ID: %s\r\n", x->t->request_id);
+    finish_head(h);
+    return client_put(x, h->data, h->len);
+}
+
+/* Whether the body could echo the provider key and can be read for it:
+ * a redirect or an error (never the streamed answers), uncompressed. */
+static int may_echo_key(const struct xfer *x)
+{
+    int st = x->t->status;
+    return x->secret.len && st >= 300 && st != 304 && !x->event_stream && !x->encoded;
+}
+
+/* Sends a held answer, redacted: the head (with the body's new length
+ * when whole), then the body. Not whole: the body outgrew HOLD_MAX
+ * without a Content-Length, and the rest follows unscanned. Nothing of
+ * this request went to the web server yet, so these 64 KiB at most fit
+ * its socket's empty buffer: the loop does not block on them. */
+static int release_held(struct xfer *x, int whole)
+{
+    struct piapi_buf body = {0};
+    piapi_secret_redact(&x->secret, x->held.data ? x->held.data : "", x->held.len, &body);
+    if (whole && x->upstream_cl >= 0)
+        piapi_buf_printf(&x->head, "Content-Length: %zu\r\n", body.len);
+    x->holding = 0;
+    int rc = send_head(x);
+    if (rc == 0 && body.len)
+        rc = client_put(x, body.data, body.len);
+    if (rc == 0)
+        x->t->bytes_out += body.len;
+    piapi_buf_dispose(&body);
+    piapi_buf_dispose(&x->held);
+    return rc;
+}
+
 static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
 {
     struct xfer *x = ud;
@@ -271,6 +334,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         x->t->status = code;
         x->in_block = code >= 200;
         x->event_stream = x->encoded = 0;
+        x->upstream_cl = -1;
         piapi_buf_reset(h);
         piapi_buf_printf(h, "Status: %d %s\r\n", code, piapi_http_reason(code));
         return n;
@@ -278,13 +342,17 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     if (!x->in_block)
         return n;  /* 1xx block: nothing to relay */
     if (n <= 2) {  /* the empty line: the head is complete */
-        piapi_buf_printf(h, "X-Request-ID: %s\r\n", x->t->request_id);
-        finish_head(h);
         x->head_sent = 1;
         x->at_boundary = 1;  /* before the first event is between events */
         x->t->ttfb = piapi_now_mono() - x->start;
         x->last_upstream = piapi_now_mono();
-        return client_put(x, h->data, h->len) == 0 ? n : 0;
+        x->holding = may_echo_key(x) &&
+                     x->upstream_cl <= HOLD_MAX && strcmp(x->t->method, "HEAD") != 0;
+        if (x->holding)
+            return n;  /* the head goes out with the body, at its end */
+        if (x->upstream_cl >= 0 && x->upstream_cl != INT64_MAX)
+            piapi_buf_printf(h, "Content-Length: %lld\r\n", (long long)x->upstream_cl);
+        return send_head(x) == 0 ? n : 0;
     }
 
     size_t len = n;
@@ -300,17 +368,38 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     const char *v = colon + 1;
     while (v < data + len && *v == ' ')
         v++;
+    size_t vlen = (size_t)(data + len - v);
+    switch (piapi_headers_response_value(&x->secret, data, name_len, v, vlen, &x->value)) {
+    case PIAPI_RESP_DROP:
+        return n;
+    case PIAPI_RESP_REDACTED:
+        v = x->value.data;
+        vlen = x->value.len;
+        break;
+    case PIAPI_RESP_KEEP:
+        break;
+    }
+    if (name_len == 14 && strncasecmp(data, "content-length", 14) == 0 &&
+        x->secret.len && x->t->status >= 300) {
+        /* Decided at the head's end: a held body's length may change. */
+        int64_t cl = parse_length(v, vlen);
+        if (cl >= 0) {
+            x->upstream_cl = cl;
+            return n;
+        }
+        x->upstream_cl = INT64_MAX;  /* relayed as it came; never held */
+    }
     if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
         x->event_stream = strncasecmp(v, "text/event-stream", 17) == 0;
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
         x->encoded = 1;
     } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
                (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
-        snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s",
-                 (int)(data + len - v), v);
+        snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s", (int)vlen, v);
     }
     piapi_buf_append(h, out, out_len);
-    piapi_buf_append(h, colon, len - name_len);
+    piapi_buf_puts(h, ": ");
+    piapi_buf_append(h, v, vlen);
     piapi_buf_puts(h, "\r\n");
     return n;
 }
@@ -320,6 +409,13 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     struct xfer *x = ud;
     size_t n = size * nitems;
 
+    if (x->holding) {
+        x->last_upstream = piapi_now_mono();
+        piapi_buf_append(&x->held, data, n);
+        if (x->held.len <= HOLD_MAX)
+            return n;
+        return release_held(x, 0) == 0 ? n : 0;
+    }
     if (!client_has_room(x, n)) {
         x->paused = 1;
         x->blocked(x);
@@ -473,15 +569,15 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return IDLE_TIMEOUT;
     if (deadline < *next)
         *next = deadline;
-    if (x->event_stream && !x->encoded && s->sse_keepalive_ms) {
-        double due = x->last_write + s->sse_keepalive_ms / 1000.0;
+    if (x->event_stream && !x->encoded && x->keepalive_ms) {
+        double due = x->last_write + x->keepalive_ms / 1000.0;
         /* Comments only between events, so no event is split. */
         if (now >= due && x->at_boundary) {
             static const char ping[] = ": ping\n\n";
             if (client_put(x, ping, sizeof ping - 1) != 0)
                 return CLIENT_GONE;
             x->last_write = now;
-            due = now + s->sse_keepalive_ms / 1000.0;
+            due = now + x->keepalive_ms / 1000.0;
         }
         if (due < *next)
             *next = due;
@@ -540,6 +636,17 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
     else if (rc != CURLE_OK)
         classify(x, rc);
 
+    piapi_buf_dispose(&x->value);
+    if (x->holding) {
+        /* Complete: out it goes, redacted. Cut: nothing of it reached the
+         * client, which gets the error instead. */
+        if (!t->error && v == RUNNING)
+            release_held(x, 1);
+        else
+            x->head_sent = 0;
+        piapi_buf_dispose(&x->held);
+        x->holding = 0;
+    }
     if (!x->head_sent) {
         t->status = 0;
         return;
@@ -606,10 +713,27 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
     xfer_end(x, v, rc);
 }
 
+/* The SSE ping interval: the operator's, else the default, shortened
+ * behind lighttpd, which cannot tell piapi that a client left. */
+static uint32_t keepalive_ms(const struct piapi_transfer *t)
+{
+    const struct piapi_settings *s = t->settings;
+    if (s->sse_keepalive_explicit || s->sse_keepalive_ms <= LIGHTTPD_PROBE_MS)
+        return s->sse_keepalive_ms;
+    const char *sw = FCGX_GetParam("SERVER_SOFTWARE", t->fcgi->envp);
+    if (sw && strncasecmp(sw, "lighttpd", 8) == 0)
+        return LIGHTTPD_PROBE_MS;
+    return s->sse_keepalive_ms;
+}
+
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
 {
-    struct xfer x = { .t = t };
+    struct xfer x = { .t = t, .keepalive_ms = keepalive_ms(t), .upstream_cl = -1 };
 
+    if (t->provider_key)
+        x.secret = (struct piapi_secret){ .key = t->provider_key,
+                                          .len = strlen(t->provider_key),
+                                          .param = t->key_param };
     x.start = x.last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;

@@ -7,6 +7,7 @@
 #include <curl/curl.h>
 #include <stddef.h>
 
+#include "piapi/headers.h"
 #include "piapi/proxy.h"
 #include "piapi/util.h"
 
@@ -33,6 +34,14 @@ struct xfer {
     int unflushed;          /* bytes queued in libfcgi's buffer */
     int body_over_limit;
     char tail[2];           /* last two body bytes, for SSE boundaries */
+    uint32_t keepalive_ms;  /* SSE ping interval in effect, 0: none */
+    struct piapi_secret secret;  /* what no relayed byte may carry */
+    struct piapi_buf value;      /* a header value being redacted */
+    /* An answer of status >= 300 that may echo the key is held whole (up
+     * to HOLD_MAX), redacted, and sent at its end with its length fixed. */
+    int holding;
+    int64_t upstream_cl;    /* its Content-Length, -1: none */
+    struct piapi_buf held;  /* its body so far */
 
     /* Event-loop driver only. A write to the web server must never block
      * the loop: once `unchecked` (an over-estimate of the socket memory

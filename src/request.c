@@ -289,6 +289,8 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .request_id = q->id,
         .content_length = cl,
         .abort_flag = q->w->aborting,
+        .provider_key = q->user->key->value,
+        .key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL,
         .done = forwarded,
     };
     piapi_proxy_forward(q->w->proxy, &q->x);

@@ -59,6 +59,7 @@ struct piapi_settings {
     uint32_t header_timeout_ms;     /* headerTimeoutMs: no upstream headers by then -> 504, default 300000 */
     uint32_t idle_timeout_ms;       /* idleTimeoutMs: silence mid-stream ends it, default 300000 */
     uint32_t sse_keepalive_ms;      /* sseKeepaliveMs: ": ping" during silence, 0 = off, default 15000 */
+    int sse_keepalive_explicit;     /* sseKeepaliveMs was in the file (else piapi may shorten it) */
     const char *ca_file;            /* caFile, NULL = system store */
 };
 

@@ -46,6 +46,44 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
  * (name itself, or a replacement, *out_len long), or NULL: not relayed. */
 const char *piapi_headers_response_name(const char *name, size_t len, size_t *out_len);
 
+/* The provider key of one request, which no relayed response may carry.
+ * key NULL: nothing to hide. param: the query parameter it went out in
+ * (query-mode auth), else NULL. */
+struct piapi_secret {
+    const char *key;
+    size_t len;
+    const char *param;
+};
+
+struct piapi_buf;
+
+/* Whether s[0..n) holds the key in any form a URL or a body echoing one
+ * may carry it: raw, or any of its bytes percent-encoded (%XX in either
+ * hex case, or twice: %25XX), as libcurl's escaping and a re-encoding
+ * server produce it. */
+int piapi_secret_in(const struct piapi_secret *k, const char *s, size_t n);
+
+/* Appends s[0..n) to out with every such occurrence replaced by
+ * "REDACTED"; returns how many were replaced. */
+size_t piapi_secret_redact(const struct piapi_secret *k, const char *s, size_t n,
+                           struct piapi_buf *out);
+
+enum piapi_resp_value {
+    PIAPI_RESP_KEEP,      /* relay the value as it is */
+    PIAPI_RESP_REDACTED,  /* relay *out instead */
+    PIAPI_RESP_DROP       /* relay nothing */
+};
+
+/* The response header policy for a value: in the URL-bearing headers
+ * (Location, Content-Location, Link, Refresh) the key's query parameter
+ * and every other occurrence of the key are replaced by "REDACTED" (out
+ * gets the new value); any other header that holds the key, in its name
+ * or value, is dropped. */
+enum piapi_resp_value piapi_headers_response_value(const struct piapi_secret *k,
+                                                   const char *name, size_t name_len,
+                                                   const char *val, size_t val_len,
+                                                   struct piapi_buf *out);
+
 /* Value of FastCGI param `name`; *count gets how many times it appears
  * (nginx passes repeated headers as repeated params). NULL when absent. */
 const char *piapi_headers_param(char **envp, const char *name, int *count);

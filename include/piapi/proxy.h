@@ -36,6 +36,11 @@ struct piapi_transfer {
     const char *request_id;
     int64_t content_length;         /* -1: unknown, read stdin to its end */
     const atomic_int *abort_flag;   /* set at shutdown after the grace period */
+    /* The provider key, which the client must never get back (a redirect
+     * keeping the query, an error echoing it), and the query parameter it
+     * went out in (query-mode auth) or NULL. */
+    const char *provider_key;
+    const char *key_param;
     void (*done)(struct piapi_transfer *t);  /* called once, at the end */
 
     /* out */

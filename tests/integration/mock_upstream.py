@@ -38,6 +38,16 @@ them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
     .../reset                     closes with RST, no answer
     .../garbage                   non-HTTP bytes, then closes
     .../big?bytes=N               200 with big_content(N)
+    .../redirect?enc=E            301 to the same path + "/" keeping the query
+                                  (nginx's trailing-slash redirect); the URL is
+                                  also in Content-Location, Link, Refresh,
+                                  X-Debug-Query (the query) and the HTML body.
+                                  E re-spells the query's %XX: upper (as sent),
+                                  lower, raw (decoded)
+    .../key-error?chunked=1&status=N  N (401) JSON error echoing the key the
+                                  request carried (query api_key, Bearer,
+                                  x-api-key) raw and percent-encoded; chunked=1:
+                                  chunked, 3 bytes a chunk
     anything else                 like echo (or a JSON 404 in strict mode)
 
 Every recorded request's answer carries `x-request-id: req_mock_<seq>`, as
@@ -109,7 +119,26 @@ MOCK_MODELS = ("claude-opus-5-5", "claude-haiku-4-5", "gpt-5", "gpt-5-codex")
 ENDPOINTS = {
     "echo": 0, "sse": 0, "gzip": 0, "status": 1, "slow-headers": 0,
     "stall": 0, "close-mid": 0, "reset": 0, "garbage": 0, "big": 0,
+    "redirect": 0, "key-error": 0,
 }
+
+
+def respell_query(q, enc):
+    """q with its %XX escapes in lower case (enc "lower"), decoded ("raw"),
+    or as is."""
+    if enc == "lower":
+        out, i = [], 0
+        while i < len(q):
+            if q[i] == "%" and i + 2 < len(q):
+                out.append(q[i:i + 3].lower())
+                i += 3
+            else:
+                out.append(q[i])
+                i += 1
+        return "".join(out)
+    if enc == "raw":
+        return urllib.parse.unquote(q)
+    return q
 
 
 class State:
@@ -468,6 +497,39 @@ class Handler(BaseHTTPRequestHandler):
             off += step
         self.wfile.flush()
 
+
+    def ep_redirect(self, _args, query):
+        path, _, q = self.path.partition("?")
+        q = respell_query(q, query.get("enc", "upper"))
+        url = "http://%s%s/?%s" % (self.headers.get("Host"), path, q)
+        body = ('<html><body><p>The document has moved <a href="%s">here</a>.</p>'
+                '<p>%s</p></body></html>\n' % (url, url)).encode()
+        self.send_bytes(301, body, "text/html; charset=utf-8", [
+            ("Location", url), ("Content-Location", url),
+            ("Link", '<%s>; rel="canonical"' % url), ("Refresh", "0; url=%s" % url),
+            ("X-Debug-Query", q)])
+
+    def ep_key_error(self, _args, query):
+        key = query.get("api_key")
+        auth = self.headers.get("Authorization") or ""
+        if key is None and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        if key is None:
+            key = self.headers.get("x-api-key") or ""
+        enc = urllib.parse.quote(key, safe="")
+        msg = "Incorrect API key provided: %s (as sent: %s, %s)" % (
+            key, enc, respell_query(enc, "lower"))
+        body = json.dumps({"error": {"message": msg, "type": "invalid_request_error",
+                                     "code": "invalid_api_key"}}).encode()
+        status = int(query.get("status", "401"))
+        if query.get("chunked") != "1":
+            return self.send_bytes(status, body)
+        self.start_chunked(status, "application/json")
+        for i in range(0, len(body), 3):
+            self.write_chunk(body[i:i + 3])
+            if i % 30 == 0:
+                time.sleep(0.005)  # some pieces reach piapi on their own
+        self.write_chunk(b"")
 
     # ---- LLM provider APIs (Anthropic Messages, OpenAI Chat / Responses) --
 

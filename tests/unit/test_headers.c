@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "piapi/headers.h"
+#include "piapi/util.h"
 #include "unit.h"
 
 static const struct piapi_service bearer_svc = {
@@ -228,7 +229,133 @@ static void test_param(void)
     CU_ASSERT_EQUAL(n, 0);
 }
 
+/* The provider key as libcurl puts it into a query: '+', '/', '=' and
+ * '&' escaped (%2B %2F %3D %26), the rest as is. */
+#define QKEY "sk-q+Key/9=&x"
+static const struct piapi_secret qsecret = { QKEY, sizeof QKEY - 1, "api_key" };
+static const struct piapi_secret hsecret = { "sk-head-77", 10, NULL };
+
+static void test_response_values(void)
+{
+    static const struct {
+        const struct piapi_secret *k;
+        const char *name, *val;
+        const char *out;   /* NULL: dropped; == val: kept */
+    } rows[] = {
+        /* query-mode: the parameter, whatever its spelling */
+        { &qsecret, "Location", "https://p.example/v1/dir/?api_key=sk-q%2BKey%2F9%3D%26x",
+          "https://p.example/v1/dir/?api_key=REDACTED" },
+        { &qsecret, "location", "/v1/dir/?a=1&api_key=sk-q%2bKey%2f9%3d%26x&b=2",
+          "/v1/dir/?a=1&api_key=REDACTED&b=2" },
+        { &qsecret, "LOCATION", "/d/?api%5Fkey=whatever-it-became#frag",
+          "/d/?api%5Fkey=REDACTED#frag" },
+        { &qsecret, "Content-Location", "/d/?api_key=" QKEY,
+          "/d/?api_key=REDACTED" },
+        { &qsecret, "Link", "</d/?api_key=sk-q%2BKey%2F9%3D%26x>; rel=\"next\", </e>; rel=prev",
+          "</d/?api_key=REDACTED>; rel=\"next\", </e>; rel=prev" },
+        { &qsecret, "Refresh", "0; url=/d/?x=1;api_key=sk-q%2BKey%2F9%3D%26x",
+          "0; url=/d/?x=1;api_key=REDACTED" },
+        /* the key elsewhere in a URL: raw, encoded, mixed case, twice encoded */
+        { &qsecret, "Location", "/login?next=%2Fd%2F%3Fapi_key%3Dsk-q%252BKey%252F9%253D%2526x",
+          "/login?next=%2Fd%2F%3Fapi_key%3DREDACTED" },
+        { &qsecret, "Location", "/k/sk-q%2BKey%2f9%3D%26x/z", "/k/REDACTED/z" },
+        { &qsecret, "Location", "/x?other_api_key=1&k=%73%6B-q+Key/9=&x",
+          "/x?other_api_key=1&k=REDACTED" },
+        /* nothing to hide */
+        { &qsecret, "Location", "https://p.example/v1/dir/?a=1", "https://p.example/v1/dir/?a=1" },
+        { &qsecret, "Location", "/d/?api_key=", "/d/?api_key=" },
+        /* other headers: dropped when they hold the key at all */
+        { &qsecret, "X-Debug-Query", "api_key=sk-q%2BKey%2F9%3D%26x", NULL },
+        { &qsecret, "Set-Cookie", "k=" QKEY "; Path=/", NULL },
+        { &qsecret, "X-sk-q%2BKey%2F9%3D%26x", "1", NULL },
+        { &qsecret, "Content-Type", "application/json", "application/json" },
+        { &qsecret, "X-Near", "sk-q%2BKey%2F9%3D%26", "sk-q%2BKey%2F9%3D%26" },
+        /* header-mode keys the same way, without a parameter to look for */
+        { &hsecret, "WWW-Authenticate", "Bearer error=\"invalid key sk-head-77\"", NULL },
+        { &hsecret, "Location", "/d/?api_key=sk-head-77", "/d/?api_key=REDACTED" },
+        { &hsecret, "Location", "/d/?api_key=other", "/d/?api_key=other" },
+    };
+    struct piapi_buf out = {0};
+
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        const char *v = rows[i].val;
+        enum piapi_resp_value r = piapi_headers_response_value(
+            rows[i].k, rows[i].name, strlen(rows[i].name), v, strlen(v), &out);
+        const char *got = r == PIAPI_RESP_DROP ? NULL
+                        : r == PIAPI_RESP_KEEP ? v : out.data;
+        size_t got_len = r == PIAPI_RESP_REDACTED ? out.len : got ? strlen(got) : 0;
+        int ok = rows[i].out ? got && got_len == strlen(rows[i].out) &&
+                               memcmp(got, rows[i].out, got_len) == 0
+                             : got == NULL;
+        if (rows[i].out == v)
+            ok = ok && r == PIAPI_RESP_KEEP;
+        if (!ok)
+            fprintf(stderr, "row %zu: %s: %s -> %.*s\n", i, rows[i].name, v,
+                    got ? (int)got_len : 6, got ? got : "(drop)");
+        CU_ASSERT(ok);
+    }
+    piapi_buf_dispose(&out);
+
+    /* No key: everything passes. */
+    const struct piapi_secret none = {0};
+    CU_ASSERT_EQUAL(piapi_headers_response_value(&none, "Location", 8, "/?api_key=x", 11, &out),
+                    PIAPI_RESP_KEEP);
+    piapi_buf_dispose(&out);
+}
+
+static void test_secret_redact(void)
+{
+    static const struct { const char *in, *out; size_t count; } rows[] = {
+        { "{\"error\":\"invalid key " QKEY "\"}", "{\"error\":\"invalid key REDACTED\"}", 1 },
+        { "sk-q%2BKey%2F9%3D%26x and sk-q%2bKey%2f9%3d%26x", "REDACTED and REDACTED", 2 },
+        { "sk-q%2BKey%2F9%3D%26", "sk-q%2BKey%2F9%3D%26", 0 },
+        { "", "", 0 },
+        { "ssk-q+Key/9=&x", "sREDACTED", 1 },
+    };
+    struct piapi_buf out = {0};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        piapi_buf_reset(&out);
+        size_t c = piapi_secret_redact(&qsecret, rows[i].in, strlen(rows[i].in), &out);
+        CU_ASSERT_EQUAL(c, rows[i].count);
+        CU_ASSERT(out.len == strlen(rows[i].out) && memcmp(out.data ? out.data : "", rows[i].out, out.len) == 0);
+        CU_ASSERT_EQUAL(piapi_secret_in(&qsecret, rows[i].in, strlen(rows[i].in)), c > 0);
+    }
+    /* A '%' in the key: raw, "%25" and "%2525" all spell it. */
+    const struct piapi_secret pct = { "a%b", 3, NULL };
+    CU_ASSERT(piapi_secret_in(&pct, "xa%25by", 7));
+    CU_ASSERT(piapi_secret_in(&pct, "xa%2525by", 9));
+    CU_ASSERT(piapi_secret_in(&pct, "a%b", 3));
+    CU_ASSERT(!piapi_secret_in(&pct, "a%2b", 4));
+    piapi_buf_dispose(&out);
+}
+
+/* nginx passes two Connection lines as two params: both name
+ * hop-by-hop headers. */
+static char *two_connection_env[] = {
+    "HTTP_CONNECTION=close, X-Hop-A",
+    "HTTP_X_HOP_A=1",
+    "HTTP_CONNECTION=X-Hop-B",
+    "HTTP_X_HOP_B=2",
+    "HTTP_X_KEEP=3",
+    NULL
+};
+
+static void test_forward_every_connection(void)
+{
+    struct curl_slist *l = NULL;
+    const char *why;
+    CU_ASSERT_EQUAL_FATAL(piapi_headers_forward(two_connection_env, &bearer_svc, "k", "r",
+                                                &l, &why), 0);
+    CU_ASSERT(!has_prefix_ci(l, "X-Hop-A"));
+    CU_ASSERT(!has_prefix_ci(l, "X-Hop-B"));
+    CU_ASSERT(has_line(l, "X-Keep: 3"));
+    curl_slist_free_all(l);
+}
+
 static const struct unit_case cases[] = {
+    { "response values", test_response_values },
+    { "secret redact", test_secret_redact },
+    { "every Connection", test_forward_every_connection },
     { "forward policy", test_forward_policy },
     { "auth modes", test_forward_auth_modes },
     { "rejects", test_forward_rejects },
