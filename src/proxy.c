@@ -268,17 +268,16 @@ static void finish_head(struct piapi_buf *h)
 /* A Content-Length value, or -1 when it is not a plain number. */
 static int64_t parse_length(const char *v, size_t n)
 {
-    int64_t cl = 0;
+    char buf[24];
+    uint64_t cl;
+
     while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
         n--;
-    if (!n || n > 18)
+    if (n >= sizeof buf)
         return -1;
-    for (size_t i = 0; i < n; i++) {
-        if (v[i] < '0' || v[i] > '9')
-            return -1;
-        cl = cl * 10 + (v[i] - '0');
-    }
-    return cl;
+    memcpy(buf, v, n);
+    buf[n] = '\0';
+    return piapi_parse_u64(buf, 0, INT64_MAX - 1, &cl) == 0 ? (int64_t)cl : -1;
 }
 
 static int send_head(struct xfer *x)
