@@ -143,8 +143,15 @@ def dpkg_owner(path):
 
 def needed_libs(binary):
     """{soname: resolved path} of the binary's own DT_NEEDED entries."""
-    dyn = run(["readelf", "-d", binary]).stdout
-    sonames = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn)
+    try:
+        r = run(["readelf", "-d", binary])
+    except FileNotFoundError:
+        raise AssertionError("readelf not installed (package binutils, which "
+                             "build-essential pulls in: scripts/install-deps.sh)") from None
+    assert r.returncode == 0, f"readelf -d {binary}: {r.stderr}"
+    sonames = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", r.stdout)
+    # piapi links libfcgi, libcurl, libyaml, libcjson: none found = not read
+    assert sonames, f"readelf -d {binary} lists no NEEDED library:\n{r.stdout[:2000]}"
     resolved = {}
     for line in run(["ldd", binary]).stdout.splitlines():
         m = re.match(r"\s*(\S+) => (/\S+)", line)
@@ -293,10 +300,34 @@ def stop_gracefully(tc, proc, sig=signal.SIGTERM, timeout=10):
     tc.assertEqual(rc, 0, f"piapi exit status after {sig.name}")
 
 
+# debian:bookworm's PATH, the one a container's HEALTHCHECK and exec probe
+# get. Not ours: run as uid 10001, a PATH with directories that uid cannot
+# search (a pyenv under /root) turns a missing program into sh's
+# "Permission denied".
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def require_programs(shell_cmd):
+    """Fails, naming the Debian package, when a program of the (simple,
+    pipeline-only) shell command is not installed: else the command fails
+    with sh's message alone, which hides the cause."""
+    from test_tools import TOOLS
+    for part in shell_cmd.split("|"):
+        words = [w for w in shlex.split(part) if not re.match(r"^[A-Za-z_]\w*=", w)]
+        if words and not shutil.which(words[0], path=CONTAINER_PATH):
+            pkg = TOOLS.get(os.path.basename(words[0]))
+            how = (f"Debian package {pkg}; scripts/install-deps.sh test installs it" if pkg
+                   else "no package known for it: add it to test_tools.TOOLS")
+            raise AssertionError(f"{words[0]} is not installed ({how}); "
+                                 f"the health check needs it: {shell_cmd}")
+
+
 def run_health_command(shell_cmd, uid=None, gid=None):
+    require_programs(shell_cmd)
     kw = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
     return subprocess.run(["/bin/sh", "-c", shell_cmd], capture_output=True, text=True,
-                          timeout=10, stdin=subprocess.DEVNULL, **kw)
+                          timeout=10, stdin=subprocess.DEVNULL, env={"PATH": CONTAINER_PATH},
+                          **kw)
 
 
 def healthcheck_shell_command():
@@ -893,8 +924,11 @@ class TestKubernetes(unittest.TestCase):
         self.assertEqual((st.st_gid, oct(st.st_mode & 0o777)), (fs, "0o660"),
                          "the nginx workers (gid fsGroup) must be able to connect")
         cmd = self.c["piapi"]["livenessProbe"]["exec"]["command"]
+        self.assertEqual(cmd[:2], ["/bin/sh", "-c"])
+        require_programs(cmd[2])
         r = subprocess.run([sb.subs(a) for a in cmd], capture_output=True, text=True, timeout=10,
-                           stdin=subprocess.DEVNULL, user=uid, group=gid, extra_groups=[fs])
+                           stdin=subprocess.DEVNULL, user=uid, group=gid, extra_groups=[fs],
+                           env={"PATH": CONTAINER_PATH})
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr + sb.log_text()[-2000:])
         stop_gracefully(self, p)
 
