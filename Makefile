@@ -56,14 +56,15 @@ test: test-deps
 	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)BUILD=$(BUILD) tests/run.sh
 
-unit-bins: $(UNIT_BIN)
+# (the demo provider too: the `make run` tests start it)
+unit-bins: $(UNIT_BIN) $(BUILD)/demo-provider
 
 unit: test-deps
 	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)BUILD=$(BUILD) tests/run.sh unit
 
 integration: test-deps
-	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory all $(BUILD)/demo-provider
 	$(Q)BUILD=$(BUILD) tests/run.sh integration
 
 # Sanitizer builds of the same suites, each in its own tree. Reports go to
