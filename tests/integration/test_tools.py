@@ -177,7 +177,7 @@ ARGV0_RE = re.compile(r"""(?:\b(?:run|Popen|check_output|check_call|call|_run|ru
                       r"""|\bProc\([^,()]+,\s*|\b(?:argv|cmd|spawn|ng|base|command)\s*=\s*)"""
                       r"""\[\s*["']([^"'\s]+)["']\s*[,\]]""")
 WHICH_RE = re.compile(r"""which\(\s*["']([^"']+)["']""")
-SHELL_STRING_RE = re.compile(r"""exec\s+([a-z][\w.+-]*)\s""")
+SHELL_STRING_RE = re.compile(r"""["']exec\s+([a-z][\w.+-]*)\s""")   # "exec valgrind ..."
 
 
 def python_commands(text):
