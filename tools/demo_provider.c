@@ -119,12 +119,14 @@ static int send_json(int fd, const struct request *rq, int status, const char *b
 {
     const char *reason = status == 200 ? "OK" : status == 404 ? "Not Found"
                        : status == 413 ? "Payload Too Large" : "Bad Request";
+    /* a final newline, so that curl's output ends the line in a terminal */
     if (sendf(fd, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                   "Content-Length: %zu\r\nx-request-id: demo-%lu\r\n%s\r\n",
-              status, reason, strlen(body), next_id(),
-              rq->keep_alive ? "" : "Connection: close\r\n") < 0)
+              status, reason, strlen(body) + 1, next_id(),
+              rq->keep_alive ? "" : "Connection: close\r\n") < 0 ||
+        write_all(fd, body, strlen(body)) < 0)
         return -1;
-    return write_all(fd, body, strlen(body));
+    return write_all(fd, "\n", 1);
 }
 
 static int start_stream(int fd)
