@@ -373,6 +373,27 @@ class TestToolProvenance(unittest.TestCase):
                                 f"TOOLS says {' or '.join(pkgs)}")
         self.assertEqual(problems, [], "\n".join(problems))
 
+    def test_make_targets_install_what_they_run(self):
+        """A target that runs a suite or script first runs the install-deps
+        target of that mode (whose recipe is install-deps.sh MODE)."""
+        text = (REPO / "Makefile").read_text()
+        rules = {}
+        for m in re.finditer(r"^([\w.-]+):(?!=)([^\n]*)\n((?:\t[^\n]*\n)*)", text, re.M):
+            rules[m.group(1)] = (m.group(2).split(), m.group(3))
+        needs = {"tests/run.sh": ("test-deps", "test"), "scripts/run.sh": ("deps", ""),
+                 "tests/bench/run.sh": ("bench-deps", "bench"),
+                 "tests/fuzz/run.sh": ("fuzz-deps", "fuzz")}
+        checked = 0
+        for target, (prereqs, recipe) in rules.items():
+            for script, (deps, mode) in needs.items():
+                if re.search(rf"(^|[\s;)]){re.escape(script)}\b", recipe):
+                    checked += 1
+                    self.assertIn(deps, prereqs, f"make {target} runs {script} "
+                                  f"without installing its packages first ({deps})")
+                    want = "scripts/install-deps.sh" + (f" {mode}" if mode else "")
+                    self.assertRegex(rules[deps][1], rf"{re.escape(want)}\s*$", f"make {deps}")
+        self.assertGreaterEqual(checked, 8, "test unit integration asan tsan run bench fuzz")
+
     def test_optional_programs_are_guarded(self):
         """An optional program is only run after shutil.which found it."""
         for prog in OPTIONAL:
