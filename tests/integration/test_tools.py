@@ -20,7 +20,9 @@ the deploy tests run) finds the programs they run and which target runs them
 (review it, add it), when its package is neither in that target's
 install-deps.sh list nor base, when the program is not installed where
 `make test` should have installed it (naming the package), or when dpkg says
-another package provides it (the list is wrong).
+another package provides it (the list is wrong). The same for the Python
+modules the suites import (MODULES), and every make target that runs a
+suite or script must depend on the install-deps target of its mode.
 """
 import os
 import re
@@ -60,6 +62,9 @@ TOOLS = {
     "uname": "coreutils", "install": "coreutils", "ls": "coreutils", "grep": "grep", "sed": "sed", "awk": "mawk",
     "find": "findutils", "cmp": "diffutils", "setsid": "util-linux", "perl": "perl-base",
 }
+
+# Python modules the suites import beyond the standard library -> package
+MODULES = {"yaml": "python3-yaml"}
 
 # Not installed by install-deps.sh on purpose; the tests that use them skip
 # (shutil.which) where they are absent.
@@ -393,6 +398,33 @@ class TestToolProvenance(unittest.TestCase):
                     want = "scripts/install-deps.sh" + (f" {mode}" if mode else "")
                     self.assertRegex(rules[deps][1], rf"{re.escape(want)}\s*$", f"make {deps}")
         self.assertGreaterEqual(checked, 8, "test unit integration asan tsan run bench fuzz")
+
+    def test_python_modules_come_from_install_deps(self):
+        """Modules outside the standard library: reviewed in MODULES, their
+        package in `install-deps.sh test`, and Debian's python3 imports them
+        from that package."""
+        import sys
+        local = {p.stem for p in (REPO / "tests" / "integration").glob("*.py")}
+        used = {}
+        for path in list((REPO / "tests" / "integration").glob("*.py")) + \
+                [REPO / "tests" / "bench" / "bench.py"]:
+            text = path.read_text()
+            mods = re.findall(r"^\s*import\s+([A-Za-z_]\w*)(?:\.\w+)*(?:\s+as\s+\w+)?\s*(?:#.*)?$",
+                              text, re.M)
+            mods += re.findall(r"^\s*from\s+([A-Za-z_]\w*)[\w.]*\s+import\s+[\w(*]", text, re.M)
+            for mod in mods:
+                if mod not in sys.stdlib_module_names and mod not in local:
+                    used.setdefault(mod, set()).add(path.name)
+        self.assertIn("yaml", used, "the scan found no import of yaml")
+        for mod, files in sorted(used.items()):
+            self.assertIn(mod, MODULES, f"{sorted(files)} import {mod}: add it to MODULES "
+                          "with its Debian package, and that to install-deps.sh test")
+            pkg = MODULES[mod]
+            self.assertIn(pkg, self.lists["test"], f"{mod} ({pkg}) not in install-deps.sh test")
+            r = run(["/usr/bin/python3", "-c", f"import {mod}; print({mod}.__file__)"])
+            self.assertEqual(r.returncode, 0, f"Debian's python3 cannot import {mod}: "
+                             f"apt-get install {pkg}\n{r.stderr[-500:]}")
+            self.assertIn(pkg, owners(r.stdout.strip()), f"{mod} at {r.stdout.strip()}")
 
     def test_optional_programs_are_guarded(self):
         """An optional program is only run after shutil.which found it."""
