@@ -32,7 +32,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 
 Q := $(if $(V),,@)
 
-.PHONY: all test unit integration check deps test-deps unit-bins run install uninstall clean bench fuzz asan tsan
+.PHONY: all test unit integration check deps test-deps bench-deps fuzz-deps unit-bins run install uninstall clean bench fuzz asan tsan
 all: $(BUILD)/piapi
 
 $(BUILD)/piapi: $(OBJS)
@@ -56,12 +56,15 @@ test: test-deps
 	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)BUILD=$(BUILD) tests/run.sh
 
-unit-bins: $(UNIT_BIN)
+# (the demo provider too: the `make run` tests start it)
+unit-bins: $(UNIT_BIN) $(BUILD)/demo-provider
 
-unit: all unit-bins
+unit: test-deps
+	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)BUILD=$(BUILD) tests/run.sh unit
 
-integration: all
+integration: test-deps
+	$(Q)$(MAKE) --no-print-directory all $(BUILD)/demo-provider
 	$(Q)BUILD=$(BUILD) tests/run.sh integration
 
 # Sanitizer builds of the same suites, each in its own tree. Reports go to
@@ -88,14 +91,27 @@ deps:
 test-deps:
 	$(Q)scripts/install-deps.sh test
 
-# nginx (private prefix under build/) + piapi on :9200, in the foreground.
-run: deps all
-	$(Q)scripts/run.sh
+bench-deps:
+	$(Q)scripts/install-deps.sh bench
 
-bench: deps all
+fuzz-deps:
+	$(Q)scripts/install-deps.sh fuzz
+
+# The local stand-in provider `make run` starts while config.yaml is the
+# untouched example (scripts/run.sh). Not part of piapi: libc only.
+$(BUILD)/demo-provider: tools/demo_provider.c
+	@mkdir -p $(@D)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(ALL_CFLAGS) -o $@ $< $(ALL_LDFLAGS)
+
+# nginx (private prefix under build/) + piapi on :9200, in the foreground.
+run: deps all $(BUILD)/demo-provider
+	$(Q)BUILD=$(BUILD) scripts/run.sh
+
+bench: bench-deps all
 	$(Q)tests/bench/run.sh
 
-fuzz: deps
+fuzz: fuzz-deps
 	$(Q)tests/fuzz/run.sh
 
 check: all

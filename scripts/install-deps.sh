@@ -1,21 +1,59 @@
 #!/bin/sh
 # Installs the Debian packages piapi needs, if any are missing. Idempotent
 # and quiet when everything is present.
-#   scripts/install-deps.sh        build and run (make, make run)
-#   scripts/install-deps.sh test   + what the test suites use
+#   scripts/install-deps.sh          build and `make run`
+#   scripts/install-deps.sh test     + what the unit and integration suites
+#                                      run (make test, unit, integration, asan, tsan)
+#   scripts/install-deps.sh bench    + what `make bench` runs (tests/bench)
+#   scripts/install-deps.sh profile  + what `tests/bench/run.sh profile` runs
+#   scripts/install-deps.sh fuzz     + what `make fuzz` runs (tests/fuzz)
+#   scripts/install-deps.sh --list MODE   prints MODE's packages, installs nothing
+# Programs from Debian's required/essential packages (coreutils, grep, sed,
+# perl-base, util-linux, ...) are on every Debian 12 system and not listed.
+# tests/integration/test_tools.py checks that every program the suites,
+# scripts and make targets run comes from one of these lists (or from that
+# base system).
 set -eu
 
+list=0
+if [ "${1:-}" = --list ]; then list=1; shift; fi
+mode=${1:-run}
+
+# cc, make (build-essential), the -dev packages (Makefile PKGS), nginx and
+# curl (make run: the front end and its readiness probe).
 PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
       libcjson-dev nginx-light curl"
-if [ "${1:-}" = test ]; then
+case $mode in
+run) ;;
+test)
     # promtool (prometheus) checks the exposition; node runs the real
     # clients (Debian's nodejs only where no node is installed already).
     # openssl makes the test CA of the HTTPS upstream tests; strace watches
-    # the event loop's syscalls (test_upstream_cache).
-    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 valgrind prometheus openssl strace"
-    command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
-fi
+    # the event loop's syscalls (test_upstream_cache); cgi-fcgi (libfcgi-bin)
+    # is the Dockerfile HEALTHCHECK and k8s liveness probe the deploy tests
+    # run; python3-yaml reads docker-compose.yml and the k8s manifest.
+    PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 python3-yaml valgrind prometheus
+          openssl strace libfcgi-bin"
+    if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
+bench|profile)
+    # bench.py (python3) drives wrk, counts syscalls with strace and names
+    # the measured tree with git; `profile` adds perf, or callgrind without it.
+    PKGS="$PKGS python3 wrk strace git"
+    [ "$mode" = profile ] && PKGS="$PKGS linux-perf valgrind" ;;
+fuzz)
+    # libFuzzer's runtime is libclang-rt-14-dev (clang only recommends it)
+    PKGS="$PKGS clang libclang-rt-14-dev" ;;
+*)
+    echo "install-deps.sh: unknown mode '$mode' (run, test, bench, profile, fuzz)" >&2
+    exit 2 ;;
+esac
 [ -n "${PIAPI_EXTRA_PKGS:-}" ] && PKGS="$PKGS $PIAPI_EXTRA_PKGS"
+
+if [ "$list" = 1 ]; then
+    # shellcheck disable=SC2086
+    printf '%s\n' $PKGS
+    exit 0
+fi
 
 missing=""
 for p in $PKGS; do

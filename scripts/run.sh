@@ -20,6 +20,12 @@
 #   CONFIG=config.yaml   piapi's config. The default one is created from
 #                        config.yaml.example (mode 0600) if missing; edits
 #                        are picked up live (inotify), or `kill -HUP`.
+#                        While it is byte for byte config.yaml.example (whose
+#                        providers are placeholders), piapi gets a copy in
+#                        RUN_DIR with every baseUrl pointed at
+#                        build/demo-provider on 127.0.0.1, so requests get a
+#                        real (canned) answer; any edit turns that off
+#                        (restart make run after editing).
 #   LOG_LEVEL=info       piapi --log-level
 #   GRACE=5              piapi --grace (seconds) on Ctrl-C
 #   PIAPI_ARGS=          more piapi options, e.g. "--threads 64"
@@ -71,7 +77,7 @@ die() { say "$*"; exit 1; }
 # ---- stopping ----------------------------------------------------------
 # The traps go in first, so a signal during the set-up below is not lost
 # (bash runs the handler once the current command ends).
-PIAPI_PID='' NGINX_PID='' stop_deadline=0 OWN_SOCK=0 ready=0
+PIAPI_PID='' NGINX_PID='' DEMO_PID='' stop_deadline=0 OWN_SOCK=0 ready=0
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 # signal_to SIG PID: never fails (the process may be gone already)
@@ -83,12 +89,12 @@ cleanup() {
     local rc=$?
     trap - INT TERM EXIT
     local p
-    for p in $NGINX_PID $PIAPI_PID; do signal_to TERM "$p"; done
+    for p in $NGINX_PID $PIAPI_PID $DEMO_PID; do signal_to TERM "$p"; done
     for _ in $(seq 50); do
-        alive "$NGINX_PID" || alive "$PIAPI_PID" || break
+        alive "$NGINX_PID" || alive "$PIAPI_PID" || alive "$DEMO_PID" || break
         sleep 0.1
     done
-    for p in $NGINX_PID $PIAPI_PID; do
+    for p in $NGINX_PID $PIAPI_PID $DEMO_PID; do
         if alive "$p"; then say "killing $p (did not stop)"; signal_to KILL "$p"; fi
     done
     wait 2>/dev/null || true
@@ -155,9 +161,10 @@ have_ipv6_lo() { grep -qs ' lo$' /proc/net/if_inet6; }
 
 # Something accepting on the socket = another `make run` owns this RUN_DIR:
 # leave it (its socket, its nginx files) alone.
+# (perl-base's IO::Socket::UNIX: on every Debian system, unlike python3)
 sock_live() {
-    python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
-        "$1" 2>/dev/null
+    perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Peer => $ARGV[0]) or exit 1' "$1" \
+        2>/dev/null
 }
 if [ -e "$SOCK" ] && [ ! -S "$SOCK" ]; then die "$SOCK exists and is not a socket"; fi
 if [ -S "$SOCK" ] && sock_live "$SOCK"; then
@@ -199,6 +206,34 @@ subst "$NGX/piapi.conf" 'fastcgi_pass unix:/run/piapi/piapi.sock;' "fastcgi_pass
 NGINX_ARGS=(-p "$NGX/" -c "$NGX/nginx.conf" -e stderr)
 "$NGINX" "${NGINX_ARGS[@]}" -t -q || die "nginx -t failed on $NGX/nginx.conf"
 
+# ---- demo provider -----------------------------------------------------
+# The example's providers are placeholders: every request would be a 502.
+# While the config in use is config.yaml.example byte for byte (nothing
+# else), piapi gets a copy whose baseUrls point at the demo provider on
+# 127.0.0.1 instead, so a first request shows the gateway doing its job.
+PIAPI_CONFIG=$CONFIG
+if cmp -s "$CONFIG" "$REPO/config.yaml.example"; then
+    DEMO=$BUILD/demo-provider
+    [ -x "$DEMO" ] || die "$DEMO not built (run: make run)"
+    port_file=$RUN/demo-provider.port
+    rm -f "$port_file"
+    setsid "$DEMO" --port-file "$port_file" </dev/null &
+    DEMO_PID=$!
+    for _ in $(seq 100); do
+        [ -s "$port_file" ] || ! alive "$DEMO_PID" || [ "$stopping" = 1 ] && break
+        sleep 0.05
+    done
+    [ -s "$port_file" ] || die "the demo provider did not start"
+    demo_port=$(cat "$port_file")
+    PIAPI_CONFIG=$RUN/demo-config.yaml
+    rm -f "$PIAPI_CONFIG"
+    (umask 077 && DEMO_URL="http://127.0.0.1:$demo_port" perl -pe \
+        's{^(\s*baseUrl:\s*)https?://[^/\s]+}{$1$ENV{DEMO_URL}}' "$CONFIG" >"$PIAPI_CONFIG")
+    [ "$(grep -c 'baseUrl:' "$CONFIG")" = "$(grep -c "baseUrl: http://127.0.0.1:$demo_port/" "$PIAPI_CONFIG")" ] ||
+        die "demo: could not point every baseUrl of $CONFIG at the demo provider"
+    say "demo provider: $(basename "$CONFIG") is the untouched example, so its providers are a local demo provider (127.0.0.1:$demo_port, canned answers); edit it to use real providers and restart make run"
+fi
+
 # ---- processes ---------------------------------------------------------
 [ "$stopping" = 0 ] || exit 0   # stopped before anything was started
 
@@ -207,7 +242,7 @@ NGINX_ARGS=(-p "$NGX/" -c "$NGX/nginx.conf" -e stderr)
 # piapi would see SIGINT from the terminal plus our SIGTERM, the second of
 # which means "stop at once").
 # shellcheck disable=SC2086
-setsid "$PIAPI" --config "$CONFIG" --socket "$SOCK" --socket-mode 0660 \
+setsid "$PIAPI" --config "$PIAPI_CONFIG" --socket "$SOCK" --socket-mode 0660 \
     --grace "$GRACE" --log-level "$LOG_LEVEL" $PIAPI_ARGS </dev/null &
 PIAPI_PID=$!
 [ "$stopping" = 0 ] || signal_to TERM "$PIAPI_PID"   # a signal came before $! was known
@@ -242,7 +277,7 @@ done
 if [ "$stopping" = 0 ]; then
     [ "$ready" = 1 ] || die "nginx did not come up on $URL_HOST:$PORT (port in use?)"
     say "ready: http://$URL_HOST:$PORT/piapi/<service_type>/...  (health: /healthz, metrics: /metrics)"
-    say "piapi pid $PIAPI_PID, nginx pid $NGINX_PID, config $CONFIG, access log $access_log; Ctrl-C to stop"
+    say "piapi pid $PIAPI_PID, nginx pid $NGINX_PID, config $PIAPI_CONFIG, access log $access_log; Ctrl-C to stop"
 fi
 
 # Wait until both have exited. A trapped signal interrupts `sleep`, runs

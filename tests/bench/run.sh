@@ -30,10 +30,9 @@ cd "$root"
 BUILD=${BUILD:-build}
 export BUILD
 
-# wrk (and perf for `profile`) on top of the project's own dependencies.
-extra="wrk strace"
-[ "${1:-}" = profile ] && extra="$extra linux-perf"
-PIAPI_EXTRA_PKGS="$extra" scripts/install-deps.sh
+# wrk, strace, git (and perf for `profile`) on top of the project's own
+# dependencies: scripts/install-deps.sh lists them.
+if [ "${1:-}" = profile ]; then scripts/install-deps.sh profile; else scripts/install-deps.sh bench; fi
 
 [ -x "${BENCH_PIAPI:-$BUILD/piapi}" ] || { echo "bench: ${BENCH_PIAPI:-$BUILD/piapi} missing; run make" >&2; exit 1; }
 

@@ -4,7 +4,7 @@
 # corpus (tests/fuzz/corpus/<name>/). Ends with "fuzz: N passed, M failed".
 set -u
 cd "$(dirname "$0")/../.."
-PIAPI_EXTRA_PKGS="clang libclang-rt-14-dev" scripts/install-deps.sh test || exit 1
+scripts/install-deps.sh fuzz || exit 1
 
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 OUT=build/fuzz

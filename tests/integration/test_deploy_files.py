@@ -143,8 +143,15 @@ def dpkg_owner(path):
 
 def needed_libs(binary):
     """{soname: resolved path} of the binary's own DT_NEEDED entries."""
-    dyn = run(["readelf", "-d", binary]).stdout
-    sonames = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dyn)
+    try:
+        r = run(["readelf", "-d", binary])
+    except FileNotFoundError:
+        raise AssertionError("readelf not installed (package binutils, which "
+                             "build-essential pulls in: scripts/install-deps.sh)") from None
+    assert r.returncode == 0, f"readelf -d {binary}: {r.stderr}"
+    sonames = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", r.stdout)
+    # piapi links libfcgi, libcurl, libyaml, libcjson: none found = not read
+    assert sonames, f"readelf -d {binary} lists no NEEDED library:\n{r.stdout[:2000]}"
     resolved = {}
     for line in run(["ldd", binary]).stdout.splitlines():
         m = re.match(r"\s*(\S+) => (/\S+)", line)
@@ -293,10 +300,34 @@ def stop_gracefully(tc, proc, sig=signal.SIGTERM, timeout=10):
     tc.assertEqual(rc, 0, f"piapi exit status after {sig.name}")
 
 
+# debian:bookworm's PATH, the one a container's HEALTHCHECK and exec probe
+# get. Not ours: run as uid 10001, a PATH with directories that uid cannot
+# search (a pyenv under /root) turns a missing program into sh's
+# "Permission denied".
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def require_programs(shell_cmd):
+    """Fails, naming the Debian package, when a program of the (simple,
+    pipeline-only) shell command is not installed: else the command fails
+    with sh's message alone, which hides the cause."""
+    from test_tools import TOOLS
+    for part in shell_cmd.split("|"):
+        words = [w for w in shlex.split(part) if not re.match(r"^[A-Za-z_]\w*=", w)]
+        if words and not shutil.which(words[0], path=CONTAINER_PATH):
+            pkg = TOOLS.get(os.path.basename(words[0]))
+            how = (f"Debian package {pkg}; scripts/install-deps.sh test installs it" if pkg
+                   else "no package known for it: add it to test_tools.TOOLS")
+            raise AssertionError(f"{words[0]} is not installed ({how}); "
+                                 f"the health check needs it: {shell_cmd}")
+
+
 def run_health_command(shell_cmd, uid=None, gid=None):
+    require_programs(shell_cmd)
     kw = {"user": uid, "group": gid, "extra_groups": []} if uid is not None else {}
     return subprocess.run(["/bin/sh", "-c", shell_cmd], capture_output=True, text=True,
-                          timeout=10, stdin=subprocess.DEVNULL, **kw)
+                          timeout=10, stdin=subprocess.DEVNULL, env={"PATH": CONTAINER_PATH},
+                          **kw)
 
 
 def healthcheck_shell_command():
@@ -893,8 +924,11 @@ class TestKubernetes(unittest.TestCase):
         self.assertEqual((st.st_gid, oct(st.st_mode & 0o777)), (fs, "0o660"),
                          "the nginx workers (gid fsGroup) must be able to connect")
         cmd = self.c["piapi"]["livenessProbe"]["exec"]["command"]
+        self.assertEqual(cmd[:2], ["/bin/sh", "-c"])
+        require_programs(cmd[2])
         r = subprocess.run([sb.subs(a) for a in cmd], capture_output=True, text=True, timeout=10,
-                           stdin=subprocess.DEVNULL, user=uid, group=gid, extra_groups=[fs])
+                           stdin=subprocess.DEVNULL, user=uid, group=gid, extra_groups=[fs],
+                           env={"PATH": CONTAINER_PATH})
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr + sb.log_text()[-2000:])
         stop_gracefully(self, p)
 
@@ -941,8 +975,7 @@ class TestRunScript(unittest.TestCase):
         os.chmod(self.tmp, 0o711)
         self.addCleanup(self._cleanup)
         self.port = harness.free_port()
-        self.config = harness.write_config(self.tmp / "config.yaml",
-                                           CONFIG.format(port=harness.closed_port()))
+        self.config = harness.write_config(self.tmp / "config.yaml", self.config_text())
         env = dict(os.environ, PORT=str(self.port), CONFIG=str(self.config),
                    RUN_DIR=str(self.tmp / "run"), GRACE="2", BUILD=str(harness.build_dir()))
         env.pop("PIAPI_RUN_REEXEC", None)
@@ -954,8 +987,15 @@ class TestRunScript(unittest.TestCase):
                                 TestWebServerConfigs._healthz(self.port), 15, 0.1)
         self.assertTrue(ok and self.proc.poll() is None, f"run.sh did not come up:\n{self.log()}")
 
+    def config_text(self):
+        return CONFIG.format(port=harness.closed_port())
+
     def log(self):
         return (self.tmp / "run.stderr").read_text(errors="replace")
+
+    def demo_pids(self):
+        return [p for p in self.leftovers()
+                if Path(f"/proc/{p}/comm").read_text().strip() == "demo-provider"]
 
     def _cleanup(self):
         if self.proc.poll() is None:
@@ -976,6 +1016,8 @@ class TestRunScript(unittest.TestCase):
         self.assertEqual(r.json()["type"], "error")
         r = harness.http_request(self.port, "GET", "/piapi/cx/x")
         self.assertEqual(r.status, 401, r)
+        self.assertNotIn("demo provider", self.log(), "a real config got the demo provider")
+        self.assertEqual(self.demo_pids(), [])
         sock = self.tmp / "run" / "piapi.sock"
         self.assertTrue(sock.is_socket())
         self.proc.send_signal(signal.SIGINT)
@@ -1000,6 +1042,140 @@ class TestRunScript(unittest.TestCase):
         self.assertNotEqual(rc, 0)
         self.assertEqual(self.leftovers(), [], "nginx left running")
         self.assertFalse((self.tmp / "run" / "piapi.sock").exists(), "stale socket left behind")
+
+
+EXAMPLE = REPO / "config.yaml.example"
+
+
+def readme_first_screen_curls():
+    """The curl commands of the README's first screen (the block after
+    `make run` / `make test`), continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text.split("\n---\n", 1)[0], re.S)
+    cmds = []
+    for block in blocks:
+        for cmd in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if cmd.strip().startswith("curl "):
+                cmds.append(cmd.strip())
+    return cmds
+
+
+class TestRunScriptDemo(TestRunScript):
+    """`make run` with the untouched example config: the demo provider
+    answers behind it, plainly and streamed, the README's first-screen curl
+    lines included; SIGINT stops it with the rest."""
+
+    def config_text(self):
+        return EXAMPLE.read_text()
+
+    def chat(self):
+        return harness.http_request(
+            self.port, "POST", "/piapi/cx/chat/completions",
+            [("Authorization", "Bearer piapi-user-alice"), ("Content-Type", "application/json")],
+            b'{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}')
+
+    def test_serves_then_sigint_stops_everything(self):
+        self.assertIn("demo provider: config.yaml is the untouched example", self.log())
+        self.assertEqual(len(self.demo_pids()), 1, self.log())
+        derived = (self.tmp / "run" / "demo-config.yaml").read_text()
+        urls = re.findall(r"baseUrl:\s*(\S+)", derived)
+        self.assertEqual(len(urls), len(re.findall(r"baseUrl:", EXAMPLE.read_text())))
+        for u in urls:
+            self.assertRegex(u, r"^http://127\.0\.0\.1:\d+/", "the demo listens on loopback")
+        r = self.chat()
+        self.assertEqual(r.status, 200, r)
+        answer = r.json()["choices"][0]["message"]["content"]
+        self.assertIn("demo provider", answer)
+        self.assertTrue(r.header("X-Upstream-Request-ID"), "the demo's x-request-id is relayed")
+        r = harness.http_request(
+            self.port, "POST", "/piapi/cx/responses",
+            [("Authorization", "Bearer piapi-user-alice"), ("Content-Type", "application/json")],
+            b'{"model":"gpt-4o","input":"Hi"}')
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["output"][0]["content"][0]["text"], answer)
+        # Anthropic Messages, streamed: event by event, not in one piece
+        events, text, t0 = self.messages_stream()
+        names = [e for _, e, _ in events]
+        self.assertEqual(names[:2], ["message_start", "content_block_start"])
+        self.assertEqual(names[-3:], ["content_block_stop", "message_delta", "message_stop"])
+        deltas = [t for t, e, _ in events if e == "content_block_delta"]
+        self.assertGreater(len(deltas), 10)
+        self.assertLess(deltas[0] - t0, 1.0, "the first event waited for the rest")
+        self.assertGreater(deltas[-1] - deltas[0], 0.8, "the events arrived in one piece")
+        self.assertEqual(text, answer)
+        self.stop_and_check_nothing_left()
+
+    def messages_stream(self):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(conn.close)
+        body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                           "messages": [{"role": "user", "content": "Hi"}]})
+        t0 = time.monotonic()
+        conn.request("POST", "/piapi/cc/v1/messages", body,
+                     {"x-api-key": "piapi-user-alice", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertIn("text/event-stream", resp.getheader("Content-Type", ""))
+        events, text, name = [], "", None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                self.assertEqual(data["type"], name)
+                events.append((time.monotonic(), name, data))
+                if name == "content_block_delta":
+                    text += data["delta"]["text"]
+        return events, text, t0
+
+    def stop_and_check_nothing_left(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.fail(f"run.sh still running 10s after SIGINT:\n{self.log()}")
+        self.assertEqual(rc, 0, self.log())
+        self.assertEqual(self.leftovers(), [], "processes left running (the demo provider?)")
+
+    def test_readme_first_screen_curls_answer(self):
+        cmds = readme_first_screen_curls()
+        self.assertEqual(len(cmds), 2, cmds)
+        out = []
+        for cmd in cmds:
+            self.assertIn("http://127.0.0.1:9200/", cmd)
+            r = subprocess.run(["/bin/sh", "-c", cmd.replace(":9200/", f":{self.port}/")],
+                               capture_output=True, text=True, timeout=20)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            out.append(r.stdout)
+        plain, streamed = out
+        self.assertIn("demo provider", plain)
+        json.loads(plain)
+        self.assertIn("event: message_stop", streamed)
+        self.assertIn("text_delta", streamed)
+
+    def test_piapi_dying_stops_nginx_too(self):
+        super().test_piapi_dying_stops_nginx_too()
+        self.assertEqual(self.demo_pids(), [], "the demo provider outlived run.sh")
+
+
+class TestRunScriptEditedExample(TestRunScript):
+    """One byte more than the example: a real config, no demo provider."""
+
+    def config_text(self):
+        return EXAMPLE.read_text() + "\n"
+
+    def test_serves_then_sigint_stops_everything(self):
+        # (no request upstream: the placeholders are not on loopback)
+        r = harness.http_request(self.port, "GET", "/piapi/cx/x")
+        self.assertEqual(r.status, 401, r)
+        self.assertNotIn("demo provider", self.log())
+        self.assertEqual(self.demo_pids(), [])
+        self.assertFalse((self.tmp / "run" / "demo-config.yaml").exists())
 
 
 if __name__ == "__main__":
