@@ -1,7 +1,7 @@
 /* Private to the config stages; nothing outside src/config*.c includes it.
  *
- *   config_tree.c    YAML text → a small tree of nodes (libyaml events),
- *                    plus the arena and string set every stage uses
+ *   config_mem.c     the arena and the string set every stage uses
+ *   config_tree.c    YAML text → a small tree of nodes (libyaml events)
  *   config_check.c   messages with file and line, and the generic checks
  *                    a schema walker calls (keys, kinds, strings, names)
  *   config_schema.c  the schema: field tables and walkers that validate
@@ -27,7 +27,7 @@
 #define CFG_PATH_LEN        256
 #define CFG_SHOW_LEN        72           /* a quoted value inside a message */
 
-/* ---- memory (config_tree.c) ---- */
+/* ---- memory (config_mem.c) ---- */
 
 /* Blocks that are wiped when disposed: both arenas hold key material. */
 struct arena_block;
