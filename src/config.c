@@ -804,6 +804,10 @@ static const struct setting_spec {
       offsetof(struct piapi_settings, idle_timeout_ms), false },
     { "sseKeepaliveMs",   15000,    0, 86400000,
       offsetof(struct piapi_settings, sse_keepalive_ms), false },
+    { "bodyIdleTimeoutMs", 30000,   1, 86400000,
+      offsetof(struct piapi_settings, body_idle_timeout_ms), false },
+    { "bodyTimeoutMs",    300000,   1, 86400000,
+      offsetof(struct piapi_settings, body_timeout_ms), false },
 };
 #define NSETTINGS (sizeof setting_specs / sizeof setting_specs[0])
 
@@ -843,7 +847,8 @@ static void walk_settings(struct ctx *c, const struct ynode *map)
 {
     static const char *const known[] = {
         "maxBodyBytes", "connectTimeoutMs", "headerTimeoutMs",
-        "idleTimeoutMs", "sseKeepaliveMs", "caFile",
+        "idleTimeoutMs", "sseKeepaliveMs", "bodyIdleTimeoutMs", "bodyTimeoutMs",
+        "caFile",
     };
     struct piapi_settings *s = &c->cfg->settings;
 
