@@ -273,6 +273,36 @@ class TestSlowBody(unittest.TestCase):
         self.assertEqual(r.status, 200, r)
         self.assertLess(time.monotonic() - t0, 20)
 
+    def test_streamed_body_that_stalls_gets_408(self):
+        """A body over 8 MiB streams from FastCGI to the upstream on a pool
+        thread: a stall in it ends the transfer with 408 too (no answer
+        head went out yet), not with a body cut short upstream."""
+        size = 10 * MIB
+        head = harness.build_request("POST", "/piapi/cx/v1/echo",
+                                     [auth(), ("Content-Type", "application/json"),
+                                      ("Content-Length", str(size))])
+        s = socket.create_connection(("127.0.0.1", self.stack.port), timeout=10)
+        t0 = time.monotonic()
+        try:
+            s.sendall(head + b"x" * (2 * MIB))
+            got = b""
+            while True:
+                try:
+                    d = s.recv(65536)
+                except (socket.timeout, ConnectionResetError):
+                    break
+                if not d:
+                    break
+                got += d
+        finally:
+            s.close()
+        secs = time.monotonic() - t0
+        note(f"stalled streamed body: {got[:12]!r} after {secs:.2f} s")
+        self.assertTrue(got.startswith(b"HTTP/1.1 408"), got[:300])
+        self.assertLess(secs, BODY_IDLE_MS / 1000.0 + 3)
+        self.assertTrue(self.stack.wait_log(
+            lambda l: l.get("status") == 408 and l.get("bytes_in", 0) >= MIB), "no 408 log line")
+
 
 # ============================================ 3: pipelining ============
 
