@@ -10,13 +10,6 @@
 enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap,
                                            size_t body_max)
 {
-    size_t end;
-    return piapi_fcgi_arrival_end(p, n, cap, body_max, &end);
-}
-
-enum piapi_fcgi_arrival piapi_fcgi_arrival_end(const unsigned char *p, size_t n, size_t cap,
-                                               size_t body_max, size_t *end)
-{
     size_t off = 0, body = 0;
     int begun = 0, params_done = 0;
 
@@ -44,10 +37,8 @@ enum piapi_fcgi_arrival piapi_fcgi_arrival_end(const unsigned char *p, size_t n,
                 break;
             if (!params_done || (body += len) > body_max)
                 return PIAPI_FCGI_UNFIT;
-            if (len == 0) {
-                *end = next;
+            if (len == 0)
                 return PIAPI_FCGI_WHOLE;
-            }
             break;
         }
         off = next;

@@ -51,7 +51,6 @@
 struct conn {
     FCGX_Request req;           /* first: the pool hands out &req */
     int accepted;               /* FCGX_Accept_r has read the request */
-    int pipelined;              /* the next request followed it at once */
 };
 
 struct job {
@@ -220,15 +219,12 @@ static void keep_connection(void *arg)
 
 /* req's request has ended. libfcgi left its connection open if the web
  * server keeps it: the loop waits for the next request on it. If it is
- * open otherwise (see piapi_request_handle), or a pipelined request
- * follows that libfcgi may have read ahead and dropped, it lingers. */
+ * open otherwise (see piapi_request_handle), it lingers. */
 static void release_connection(FCGX_Request *req)
 {
-    struct conn *c = conn_of(req);
     int fd = req->ipcFd;
-    void (*next)(void *) = req->keepConnection && !c->pipelined ? keep_connection
-                                                                : linger_connection;
-    free(c);
+    void (*next)(void *) = req->keepConnection ? keep_connection : linger_connection;
+    free(conn_of(req));
     if (fd >= 0 && piapi_loop_post(next, (void *)(intptr_t)fd) != 0)
         close(fd);
 }
@@ -370,16 +366,8 @@ static enum piapi_fcgi_arrival in_socket(FCGX_Request *req)
         return n < 0 && errno == EAGAIN ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
     /* Shorter than the read-ahead buffer: then the proxy sees the body's
      * end whatever CONTENT_LENGTH says, and never streams it. */
-    size_t end = 0;
-    enum piapi_fcgi_arrival st =
-        piapi_fcgi_arrival_end((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX,
-                               PIAPI_PROXY_INLINE_BODY_MAX - 1, &end);
-    /* A client that sends its next request before this one's answer
-     * (nginx never does): libfcgi reads ahead into it and drops what it
-     * read with this request, so the next one would never be answered.
-     * It is not served: this one is answered, then the connection ends. */
-    conn_of(req)->pipelined = st == PIAPI_FCGI_WHOLE && end < (size_t)n;
-    return st;
+    return piapi_fcgi_arrival((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX,
+                              PIAPI_PROXY_INLINE_BODY_MAX - 1);
 }
 
 /* Reads the request (all in the socket, so libfcgi's reads do not

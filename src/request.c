@@ -442,14 +442,41 @@ static int skip_stdin(FCGX_Request *r)
     return 0;
 }
 
+/* libfcgi 2.4's reader state (fcgiapp.c, FCGX_Stream_Data): its leading
+ * fields, which say where the bytes it read ahead end. */
+struct libfcgi_reader {
+    unsigned char *buff;
+    int bufflen;
+    unsigned char *mBuff;
+    unsigned char *buffStop;
+};
+
+/* Whether libfcgi read past the end of this request's body into a next
+ * request, which a client that pipelines (sends it before this answer;
+ * nginx never does) has already sent. libfcgi frees those bytes with this
+ * request (see "server pipelining" in its FillBuffProc), so the next
+ * request would never be answered and the connection would hang: it must
+ * end after this answer instead. When the layout is not the one expected,
+ * 0, as before this check. */
+static int read_past_end(const FCGX_Stream *in)
+{
+    const struct libfcgi_reader *d = in->data;
+
+    if (!d || d->bufflen <= 0 || in->rdNext < d->buff || d->buffStop < in->rdNext ||
+        d->buffStop > d->buff + d->bufflen)
+        return 0;
+    return d->buffStop > in->rdNext;
+}
+
 /* Ends the FastCGI request before the bookkeeping, so the web server has
  * the whole answer while the log line and metrics are written. Detached,
  * libfcgi closes with a plain close() instead of shutdown() plus a poll of
  * up to 2 s for the web server to close first:
  * both web servers close on FCGI_END_REQUEST anyway. A body left unread
- * past skip_stdin() keeps the connection open instead, with
- * keepConnection 0: the pool half-closes it and drains the rest on the
- * event loop, without a thread (see pool.c, linger). */
+ * past skip_stdin(), or a pipelined next request libfcgi has swallowed,
+ * keeps the connection open instead, with keepConnection 0: the pool
+ * half-closes it and drains it on the event loop, without a thread (see
+ * pool.c, linger). */
 static void end_fastcgi(struct request *q, struct kept_line *k)
 {
     FCGX_Request *r = q->r;
@@ -465,13 +492,14 @@ static void end_fastcgi(struct request *q, struct kept_line *k)
         q->uri = k->path;
     }
     int kept = r->keepConnection, drained = skip_stdin(r);
+    int reuse = kept && drained && !read_past_end(r->in);
     if (!drained)
         FCGX_ClearError(r->in);  /* else libfcgi closes at once */
-    r->keepConnection = kept || !drained;
+    r->keepConnection = kept || !drained;  /* libfcgi leaves it open */
     FCGX_Detach(r);
     FCGX_Finish_r(r);
     if (r->ipcFd >= 0)
-        r->keepConnection = kept && drained;
+        r->keepConnection = reuse;
 }
 
 static void finish(struct request *q)

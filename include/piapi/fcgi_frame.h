@@ -19,10 +19,5 @@ enum piapi_fcgi_arrival {
  * the longest body (stdin) the caller takes. */
 enum piapi_fcgi_arrival piapi_fcgi_arrival(const unsigned char *p, size_t n, size_t cap,
                                            size_t body_max);
-/* The same; when whole, *end is where the request ends in p: bytes
- * between it and n are already a next request on the connection
- * (pipelined). */
-enum piapi_fcgi_arrival piapi_fcgi_arrival_end(const unsigned char *p, size_t n, size_t cap,
-                                               size_t body_max, size_t *end);
 
 #endif

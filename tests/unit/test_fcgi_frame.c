@@ -123,25 +123,6 @@ static void test_body_over_the_limit_is_unfit(void)
     CU_ASSERT_EQUAL(piapi_fcgi_arrival(m.b, m.n - 8, sizeof m.b, 9), PIAPI_FCGI_UNFIT);
 }
 
-/* Where a whole request ends: what follows is a pipelined next request. */
-static void test_end_of_a_pipelined_request(void)
-{
-    struct msg m, two;
-    size_t end = 0;
-    request(&m, 1, "{}");
-    two = m;
-    memcpy(two.b + two.n, m.b, m.n);
-    two.n += m.n;
-    CU_ASSERT_EQUAL(piapi_fcgi_arrival_end(m.b, m.n, sizeof m.b, 64, &end), PIAPI_FCGI_WHOLE);
-    CU_ASSERT_EQUAL(end, m.n);
-    for (size_t n = m.n; n <= two.n; n++) {
-        end = 0;
-        CU_ASSERT_EQUAL(piapi_fcgi_arrival_end(two.b, n, sizeof two.b, 64, &end),
-                        PIAPI_FCGI_WHOLE);
-        CU_ASSERT_EQUAL(end, m.n);
-    }
-}
-
 static const struct unit_case cases[] = {
     { "whole only at the end", test_whole_only_at_the_end },
     { "no body", test_no_body },
@@ -150,7 +131,6 @@ static const struct unit_case cases[] = {
     { "out of order is unfit", test_out_of_order_is_unfit },
     { "beyond what was seen is unfit", test_beyond_what_was_seen_is_unfit },
     { "body over the limit is unfit", test_body_over_the_limit_is_unfit },
-    { "end of a pipelined request", test_end_of_a_pipelined_request },
     { NULL, NULL }
 };
 
