@@ -16,8 +16,8 @@
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -54,7 +54,7 @@ struct conn {
 };
 
 struct job {
-    FCGX_Request *req;          /* connection accepted, nothing read yet */
+    FCGX_Request *req;          /* its request read by the loop or not (conn.accepted) */
     struct job *next;
 };
 

@@ -537,9 +537,7 @@ static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request
     assign_request_id(q);
 }
 
-/* /healthz and /metrics: answered here, logged at debug level and kept
- * out of the request metrics, so probes and scrapes do not show up as
- * traffic (or count themselves in flight). */
+/* What serves uri here, if it is /healthz or /metrics. */
 static void (*local_endpoint(const char *uri))(struct request *)
 {
     return !uri ? NULL :
@@ -552,6 +550,9 @@ int piapi_request_is_local(FCGX_Request *r)
     return local_endpoint(FCGX_GetParam("REQUEST_URI", r->envp)) != NULL;
 }
 
+/* /healthz and /metrics: answered here, logged at debug level and kept
+ * out of the request metrics, so probes and scrapes do not show up as
+ * traffic (or count themselves in flight). */
 static int serve_local(struct request *q)
 {
     void (*serve)(struct request *) = local_endpoint(q->uri);
