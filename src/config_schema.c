@@ -35,6 +35,8 @@ static const struct cfg_field settings_fields[] = {
     { .key = "headerTimeoutMs",  .number = SETTING(header_timeout_ms, 300000, 1, 86400000) },
     { .key = "idleTimeoutMs",    .number = SETTING(idle_timeout_ms, 300000, 1, 86400000) },
     { .key = "sseKeepaliveMs",   .number = SETTING(sse_keepalive_ms, 15000, 0, 86400000) },
+    { .key = "bodyIdleTimeoutMs", .number = SETTING(body_idle_timeout_ms, 30000, 1, 86400000) },
+    { .key = "bodyTimeoutMs",    .number = SETTING(body_timeout_ms, 300000, 1, 86400000) },
     { .key = "caFile" },
 };
 static const struct cfg_schema settings_schema = CFG_SCHEMA(settings_fields);

@@ -16,11 +16,14 @@
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "piapi/config.h"
 #include "piapi/fcgi_frame.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
@@ -36,9 +39,22 @@
 /* The loop may accept a connection before the web server has written the
  * request: it waits this long for the rest, then hands it to a thread. */
 #define ARRIVAL_MS 50
+/* A connection whose request was answered before its body was all read
+ * is drained on the loop for at most this long and this much (see
+ * linger), then closed. */
+#define LINGER_MS 10000
+#define LINGER_BYTES_MAX (64 * 1024 * 1024)
+/* Drained per wake-up, so the loop serves the others in between. */
+#define LINGER_BATCH (1024 * 1024)
+
+/* A connection's request, and what the pool knows about it. */
+struct conn {
+    FCGX_Request req;           /* first: the pool hands out &req */
+    int accepted;               /* FCGX_Accept_r has read the request */
+};
 
 struct job {
-    FCGX_Request *req;          /* connection accepted, nothing read yet */
+    FCGX_Request *req;          /* its request read by the loop or not (conn.accepted) */
     struct job *next;
 };
 
@@ -110,6 +126,80 @@ static int take_request_slot(void)
 
 static void take_connection(int fd);
 
+static struct conn *conn_of(FCGX_Request *req)
+{
+    return (struct conn *)((char *)req - offsetof(struct conn, req));
+}
+
+/* ---- lingering close --------------------------------------------------- */
+
+/* The web server may still be sending a body piapi answered without
+ * reading (a 401, 404 or 413 on a large upload). A close() now would make
+ * its writes fail (nginx: 502 instead of piapi's answer). So the
+ * connection is half-closed, which tells the web server nothing more
+ * comes (it closes once it has the answer), and read until it closes, on
+ * the loop and never blocking: what libfcgi's own close does, blocking a
+ * thread for up to 2 s per wait and with no byte limit. Reading the body
+ * to its FCGI_STDIN end instead would keep the connection usable, but
+ * cost the whole upload and the record framing; piapi cannot see where
+ * libfcgi's read-ahead stopped in it. */
+struct drain {
+    double deadline;
+    uint64_t bytes;
+};
+
+static void drain_more(int fd, void *arg, int timed_out);
+
+static void linger_wait(int fd, struct drain *l)
+{
+    int ms = (int)((l->deadline - piapi_now_mono()) * 1000.0);
+    if (ms > 0 && piapi_loop_await(fd, ms, drain_more, l) == 0)
+        return;
+    close(fd);
+    free(l);
+}
+
+/* 1 while there may be more to read (the socket is empty for now). */
+static int drain_batch(int fd, struct drain *l)
+{
+    for (size_t batch = 0; batch < LINGER_BATCH;) {
+        ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK;
+        if (n == 0)
+            return 0;  /* the web server closed it */
+        l->bytes += (uint64_t)n;
+        batch += (size_t)n;
+        if (l->bytes > LINGER_BYTES_MAX)
+            return 0;  /* past the cap: close, whatever that costs */
+    }
+    return 1;
+}
+
+/* A hang-up, the deadline or shutdown (timed_out) ends it at once. */
+static void drain_more(int fd, void *arg, int timed_out)
+{
+    struct drain *l = arg;
+    if (!timed_out && drain_batch(fd, l)) {
+        linger_wait(fd, l);
+        return;
+    }
+    close(fd);
+    free(l);
+}
+
+static void linger_connection(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    struct drain *l = piapi_xmalloc(sizeof *l);
+    l->deadline = piapi_now_mono() + LINGER_MS / 1000.0;
+    l->bytes = 0;
+    shutdown(fd, SHUT_WR);
+    drain_more(fd, l, 0);
+}
+
 /* A kept connection's next request, or its end. */
 static void next_request(int fd, void *arg, int closed)
 {
@@ -128,12 +218,14 @@ static void keep_connection(void *arg)
 }
 
 /* req's request has ended. libfcgi left its connection open if the web
- * server keeps it: the loop waits for the next request on it. */
+ * server keeps it: the loop waits for the next request on it. If it is
+ * open otherwise (see piapi_request_handle), it lingers. */
 static void release_connection(FCGX_Request *req)
 {
     int fd = req->ipcFd;
-    free(req);
-    if (fd >= 0 && piapi_loop_post(keep_connection, (void *)(intptr_t)fd) != 0)
+    void (*next)(void *) = req->keepConnection ? keep_connection : linger_connection;
+    free(conn_of(req));
+    if (fd >= 0 && piapi_loop_post(next, (void *)(intptr_t)fd) != 0)
         close(fd);
 }
 
@@ -146,6 +238,13 @@ static void request_over(FCGX_Request *req)
     atomic_fetch_sub(&pool.active, 1);
 }
 
+/* /healthz and /metrics: they took no request slot. */
+static void local_over(FCGX_Request *req)
+{
+    release_connection(req);
+    atomic_fetch_sub(&pool.active, 1);
+}
+
 /* ---- the job queue ----------------------------------------------------- */
 
 /* A request for this connection has not been read yet. libfcgi reads it
@@ -155,7 +254,8 @@ static void request_over(FCGX_Request *req)
  * blocking accept(). */
 static FCGX_Request *request_for(int fd)
 {
-    FCGX_Request *req = piapi_xmalloc(sizeof *req);
+    struct conn *c = piapi_xcalloc(1, sizeof *c);
+    FCGX_Request *req = &c->req;
     FCGX_InitRequest(req, -1, 0);
     req->ipcFd = fd;
     req->keepConnection = 1;  /* FCGI_BEGIN_REQUEST sets the real value */
@@ -203,16 +303,34 @@ static FCGX_Request *next_job(void)
 
 /* ---- pool threads ------------------------------------------------------ */
 
-/* Reads the connection's request (libfcgi's reads block) and serves it. */
+/* libfcgi's reads of the params block: they wait at most the body's idle
+ * timeout for a byte (the body's reads set their own; a kept connection
+ * may still carry a short one from its last request). */
+static void arm_params_timeout(int fd)
+{
+    struct piapi_config *cfg = piapi_config_current();
+    uint32_t ms = cfg ? piapi_config_settings(cfg)->body_idle_timeout_ms : 30000;
+    piapi_config_release(cfg);
+    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (suseconds_t)(ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/* Reads the connection's request (libfcgi's reads block) unless the loop
+ * did, and serves it. /healthz and /metrics never wait for a slot. */
 static void serve_connection(struct piapi_worker *w, FCGX_Request *req)
 {
-    if (FCGX_Accept_r(req) != 0) {  /* malformed or cut: libfcgi closed it */
-        free(req);
-        return;
+    if (!conn_of(req)->accepted) {
+        arm_params_timeout(req->ipcFd);
+        if (FCGX_Accept_r(req) != 0) {  /* malformed or cut: libfcgi closed it */
+            free(conn_of(req));
+            return;
+        }
     }
     atomic_fetch_add(&pool.active, 1);
     atomic_fetch_add(&pool.serving, 1);
-    if (take_request_slot()) {
+    if (piapi_request_is_local(req)) {
+        piapi_request_handle(w, req, local_over);
+    } else if (take_request_slot()) {
         piapi_request_handle(w, req, request_over);
     } else {
         piapi_request_reject(w, req, 503, "gateway saturated; retry shortly",
@@ -241,9 +359,9 @@ static void *worker_main(void *arg)
  * a body the proxy reads ahead whole: only then can the loop let libfcgi
  * read it, whose reads block and here find everything there, and the
  * transfer run on the loop. */
-static enum piapi_fcgi_arrival in_socket(int fd)
+static enum piapi_fcgi_arrival in_socket(FCGX_Request *req)
 {
-    ssize_t n = recv(fd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = recv(req->ipcFd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
     if (n <= 0)
         return n < 0 && errno == EAGAIN ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
     /* Shorter than the read-ahead buffer: then the proxy sees the body's
@@ -252,16 +370,23 @@ static enum piapi_fcgi_arrival in_socket(int fd)
                               PIAPI_PROXY_INLINE_BODY_MAX - 1);
 }
 
-/* Reads the request (all in the socket) and serves it here. */
+/* Reads the request (all in the socket, so libfcgi's reads do not
+ * block) and serves it here: /healthz and /metrics at once, others when a
+ * request slot is free, else a thread waits for one. */
 static void serve_here(FCGX_Request *req)
 {
-    if (sem_trywait(&pool.request_slots) != 0) {
-        enqueue(req);  /* a thread waits for a slot, up to the queue timeout */
+    if (FCGX_Accept_r(req) != 0) {  /* malformed: libfcgi closed it */
+        free(conn_of(req));
         return;
     }
-    if (FCGX_Accept_r(req) != 0) {  /* malformed: libfcgi closed it */
-        sem_post(&pool.request_slots);
-        free(req);
+    conn_of(req)->accepted = 1;
+    if (piapi_request_is_local(req)) {
+        atomic_fetch_add(&pool.active, 1);
+        piapi_request_handle(pool.loop_worker, req, local_over);
+        return;
+    }
+    if (sem_trywait(&pool.request_slots) != 0) {
+        enqueue(req);  /* a thread waits for a slot, up to the queue timeout */
         return;
     }
     atomic_fetch_add(&pool.active, 1);
@@ -278,12 +403,13 @@ static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st);
 static void more_arrived(int fd, void *arg, int timed_out)
 {
     struct arrival_wait *a = arg;
+    (void)fd;
     if (timed_out) {
         enqueue(a->req);
         free(a);
         return;
     }
-    consider(a, in_socket(fd));
+    consider(a, in_socket(a->req));
 }
 
 /* Serves the request here once it is whole, or hands it to a thread. */
@@ -311,7 +437,7 @@ static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st)
 static void take_connection(int fd)
 {
     FCGX_Request *req = request_for(fd);
-    enum piapi_fcgi_arrival st = in_socket(fd);
+    enum piapi_fcgi_arrival st = in_socket(req);
 
     if (st == PIAPI_FCGI_WHOLE) {
         serve_here(req);
@@ -432,7 +558,7 @@ void piapi_pool_join(void)
         struct job *j = pool.jobs;
         pool.jobs = j->next;
         FCGX_Free(j->req, 1);
-        free(j->req);
+        free(conn_of(j->req));
         free(j);
     }
     piapi_metrics_set_pool_probe(NULL);

@@ -7,11 +7,14 @@
 #include "piapi/proxy.h"
 
 #include <curl/curl.h>
+#include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "piapi/headers.h"
@@ -131,13 +134,76 @@ static void poison_stream(struct xfer *x)
 
 /* ---- request body --------------------------------------------------- */
 
+/* How long the next read() of the FastCGI socket may wait. libfcgi's
+ * reads block; with SO_RCVTIMEO one that waits too long fails with
+ * EAGAIN, which libfcgi keeps as the stream's error. */
+static void arm_read_timeout(int fd, double secs, double *armed)
+{
+    if (secs == *armed)
+        return;
+    struct timeval tv = { .tv_sec = (time_t)secs };
+    tv.tv_usec = (suseconds_t)((secs - (double)tv.tv_sec) * 1e6);
+    if (tv.tv_sec == 0 && tv.tv_usec == 0)
+        tv.tv_usec = 1;  /* 0 would mean "forever" */
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0)
+        *armed = secs;
+}
+
+int piapi_proxy_read_body(FCGX_Request *r, char *buf, int n, double deadline,
+                          double idle_s, double *armed)
+{
+    FCGX_Stream *in = r->in;
+    int ready = (int)(in->stop - in->rdNext);  /* in libfcgi's buffer */
+
+    if (ready > 0)
+        return FCGX_GetStr(buf, n < ready ? n : ready, in);
+    if (!in->isClosed) {
+        double left = deadline - piapi_now_mono();
+        if (left <= 0)
+            return PIAPI_PROXY_BODY_TIMEOUT;
+        arm_read_timeout(r->ipcFd, idle_s < left ? idle_s : left, armed);
+        /* One byte: libfcgi reads the socket only until some content has
+         * arrived (each read waiting at most the timeout just set); the
+         * rest of what that read brought is taken without another. */
+        if (FCGX_GetStr(buf, 1, in) == 1) {
+            ready = (int)(in->stop - in->rdNext);
+            if (ready > n - 1)
+                ready = n - 1;
+            return 1 + (ready > 0 ? FCGX_GetStr(buf + 1, ready, in) : 0);
+        }
+    }
+    int e = FCGX_GetError(in);
+    if (e == 0)
+        return 0;
+    return e == EAGAIN || e == EWOULDBLOCK ? PIAPI_PROXY_BODY_TIMEOUT : PIAPI_PROXY_BODY_GONE;
+}
+
+/* A body read with the request's deadlines: no byte for bodyIdleTimeoutMs,
+ * or not all of it by bodyTimeoutMs after the transfer began, ends it. */
+static int body_read(struct xfer *x, char *buf, size_t n)
+{
+    const struct piapi_settings *s = x->t->settings;
+    if (x->body_failed)
+        return x->body_failed;
+    if (n > INT_MAX)
+        n = INT_MAX;
+    int got = piapi_proxy_read_body(x->t->fcgi, buf, (int)n,
+                                    x->start + s->body_timeout_ms / 1000.0,
+                                    s->body_idle_timeout_ms / 1000.0, &x->read_timeout);
+    if (got < 0)
+        x->body_failed = got;
+    else if (got == 0)
+        x->stdin_eof = 1;
+    return got;
+}
+
 /* Consumes the empty FCGI_STDIN record that ends the body. Until it is
  * read, readability of the connection means nothing about the client. */
 static void consume_stdin_end(struct xfer *x)
 {
     char c;
-    if (!x->stdin_eof && FCGX_GetStr(&c, 1, x->t->fcgi->in) == 0)
-        x->stdin_eof = 1;
+    if (!x->stdin_eof)
+        body_read(x, &c, 1);
 }
 
 
@@ -156,11 +222,11 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
     }
     if (x->stdin_eof)
         return 0;
-    int got = FCGX_GetStr(buf, (int)want, x->t->fcgi->in);
-    if (got <= 0) {
-        x->stdin_eof = 1;
+    int got = body_read(x, buf, want);
+    if (got < 0)
+        return CURL_READFUNC_ABORT;
+    if (got == 0)
         return 0;
-    }
     x->t->bytes_in += (uint64_t)got;
     if (x->t->bytes_in > x->t->settings->max_body_bytes) {
         x->body_over_limit = 1;
@@ -173,17 +239,14 @@ static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
 }
 
 /* Reads on into buf (already holding inline_len bytes) up to `limit`
- * bytes in all. Returns 1 when that is the whole body, 0 when more is
- * left. */
+ * bytes in all. Returns 1 when that is the whole body (or reading it
+ * failed: x->body_failed), 0 when more is left. */
 static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
 {
-    FCGX_Stream *in = x->t->fcgi->in;
     while (x->inline_len < limit) {
-        int got = FCGX_GetStr(buf + x->inline_len, (int)(limit - x->inline_len), in);
-        if (got <= 0) {
-            x->stdin_eof = 1;
-            return 1;
-        }
+        int got = body_read(x, buf + x->inline_len, limit - x->inline_len);
+        if (got <= 0)
+            return 1;  /* its end, or x->body_failed */
         x->inline_len += (size_t)got;
     }
     if (exact) {
@@ -613,6 +676,11 @@ static void apply_verdict(struct xfer *x, enum verdict v)
         t->error_status = 413;
         t->error_message = "request body too large";
         break;
+    case BODY_TIMEOUT:
+        t->error = NULL;  /* the client's doing, not the upstream's */
+        t->error_status = 408;
+        t->error_message = "request body not received in time";
+        break;
     case RUNNING:
         break;
     }
@@ -627,8 +695,10 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
     if (v == RUNNING) {
         if (x->body_over_limit)
             v = TOO_LARGE;
-        else if (x->client_gone)
+        else if (x->client_gone || x->body_failed == PIAPI_PROXY_BODY_GONE)
             v = CLIENT_GONE;
+        else if (x->body_failed == PIAPI_PROXY_BODY_TIMEOUT)
+            v = BODY_TIMEOUT;
     }
     if (v != RUNNING)
         apply_verdict(x, v);
@@ -737,7 +807,12 @@ void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
     t->status = 0;
     t->ttfb = -1;
     char *read_whole = read_ahead(&x, p->body);
-    if (x.inline_len > t->settings->max_body_bytes) {
+    if (x.body_failed) {
+        /* Nothing went upstream: answer 408, or no one (the web server
+         * dropped the request). */
+        apply_verdict(&x, x.body_failed == PIAPI_PROXY_BODY_TIMEOUT ? BODY_TIMEOUT
+                                                                   : CLIENT_GONE);
+    } else if (x.inline_len > t->settings->max_body_bytes) {
         /* A body without Content-Length, over the limit already in the
          * part read ahead: refuse before anything goes upstream. */
         apply_verdict(&x, TOO_LARGE);

@@ -33,6 +33,8 @@ struct xfer {
     int client_gone;
     int unflushed;          /* bytes queued in libfcgi's buffer */
     int body_over_limit;
+    int body_failed;        /* PIAPI_PROXY_BODY_TIMEOUT or _GONE, else 0 */
+    double read_timeout;    /* SO_RCVTIMEO last set, seconds; 0 unknown */
     char tail[2];           /* last two body bytes, for SSE boundaries */
     uint32_t keepalive_ms;  /* SSE ping interval in effect, 0: none */
     struct piapi_secret secret;  /* what no relayed byte may carry */
@@ -55,7 +57,8 @@ struct xfer {
 };
 
 /* What a driver decided on its own (timers, hang-ups, shutdown). */
-enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE };
+enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE,
+               BODY_TIMEOUT };
 
 /* Sets every option of x->easy for x->t (method, body, callbacks). */
 void xfer_setup(struct xfer *x);

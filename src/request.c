@@ -23,9 +23,11 @@
 #include "piapi/util.h"
 
 #define REQUEST_ID_MAX 128
-/* A kept connection's unread request body is read and dropped up to this
- * much (see skip_stdin); beyond it the connection closes instead. */
+/* An unread request body is read and dropped here up to this much, and
+ * only as far as it arrives without waiting longer than SKIP_WAIT_S (see
+ * skip_stdin); the pool drains the rest on the event loop. */
 #define SKIP_STDIN_MAX (1024 * 1024)
+#define SKIP_WAIT_S 0.005
 /* One answer for missing, malformed and unknown keys: a caller learns
  * nothing about which it was. */
 #define UNAUTHORIZED \
@@ -420,30 +422,67 @@ struct kept_line {
     char path[1024];
 };
 
-/* On a kept connection the next request follows this one's body, and
- * libfcgi does not skip what was left unread (an answer given before the
- * body was read, such as a 401). Whatever is left is read now: on the
- * event loop it is all in the socket already. A body too long for that
- * closes the connection after the answer instead. */
-static void skip_stdin(FCGX_Request *r)
+/* An answer given before the body was read (401, 404, 413, ...) leaves
+ * the web server still sending it. Closing now would fail its writes:
+ * nginx then answers 502 instead of piapi's status (`writev() failed (32:
+ * Broken pipe) while sending request to upstream`). So what has arrived
+ * is read and dropped here, which on the event loop is all of it (the
+ * loop serves only requests already whole in the socket); on a kept
+ * connection the next request follows it. Returns 1 once the body's end
+ * was read. */
+static int skip_stdin(FCGX_Request *r)
 {
     char buf[4096];
+    double deadline = piapi_now_mono() + SKIP_WAIT_S, armed = 0;
 
-    if (!r->keepConnection)
-        return;
-    for (size_t skipped = 0; skipped < SKIP_STDIN_MAX; skipped += sizeof buf)
-        if (FCGX_GetStr(buf, sizeof buf, r->in) < (int)sizeof buf)
-            return;  /* its end, or an error: then libfcgi closes */
-    r->keepConnection = 0;
+    for (size_t skipped = 0; skipped < SKIP_STDIN_MAX;) {
+        int got = piapi_proxy_read_body(r, buf, sizeof buf, deadline, SKIP_WAIT_S, &armed);
+        if (got <= 0)
+            return got == 0;
+        skipped += (size_t)got;
+    }
+    return 0;
+}
+
+/* libfcgi 2.4's reader state (fcgiapp.c, FCGX_Stream_Data): its leading
+ * fields, which say where the bytes it read ahead end. */
+struct libfcgi_reader {
+    unsigned char *buff;
+    int bufflen;
+    unsigned char *mBuff;
+    unsigned char *buffStop;
+};
+
+/* Whether libfcgi read past the end of this request's body into a next
+ * request, which a client that pipelines (sends it before this answer;
+ * nginx never does) has already sent. libfcgi frees those bytes with this
+ * request (see "server pipelining" in its FillBuffProc), so the next
+ * request would never be answered and the connection would hang: it must
+ * end after this answer instead. When the layout is not the one expected,
+ * 0, as before this check. */
+static int read_past_end(const FCGX_Stream *in)
+{
+    const struct libfcgi_reader *d = in->data;
+
+    if (!d || d->bufflen <= 0 || in->rdNext < d->buff || d->buffStop < in->rdNext ||
+        d->buffStop > d->buff + d->bufflen)
+        return 0;
+    return d->buffStop > in->rdNext;
 }
 
 /* Ends the FastCGI request before the bookkeeping, so the web server has
  * the whole answer while the log line and metrics are written. Detached,
  * libfcgi closes with a plain close() instead of shutdown() plus a poll of
  * up to 2 s for the web server to close first:
- * both web servers close on FCGI_END_REQUEST anyway. */
+ * both web servers close on FCGI_END_REQUEST anyway. A body left unread
+ * past skip_stdin(), or a pipelined next request libfcgi has swallowed,
+ * keeps the connection open instead, with keepConnection 0: the pool
+ * half-closes it and drains it on the event loop, without a thread (see
+ * pool.c, linger). */
 static void end_fastcgi(struct request *q, struct kept_line *k)
 {
+    FCGX_Request *r = q->r;
+
     snprintf(k->method, sizeof k->method, "%s", q->method);
     q->method = k->method;
     if (q->uri) {
@@ -454,9 +493,15 @@ static void end_fastcgi(struct request *q, struct kept_line *k)
         k->path[n] = '\0';
         q->uri = k->path;
     }
-    skip_stdin(q->r);
-    FCGX_Detach(q->r);
-    FCGX_Finish_r(q->r);
+    int kept = r->keepConnection, drained = skip_stdin(r);
+    int reuse = kept && drained && !read_past_end(r->in);
+    if (!drained)
+        FCGX_ClearError(r->in);  /* else libfcgi closes at once */
+    r->keepConnection = kept || !drained;  /* libfcgi leaves it open */
+    FCGX_Detach(r);
+    FCGX_Finish_r(r);
+    if (r->ipcFd >= 0)
+        r->keepConnection = reuse;
 }
 
 static void finish(struct request *q)
@@ -494,15 +539,25 @@ static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request
     assign_request_id(q);
 }
 
+/* What serves uri here, if it is /healthz or /metrics. */
+static void (*local_endpoint(const char *uri))(struct request *)
+{
+    return !uri ? NULL :
+           path_is(uri, "/healthz") ? serve_health :
+           path_is(uri, "/metrics") ? serve_metrics : NULL;
+}
+
+int piapi_request_is_local(FCGX_Request *r)
+{
+    return local_endpoint(FCGX_GetParam("REQUEST_URI", r->envp)) != NULL;
+}
+
 /* /healthz and /metrics: answered here, logged at debug level and kept
  * out of the request metrics, so probes and scrapes do not show up as
  * traffic (or count themselves in flight). */
 static int serve_local(struct request *q)
 {
-    void (*serve)(struct request *) =
-        !q->uri ? NULL :
-        path_is(q->uri, "/healthz") ? serve_health :
-        path_is(q->uri, "/metrics") ? serve_metrics : NULL;
+    void (*serve)(struct request *) = local_endpoint(q->uri);
     if (!serve)
         return 0;
     q->cfg = piapi_config_current();

@@ -60,6 +60,8 @@ struct piapi_settings {
     uint32_t idle_timeout_ms;       /* idleTimeoutMs: silence mid-stream ends it, default 300000 */
     uint32_t sse_keepalive_ms;      /* sseKeepaliveMs: ": ping" during silence, 0 = off, default 15000 */
     int sse_keepalive_explicit;     /* sseKeepaliveMs was in the file (else piapi may shorten it) */
+    uint32_t body_idle_timeout_ms;  /* bodyIdleTimeoutMs: no request body byte this long -> 408, default 30000 */
+    uint32_t body_timeout_ms;       /* bodyTimeoutMs: request body not all read by then -> 408, default 300000 */
     const char *ca_file;            /* caFile, NULL = system store */
 };
 

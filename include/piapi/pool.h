@@ -6,7 +6,9 @@
  * waits on the loop between its requests, never on a thread. Threads grow
  * with demand up to a cap; when every request slot is taken, a new request
  * waits a bounded time for one and is then answered 503 instead of
- * hanging. */
+ * hanging (/healthz and /metrics take no slot and never wait). A
+ * connection whose request was answered before its body was read is
+ * half-closed and drained on the loop before it closes. */
 #ifndef PIAPI_POOL_H
 #define PIAPI_POOL_H
 

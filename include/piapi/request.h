@@ -19,9 +19,14 @@ void piapi_request_worker_destroy(struct piapi_worker *w);
 /* Serves one accepted request and ends it (FCGX_Finish_r), then calls
  * over(r): before this returns, or later on the event loop's thread when
  * the proxy handed the transfer to it. r's connection is still open then
- * when the web server keeps it (r->ipcFd >= 0). */
+ * (r->ipcFd >= 0) when the web server keeps it (r->keepConnection 1), or
+ * when the web server may still be sending a body piapi did not read
+ * (r->keepConnection 0): it must then be drained before it closes. */
 void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r,
                           void (*over)(FCGX_Request *r));
+
+/* /healthz or /metrics: answered at once, without a request slot. */
+int piapi_request_is_local(FCGX_Request *r);
 
 /* Answers without routing (e.g. 503 when the pool is saturated), logs
  * and records it like any other request; `reason` goes into the log line's

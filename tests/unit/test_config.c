@@ -787,6 +787,8 @@ static void test_settings(void)
     CU_ASSERT_EQUAL(s->idle_timeout_ms, 300000u);
     CU_ASSERT_EQUAL(s->sse_keepalive_ms, 15000u);
     CU_ASSERT_FALSE(s->sse_keepalive_explicit);  /* piapi may shorten it */
+    CU_ASSERT_EQUAL(s->body_idle_timeout_ms, 30000u);
+    CU_ASSERT_EQUAL(s->body_timeout_ms, 300000u);
     CU_ASSERT_PTR_NULL(s->ca_file);
     piapi_config_release(cfg);
 
@@ -800,6 +802,8 @@ static void test_settings(void)
              "  headerTimeoutMs: 86400000\n"
              "  idleTimeoutMs: \"42\"\n"
              "  sseKeepaliveMs: 0\n"
+             "  bodyIdleTimeoutMs: 1000\n"
+             "  bodyTimeoutMs: 86400000\n"
              "  caFile: %s\n", ca);
     cfg = load_ok(yaml, NULL);
     CU_ASSERT_PTR_NOT_NULL_FATAL(cfg);
@@ -810,6 +814,8 @@ static void test_settings(void)
     CU_ASSERT_EQUAL(s->idle_timeout_ms, 42u);
     CU_ASSERT_EQUAL(s->sse_keepalive_ms, 0u);
     CU_ASSERT_TRUE(s->sse_keepalive_explicit);
+    CU_ASSERT_EQUAL(s->body_idle_timeout_ms, 1000u);
+    CU_ASSERT_EQUAL(s->body_timeout_ms, 86400000u);
     CU_ASSERT_STRING_EQUAL(s->ca_file, ca);
     piapi_config_release(cfg);
     unlink(ca);
