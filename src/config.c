@@ -1350,6 +1350,44 @@ static void add_secret(struct ctx *c, const struct ynode *v)
         strset_add(&c->secrets, 0, v->str, v->len, 0);
 }
 
+static void add_secret_str(struct ctx *c, const char *s, size_t len)
+{
+    if (len)
+        strset_add(&c->secrets, 0, s, len, 0);
+}
+
+/* A baseUrl may carry credentials too: basic auth in its userinfo, a key
+ * in its query (Azure Functions' ?code=). The userinfo whole, its user and
+ * password, and every query value are secrets like the keys. */
+static void add_url_secrets(struct ctx *c, const struct ynode *v)
+{
+    if (!v || v->kind != Y_SCALAR || !v->len)
+        return;
+    const char *s = v->str, *end = s + v->len;
+    const char *scheme = memmem(s, v->len, "://", 3);
+    const char *auth = scheme ? scheme + 3 : end, *at = NULL;
+    for (const char *p = auth; p < end && *p != '/' && *p != '?'; p++)
+        if (*p == '@')
+            at = p;
+    if (at) {
+        const char *colon = memchr(auth, ':', (size_t)(at - auth));
+        add_secret_str(c, auth, (size_t)(at - auth));
+        if (colon) {
+            add_secret_str(c, auth, (size_t)(colon - auth));
+            add_secret_str(c, colon + 1, (size_t)(at - colon - 1));
+        }
+    }
+    const char *q = memchr(s, '?', v->len);
+    for (const char *p = q ? q + 1 : end; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *pend = amp ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(pend - p));
+        const char *val = eq ? eq + 1 : p;
+        add_secret_str(c, val, (size_t)(pend - val));
+        p = pend + (amp ? 1 : 0);
+    }
+}
+
 /* Before anything is reported: every value that sits where a key belongs,
  * so show() can refuse to quote it wherever else it turns up. */
 static void collect_secrets(struct ctx *c, const struct ynode *root)
@@ -1364,6 +1402,14 @@ static void collect_secrets(struct ctx *c, const struct ynode *root)
             continue;
         for (const struct ynode *k = keys->first; k && k->next; k = k->next->next)
             add_secret(c, k->next);
+    }
+    for (const struct ynode *p = provs && provs->kind == Y_SEQ ? provs->first : NULL;
+         p; p = p->next) {
+        const struct ynode *svcs = p->kind == Y_MAP ? map_get(p, "services") : NULL;
+        for (const struct ynode *sv = svcs && svcs->kind == Y_SEQ ? svcs->first : NULL;
+             sv; sv = sv->next)
+            if (sv->kind == Y_MAP)
+                add_url_secrets(c, map_get(sv, "baseUrl"));
     }
     for (const struct ynode *u = users && users->kind == Y_SEQ ? users->first : NULL;
          u; u = u->next)

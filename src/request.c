@@ -275,10 +275,14 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         respond_error(q, st, why);
         return ANSWERED;
     }
-    const char *member_key = keys->bearer_len ? keys->bearer : keys->api_key;
-    size_t member_len = keys->bearer_len ? keys->bearer_len : keys->api_key_len;
+    /* Both credentials the client sent, not only the one that matched: a
+     * junk bearer next to a valid x-api-key must not let the key through. */
+    const struct piapi_route_secret hidden[] = {
+        { keys->bearer, keys->bearer_len },
+        { keys->api_key, keys->api_key_len },
+    };
     piapi_route_upstream_url(&q->url, q->svc, t, q->user->key->value,
-                             member_key, member_len);
+                             hidden, sizeof hidden / sizeof hidden[0]);
     q->logged_route = 1;
     q->x = (struct piapi_transfer){
         .fcgi = q->r,
@@ -370,12 +374,19 @@ static size_t path_len(const char *uri)
 }
 
 /* Text libcurl or the upstream wrote (never a header value of ours, nor
- * the query): checked all the same, as a key must never reach a log line. */
+ * the query): checked all the same, as no secret may reach a log line:
+ * the member's key, the provider key, the baseUrl's userinfo and query. */
 static void log_foreign(struct piapi_log_line *l, const char *name, const char *text,
                         const struct request *q)
 {
-    if (text[0] && !(q->user && strstr(text, q->user->key->value)))
-        piapi_log_str(l, name, text);
+    if (!text[0])
+        return;
+    if (q->user && (strstr(text, q->user->api_key) ||
+                    strstr(text, q->user->key->value)))
+        return;
+    if (q->svc && piapi_route_mentions_secret(q->svc, NULL, text))
+        return;
+    piapi_log_str(l, name, text);
 }
 
 static void log_request(struct request *q, enum piapi_log_level level,
