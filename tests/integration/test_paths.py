@@ -133,7 +133,7 @@ class PathChecks:
         # api_key[] as an array, Python before 3.9.2 split on ';' too.
         # Only the injected api_key may reach the upstream.
         rid = f"lookalike-{self.FORM}"
-        q = "?API_KEY=a&Api_Key=b&api_key[]=c&api_key%5B0%5D=d&x=1;api_key=e&api_key%00=f&y=2"
+        q = "?API_KEY=a&Api_Key=b&api_key[]=c&api_key%5B0%5D=d&x=1;api_key=e&+api_key+=f&y=2"
         ex = self.raw("/piapi/oq/v1/echo" + q, rid)
         self.assertEqual(ex.status, 200, ex.raw[:300])
         got = [r["path"] for r in self.stack.mock.requests()]
