@@ -166,12 +166,14 @@ struct cfg_number {
 };
 
 /* One key of a mapping in the schema. A secret's value is never quoted in
- * any message (secret_values: each value of this mapping is one); `items`
- * describes the mapping below (or each mapping of a sequence below). */
+ * any message (secret_values: each value of this mapping is one;
+ * secret_url: a URL's userinfo and query values are); `items` describes
+ * the mapping below (or each mapping of a sequence below). */
 struct cfg_field {
     const char *key;
     bool secret;
     bool secret_values;
+    bool secret_url;
     const struct cfg_schema *items;
     const struct cfg_number *number;
 };

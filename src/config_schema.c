@@ -47,7 +47,9 @@ static const struct cfg_field auth_fields[] = {
 static const struct cfg_schema auth_schema = CFG_SCHEMA(auth_fields);
 
 static const struct cfg_field service_fields[] = {
-    { .key = "type" }, { .key = "baseUrl" }, { .key = "auth", .items = &auth_schema },
+    { .key = "type" },
+    { .key = "baseUrl", .secret_url = true },   /* user:pass@, ?code= */
+    { .key = "auth", .items = &auth_schema },
 };
 static const struct cfg_schema service_schema = CFG_SCHEMA(service_fields);
 
@@ -742,6 +744,44 @@ static void add_secret(struct ctx *c, const struct ynode *v)
         cfg_strset_add(&c->secrets, 0, v->str, v->len, 0);
 }
 
+static void add_secret_str(struct ctx *c, const char *s, size_t len)
+{
+    if (len)
+        cfg_strset_add(&c->secrets, 0, s, len, 0);
+}
+
+/* A baseUrl may carry credentials too: basic auth in its userinfo, a key
+ * in its query (Azure Functions' ?code=). The userinfo whole, its user and
+ * password, and every query value are secrets like the keys. */
+static void add_url_secrets(struct ctx *c, const struct ynode *v)
+{
+    if (!v || v->kind != Y_SCALAR || !v->len)
+        return;
+    const char *s = v->str, *end = s + v->len;
+    const char *scheme = memmem(s, v->len, "://", 3);
+    const char *auth = scheme ? scheme + 3 : end, *at = NULL;
+    for (const char *p = auth; p < end && *p != '/' && *p != '?'; p++)
+        if (*p == '@')
+            at = p;
+    if (at) {
+        const char *colon = memchr(auth, ':', (size_t)(at - auth));
+        add_secret_str(c, auth, (size_t)(at - auth));
+        if (colon) {
+            add_secret_str(c, auth, (size_t)(colon - auth));
+            add_secret_str(c, colon + 1, (size_t)(at - colon - 1));
+        }
+    }
+    const char *q = memchr(s, '?', v->len);
+    for (const char *p = q ? q + 1 : end; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *pend = amp ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(pend - p));
+        const char *val = eq ? eq + 1 : p;
+        add_secret_str(c, val, (size_t)(pend - val));
+        p = pend + (amp ? 1 : 0);
+    }
+}
+
 /* Before anything is reported: every value that sits where the schema
  * keeps a secret. A reference to a key kept elsewhere (env:, file:,
  * credential:) is no secret and may be quoted. */
@@ -757,6 +797,8 @@ static void collect_secrets(struct ctx *c, const struct ynode *map,
             continue;
         if (f->secret)
             add_secret(c, v);
+        if (f->secret_url)
+            add_url_secrets(c, v);
         if (f->secret_values && v->kind == Y_MAP)
             for (const struct ynode *k = v->first; k && k->next; k = k->next->next)
                 if (!is_key_reference(k->next))

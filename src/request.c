@@ -53,6 +53,7 @@ struct request {
     char id[REQUEST_ID_MAX + 1];
     struct piapi_config *cfg;
     const struct piapi_user *user;
+    struct piapi_client_keys keys;  /* as presented: point into the params */
     const struct piapi_service *svc;
     int status;
     int logged_route;          /* the upstream URL is worth logging */
@@ -277,10 +278,14 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         respond_error(q, st, why);
         return ANSWERED;
     }
-    const char *member_key = keys->bearer_len ? keys->bearer : keys->api_key;
-    size_t member_len = keys->bearer_len ? keys->bearer_len : keys->api_key_len;
+    /* Both credentials the client sent, not only the one that matched: a
+     * junk bearer next to a valid x-api-key must not let the key through. */
+    const struct piapi_route_secret hidden[] = {
+        { keys->bearer, keys->bearer_len },
+        { keys->api_key, keys->api_key_len },
+    };
     piapi_route_upstream_url(&q->url, q->svc, t, q->user->key->value,
-                             member_key, member_len);
+                             hidden, sizeof hidden / sizeof hidden[0]);
     q->logged_route = 1;
     q->x = (struct piapi_transfer){
         .fcgi = q->r,
@@ -302,7 +307,6 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
 static enum outcome dispatch(struct request *q)
 {
     struct piapi_route_target t;
-    struct piapi_client_keys keys;
     const char *why = NULL;
 
     if (!q->uri || !*q->uri || !q->method || !*q->method) {
@@ -330,7 +334,7 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 503, "no configuration loaded");
         return ANSWERED;
     }
-    switch (piapi_headers_client_keys(q->r->envp, &keys)) {
+    switch (piapi_headers_client_keys(q->r->envp, &q->keys)) {
     case PIAPI_KEY_OK:
         break;
     case PIAPI_KEY_DUPLICATE:
@@ -340,7 +344,7 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 401, UNAUTHORIZED);
         return ANSWERED;
     }
-    q->user = authenticate(q, &keys);
+    q->user = authenticate(q, &q->keys);
     if (!q->user) {
         respond_error(q, 401, UNAUTHORIZED);
         return ANSWERED;
@@ -350,7 +354,7 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 404, "service type not available for this key");
         return ANSWERED;
     }
-    return forward(q, &t, &keys);
+    return forward(q, &t, &q->keys);
 }
 
 /* ---- finish ----------------------------------------------------------- */
@@ -373,13 +377,26 @@ static size_t path_len(const char *uri)
     return qm ? (size_t)(qm - uri) : strlen(uri);
 }
 
+static int mentions(const char *text, const char *s, size_t len)
+{
+    return len && memmem(text, strlen(text), s, len);
+}
+
 /* Text libcurl or the upstream wrote (never a header value of ours, nor
- * the query): checked all the same, as a key must never reach a log line. */
+ * the query): checked all the same, as no secret may reach a log line:
+ * the member's key, the provider key, the baseUrl's userinfo and query. */
 static void log_foreign(struct piapi_log_line *l, const char *name, const char *text,
                         const struct request *q)
 {
-    if (text[0] && !(q->user && strstr(text, q->user->key->value)))
-        piapi_log_str(l, name, text);
+    if (!text[0])
+        return;
+    if (q->user && (mentions(text, q->keys.bearer, q->keys.bearer_len) ||
+                    mentions(text, q->keys.api_key, q->keys.api_key_len) ||
+                    strstr(text, q->user->key->value)))
+        return;
+    if (q->svc && piapi_route_mentions_secret(q->svc, NULL, text))
+        return;
+    piapi_log_str(l, name, text);
 }
 
 static void log_request(struct request *q, enum piapi_log_level level,

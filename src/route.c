@@ -4,6 +4,12 @@
 #include <curl/curl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+
+/* Secrets of a baseUrl shorter than this are not looked for in foreign
+ * text: a substring check for "2" would drop nearly every message and
+ * protects nothing. */
+#define SECRET_MIN_LEN 4
 
 static int hexval(char c)
 {
@@ -13,6 +19,18 @@ static int hexval(char c)
     return -1;
 }
 
+/* The byte a "%XY" at s spells (n bytes left), or -1 when s does not
+ * start a well-formed escape. */
+static int escape_value(const char *s, size_t n)
+{
+    if (n < 3 || s[0] != '%')
+        return -1;
+    int h = hexval(s[1]), l = hexval(s[2]);
+    return h < 0 || l < 0 ? -1 : h * 16 + l;
+}
+
+/* ---- path validation -------------------------------------------------- */
+
 /* Raw bytes a path may carry: printable ASCII minus the backslash, which
  * some upstreams treat as a separator. Everything else must be %-encoded. */
 static int path_byte_ok(unsigned char c)
@@ -20,46 +38,179 @@ static int path_byte_ok(unsigned char c)
     return c > 0x20 && c < 0x7f && c != '\\';
 }
 
-/* Checks one path segment: valid %-escapes, no encoded '/', '\' or control
- * characters, and not "." or ".." in any spelling (%2e, %2E, mixed). */
-static int segment_ok(const char *s, size_t n, const char **why)
-{
-    size_t dots = 0, chars = 0;
+/* RFC 3629 well-formedness, fed one decoded byte at a time: overlong
+ * forms (%c0%ae is an overlong '.'), surrogates and bytes above U+10FFFF
+ * are what some decoders turn into ASCII and others refuse. */
+struct utf8_state {
+    int need;                /* continuation bytes still expected */
+    unsigned char lo, hi;    /* the next one's range */
+};
 
-    for (size_t i = 0; i < n; i++, chars++) {
+static int utf8_next(struct utf8_state *u, unsigned char c)
+{
+    if (u->need) {
+        if (c < u->lo || c > u->hi)
+            return 0;
+        u->need--;
+        u->lo = 0x80, u->hi = 0xbf;
+        return 1;
+    }
+    u->lo = 0x80, u->hi = 0xbf;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf)
+        u->need = 1;
+    else if (c == 0xe0)
+        u->need = 2, u->lo = 0xa0;
+    else if (c == 0xed)
+        u->need = 2, u->hi = 0x9f;
+    else if (c >= 0xe1 && c <= 0xef)
+        u->need = 2;
+    else if (c == 0xf0)
+        u->need = 3, u->lo = 0x90;
+    else if (c >= 0xf1 && c <= 0xf3)
+        u->need = 3;
+    else if (c == 0xf4)
+        u->need = 3, u->hi = 0x8f;
+    else
+        return 0;
+    return 1;
+}
+
+/* The byte at s as a decoder sees it: raw, or what its escape spells;
+ * *len gets the bytes it takes. -1 at the end or on a broken escape. */
+static int decoded_at(const char *s, size_t n, size_t *len)
+{
+    if (n == 0)
+        return -1;
+    *len = s[0] == '%' ? 3 : 1;
+    return s[0] == '%' ? escape_value(s, n) : (unsigned char)s[0];
+}
+
+/* After a "%25", whether what follows decodes to "2e", "2f", "5c" or "25"
+ * (%252e, %25%32%65, %25252e...): decoded once, an escape of '.', '/',
+ * '\' or '%' is left, which an upstream that decodes twice turns into a
+ * dot segment or a separator. */
+static int multi_encoded(const char *s, size_t n)
+{
+    size_t la, lb;
+    int a = decoded_at(s, n, &la);
+    if (a < 0)
+        return 0;
+    int b = decoded_at(s + la, n - la, &lb);
+    if (b < 0 || hexval((char)a) < 0 || hexval((char)b) < 0)
+        return 0;
+    int v = hexval((char)a) * 16 + hexval((char)b);
+    return v == '.' || v == '/' || v == '\\' || v == '%';
+}
+
+/* The bytes of one segment (between raw '/'): allowed raw bytes,
+ * well-formed escapes, nothing that decodes to a control character or to
+ * invalid UTF-8, no multiply encoded '.', '/', '\' or '%'. NULL when
+ * fine, else why not. */
+static const char *segment_bytes_why(const char *s, size_t n)
+{
+    struct utf8_state u = { 0 };
+
+    for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         if (c == '%') {
-            if (i + 2 >= n) {
-                *why = "malformed percent-encoding in path";
-                return 0;
-            }
-            int h = hexval(s[i + 1]), l = hexval(s[i + 2]);
-            if (h < 0 || l < 0) {
-                *why = "malformed percent-encoding in path";
-                return 0;
-            }
-            c = (unsigned char)(h * 16 + l);
+            int v = escape_value(s + i, n - i);
+            if (v < 0)
+                return "malformed percent-encoding in path";
+            if (v < 0x20 || v == 0x7f)
+                return "control character in path";
+            if (v == '%' && multi_encoded(s + i + 3, n - i - 3))
+                return "multiply encoded character in path";
+            c = (unsigned char)v;
             i += 2;
-            if (c == '/' || c == '\\') {
-                *why = "encoded slash or backslash in path";
-                return 0;
-            }
-            if (c < 0x20 || c == 0x7f) {
-                *why = "control character in path";
-                return 0;
-            }
         } else if (!path_byte_ok(c)) {
-            *why = c == '\\' ? "backslash in path" : "invalid character in path";
-            return 0;
+            return c == '\\' ? "backslash in path" : "invalid character in path";
         }
+        if (!utf8_next(&u, c))
+            return "invalid UTF-8 in path";
+    }
+    return u.need ? "invalid UTF-8 in path" : NULL;
+}
+
+/* "." or "..", however spelled: %2e in any case, followed by ";params"
+ * (raw or %3b; servers such as Tomcat drop them before resolving "..;/"),
+ * or padded with spaces (which some trim). Escapes are well-formed here. */
+static int dot_segment(const char *s, size_t n)
+{
+    size_t dots = 0, other = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        int c = (unsigned char)s[i];
+        if (c == '%') {
+            c = escape_value(s + i, n - i);
+            i += 2;
+        }
+        if (c == ';')
+            break;
         if (c == '.')
             dots++;
+        else if (c != ' ')
+            other++;
     }
-    if (chars > 0 && dots == chars && chars <= 2) {
-        *why = "dot segment in path";
-        return 0;
+    return dots >= 1 && dots <= 2 && other == 0;
+}
+
+/* An encoded '/' or '\' (%2F, %5C) is forwarded as sent: real APIs put
+ * them in ids (Bedrock's inference-profile ARNs). An upstream that
+ * decodes them sees the pieces between them as segments, so each must be
+ * one it may resolve: not a dot segment and, where an encoded separator
+ * made it, not empty (a leading "%2F" would decode to "//host"). */
+static const char *pieces_why(const char *s, size_t n)
+{
+    size_t start = 0, i = 0;
+    int split = 0;
+
+    for (;;) {
+        int sep = 0;
+        while (i < n && !sep) {
+            if (s[i] != '%') {
+                i++;
+                continue;
+            }
+            int v = escape_value(s + i, n - i);
+            sep = v == '/' || v == '\\';
+            if (!sep)
+                i += 3;
+        }
+        if (dot_segment(s + start, i - start))
+            return "dot segment in path";
+        if (i == start && (sep || split))
+            return "empty segment in path";
+        if (!sep)
+            return NULL;
+        split = 1;
+        i += 3;
+        start = i;
     }
-    return 1;
+}
+
+static int segment_ok(const char *s, size_t n, const char **why)
+{
+    const char *w = segment_bytes_why(s, n);
+    if (!w)
+        w = pieces_why(s, n);
+    if (w)
+        *why = w;
+    return w == NULL;
+}
+
+static enum piapi_route_status query_check(struct piapi_route_target *t,
+                                           const char **why)
+{
+    for (size_t i = 0; i < t->query_len; i++) {
+        unsigned char c = (unsigned char)t->query[i];
+        if (c <= 0x20 || c >= 0x7f) {
+            *why = "invalid character in query";
+            return PIAPI_ROUTE_BAD_PATH;
+        }
+    }
+    return PIAPI_ROUTE_OK;
 }
 
 enum piapi_route_status piapi_route_parse(const char *uri,
@@ -78,6 +229,13 @@ enum piapi_route_status piapi_route_parse(const char *uri,
         *why = "unknown path";
         return PIAPI_ROUTE_NOT_FOUND;
     }
+    /* A fragment is never part of a request target (RFC 9110 §7.1). Sent
+     * anyway, libcurl would cut the upstream URL there, losing what
+     * follows (a query-mode key among it) while the log showed it. */
+    if (memchr(uri, '#', len)) {
+        *why = "fragment ('#') in request target";
+        return PIAPI_ROUTE_BAD_PATH;
+    }
 
     const char *path = uri + sizeof base - 1;
     const char *q = strchr(path, '?');
@@ -85,13 +243,8 @@ enum piapi_route_status piapi_route_parse(const char *uri,
     if (q) {
         t->query = q + 1;
         t->query_len = len - (size_t)(t->query - uri);
-        for (size_t i = 0; i < t->query_len; i++) {
-            unsigned char c = (unsigned char)t->query[i];
-            if (c <= 0x20 || c >= 0x7f) {
-                *why = "invalid character in query";
-                return PIAPI_ROUTE_BAD_PATH;
-            }
-        }
+        if (query_check(t, why) != PIAPI_ROUTE_OK)
+            return PIAPI_ROUTE_BAD_PATH;
     }
 
     /* Walk the segments: the first is the service type, the rest is
@@ -136,15 +289,16 @@ enum piapi_route_status piapi_route_parse(const char *uri,
     return PIAPI_ROUTE_OK;
 }
 
-/* Decodes %XX and '+' (form encoding) into out; returns the length. */
+/* ---- the client's query ----------------------------------------------- */
+
+/* Decodes %XY and '+' (form encoding) into out; returns the length. */
 static size_t query_decode(const char *s, size_t n, char *out)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
-        int h, l;
-        if (s[i] == '%' && i + 2 < n &&
-            (h = hexval(s[i + 1])) >= 0 && (l = hexval(s[i + 2])) >= 0) {
-            out[o++] = (char)(h * 16 + l);
+        int v = escape_value(s + i, n - i);
+        if (v >= 0) {
+            out[o++] = (char)v;
             i += 2;
         } else {
             out[o++] = s[i] == '+' ? ' ' : s[i];
@@ -153,31 +307,86 @@ static size_t query_decode(const char *s, size_t n, char *out)
     return o;
 }
 
-/* A client parameter is dropped when it is the service's auth parameter
- * (the provider key must be the only value upstream sees) or when its
- * name or value contains the member's own key (never forward it in any
- * form). */
-static int param_dropped(const char *p, size_t n,
-                         const struct piapi_service *svc,
-                         const char *member_key, size_t member_key_len)
+/* Whether a decoded parameter name is the auth parameter as some parser
+ * reads it: in any case (API_KEY), as an array (api_key[], api_key[0]),
+ * cut at a NUL, or padded with spaces. */
+static int names_auth(const char *name, size_t n, const char *auth)
 {
-    const char *eq = memchr(p, '=', n);
-    size_t name_len = eq ? (size_t)(eq - p) : n;
+    const char *nul = memchr(name, '\0', n);
+    if (nul)
+        n = (size_t)(nul - name);
+    while (n && name[0] == ' ')
+        name++, n--;
+    while (n && name[n - 1] == ' ')
+        n--;
+    if (n && name[n - 1] == ']') {
+        const char *open = memchr(name, '[', n);
+        if (open)
+            n = (size_t)(open - name);
+    }
+    return n == strlen(auth) && strncasecmp(name, auth, n) == 0;
+}
+
+/* Checks every name of a parameter: some parsers also split on ';'
+ * (HTML 4's advice, Python before 3.9.2), so "a=1;api_key=x" has two. */
+static int carries_auth_name(const char *p, size_t n, const char *auth, char *dec)
+{
+    const char *end = p + n;
+    for (;;) {
+        const char *semi = memchr(p, ';', (size_t)(end - p));
+        const char *pend = semi ? semi : end;
+        const char *eq = memchr(p, '=', (size_t)(pend - p));
+        size_t dn = query_decode(p, (size_t)((eq ? eq : pend) - p), dec);
+        if (names_auth(dec, dn, auth))
+            return 1;
+        if (!semi)
+            return 0;
+        p = semi + 1;
+    }
+}
+
+/* A client parameter is dropped when it is named like the service's auth
+ * parameter (the provider key must be the only value upstream sees) or
+ * when its name or value contains a credential the client presented
+ * (never forward one in any form). */
+static int param_dropped(const char *p, size_t n, const struct piapi_service *svc,
+                         const struct piapi_route_secret *hidden, size_t nhidden)
+{
     char small[256];
     char *dec = n < sizeof small ? small : piapi_xmalloc(n + 1);
-    int drop = 0;
+    int drop = svc->auth.mode == PIAPI_AUTH_QUERY &&
+               carries_auth_name(p, n, svc->auth.name, dec);
 
-    size_t dn = query_decode(p, name_len, dec);
-    if (svc->auth.mode == PIAPI_AUTH_QUERY &&
-        dn == strlen(svc->auth.name) && memcmp(dec, svc->auth.name, dn) == 0)
-        drop = 1;
-    if (!drop && member_key_len) {
+    if (!drop) {
         size_t whole = query_decode(p, n, dec);
-        drop = memmem(dec, whole, member_key, member_key_len) != NULL;
+        for (size_t i = 0; i < nhidden && !drop; i++)
+            drop = hidden[i].len &&
+                   memmem(dec, whole, hidden[i].s, hidden[i].len) != NULL;
     }
     if (dec != small)
         free(dec);
     return drop;
+}
+
+/* ---- the upstream URL ------------------------------------------------- */
+
+/* Where the userinfo ("user:pass@") of an absolute URL sits: *off and
+ * *len (0 when none). config.c has checked the URL's form. */
+static void find_userinfo(const char *url, size_t *off, size_t *len)
+{
+    const char *scheme_end = strstr(url, "://");
+    *off = *len = 0;
+    if (!scheme_end)
+        return;
+    const char *auth = scheme_end + 3;
+    size_t alen = strcspn(auth, "/?");
+    for (size_t i = alen; i > 0; i--) {
+        if (auth[i - 1] == '@') {
+            *off = (size_t)(auth - url);
+            *len = i;
+            return;
+        }
+    }
 }
 
 static void append_query_part(struct piapi_buf *b, int *have_query,
@@ -192,7 +401,8 @@ void piapi_route_upstream_url(struct piapi_route_url *out,
                               const struct piapi_service *svc,
                               const struct piapi_route_target *t,
                               const char *provider_key,
-                              const char *member_key, size_t member_key_len)
+                              const struct piapi_route_secret *hidden,
+                              size_t nhidden)
 {
     const char *base = svc->base_url;
     const char *bq = strchr(base, '?');
@@ -201,20 +411,25 @@ void piapi_route_upstream_url(struct piapi_route_url *out,
 
     piapi_buf_reset(&out->buf);
     out->secret_off = out->secret_len = 0;
+    out->base_query_off = out->base_query_len = 0;
+    find_userinfo(base, &out->userinfo_off, &out->userinfo_len);
     piapi_buf_append(&out->buf, base, base_len);
     if (t->has_rest) {
         piapi_buf_putc(&out->buf, '/');
         piapi_buf_append(&out->buf, t->rest, t->rest_len);
     }
-    if (bq && bq[1])
+    if (bq && bq[1]) {
         append_query_part(&out->buf, &have_query, bq + 1, strlen(bq + 1));
+        out->base_query_len = strlen(bq + 1);
+        out->base_query_off = out->buf.len - out->base_query_len;
+    }
 
     if (t->query) {
         const char *p = t->query, *end = t->query + t->query_len;
         while (p < end) {
             const char *amp = memchr(p, '&', (size_t)(end - p));
             size_t n = amp ? (size_t)(amp - p) : (size_t)(end - p);
-            if (n && !param_dropped(p, n, svc, member_key, member_key_len))
+            if (n && !param_dropped(p, n, svc, hidden, nhidden))
                 append_query_part(&out->buf, &have_query, p, n);
             p += n + 1;
         }
@@ -234,16 +449,80 @@ void piapi_route_upstream_url(struct piapi_route_url *out,
     }
 }
 
+/* Every value of a query string replaced: "a=1&b" → "a=REDACTED&REDACTED". */
+static void put_redacted_query(struct piapi_buf *out, const char *s, size_t n)
+{
+    const char *end = s + n;
+    for (const char *p = s; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *pend = amp ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(pend - p));
+        if (p != s)
+            piapi_buf_putc(out, '&');
+        if (eq)
+            piapi_buf_append(out, p, (size_t)(eq + 1 - p));
+        piapi_buf_puts(out, "REDACTED");
+        p = pend + (amp ? 1 : 0);
+    }
+}
+
 void piapi_route_redacted(const struct piapi_route_url *url,
                           struct piapi_buf *out)
 {
+    const char *d = url->buf.data;
+    size_t pos = 0;
+
     piapi_buf_reset(out);
-    if (!url->secret_len) {
-        piapi_buf_append(out, url->buf.data, url->buf.len);
-        return;
+    if (url->userinfo_len) {
+        piapi_buf_append(out, d, url->userinfo_off);
+        pos = url->userinfo_off + url->userinfo_len;
     }
-    piapi_buf_append(out, url->buf.data, url->secret_off);
-    piapi_buf_puts(out, "REDACTED");
-    size_t tail = url->secret_off + url->secret_len;
-    piapi_buf_append(out, url->buf.data + tail, url->buf.len - tail);
+    if (url->base_query_len) {
+        piapi_buf_append(out, d + pos, url->base_query_off - pos);
+        put_redacted_query(out, d + url->base_query_off, url->base_query_len);
+        pos = url->base_query_off + url->base_query_len;
+    }
+    if (url->secret_len) {
+        piapi_buf_append(out, d + pos, url->secret_off - pos);
+        piapi_buf_puts(out, "REDACTED");
+        pos = url->secret_off + url->secret_len;
+    }
+    piapi_buf_append(out, d + pos, url->buf.len - pos);
+}
+
+/* ---- secrets in foreign text ----------------------------------------- */
+
+static int has_part(const char *text, const char *s, size_t n)
+{
+    return n >= SECRET_MIN_LEN && memmem(text, strlen(text), s, n) != NULL;
+}
+
+int piapi_route_mentions_secret(const struct piapi_service *svc,
+                                const char *provider_key, const char *text)
+{
+    const char *base = svc->base_url;
+    size_t off, len;
+
+    if (provider_key && *provider_key && strstr(text, provider_key))
+        return 1;
+    find_userinfo(base, &off, &len);
+    if (len) {
+        const char *ui = base + off;
+        size_t ulen = len - 1;  /* without '@' */
+        const char *colon = memchr(ui, ':', ulen);
+        size_t user = colon ? (size_t)(colon - ui) : ulen;
+        if (has_part(text, ui, ulen) || has_part(text, ui, user) ||
+            (colon && has_part(text, colon + 1, ulen - user - 1)))
+            return 1;
+    }
+    const char *q = strchr(base, '?');
+    for (const char *p = q ? q + 1 : NULL; p && *p;) {
+        size_t n = strcspn(p, "&");
+        const char *eq = memchr(p, '=', n);
+        const char *v = eq ? eq + 1 : p;
+        if (has_part(text, v, n - (size_t)(v - p)))
+            return 1;
+        p += n + (p[n] ? 1 : 0);
+    }
+    return 0;
 }

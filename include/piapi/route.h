@@ -14,7 +14,7 @@
 enum piapi_route_status {
     PIAPI_ROUTE_OK = 0,
     PIAPI_ROUTE_NOT_FOUND,  /* outside the base path, or no service type: 404 */
-    PIAPI_ROUTE_BAD_PATH,   /* dot segments, encoded slashes, controls...: 400 */
+    PIAPI_ROUTE_BAD_PATH,   /* dot segments in any spelling, controls, '#'...: 400 */
     PIAPI_ROUTE_TOO_LONG    /* over PIAPI_ROUTE_MAX_URI: 414 */
 };
 
@@ -31,25 +31,44 @@ enum piapi_route_status piapi_route_parse(const char *uri,
                                           struct piapi_route_target *t,
                                           const char **why);
 
-/* The upstream URL: baseUrl, then "/<rest>" when the client gave one, then
- * the baseUrl's own query, the client's query (minus any parameter that
- * carries the member's key or the service's auth parameter name), and the
- * provider key for query-mode auth. `secret_off/len` locate the provider
- * key inside out->data (len 0 when absent) so logs can redact it. */
+/* A credential the client presented (a view, len 0 when absent): no
+ * parameter of the client's query that contains it goes upstream. */
+struct piapi_route_secret {
+    const char *s;
+    size_t len;
+};
+
+/* The upstream URL: baseUrl (with its userinfo, which libcurl sends as
+ * basic auth), then "/<rest>" when the client gave one, then the
+ * baseUrl's own query, the client's query (minus any parameter that
+ * carries one of the `hidden` credentials or is named like the service's
+ * auth parameter), and the provider key for query-mode auth. The offsets
+ * locate, inside buf.data, what logs must not show: the userinfo with its
+ * '@', the baseUrl's parameters and the provider key (len 0 when absent). */
 struct piapi_route_url {
     struct piapi_buf buf;
-    size_t secret_off;
-    size_t secret_len;
+    size_t userinfo_off, userinfo_len;
+    size_t base_query_off, base_query_len;
+    size_t secret_off, secret_len;
 };
 
 void piapi_route_upstream_url(struct piapi_route_url *out,
                               const struct piapi_service *svc,
                               const struct piapi_route_target *t,
                               const char *provider_key,
-                              const char *member_key, size_t member_key_len);
+                              const struct piapi_route_secret *hidden,
+                              size_t nhidden);
 
-/* out gets the URL with the provider key replaced by "REDACTED". */
+/* out gets the URL as a log may show it: no userinfo, every baseUrl
+ * parameter's value and the provider key replaced by "REDACTED". */
 void piapi_route_redacted(const struct piapi_route_url *url,
                           struct piapi_buf *out);
+
+/* 1 when text (libcurl's or the upstream's words) contains a secret of
+ * the service: the provider key, or the baseUrl's userinfo (whole, user
+ * or password) or one of its parameter values (those of 4 bytes or more:
+ * shorter ones would match most texts). */
+int piapi_route_mentions_secret(const struct piapi_service *svc,
+                                const char *provider_key, const char *text);
 
 #endif
