@@ -13,11 +13,14 @@ CUNIT_LIBS := $(shell pkg-config --libs cunit 2>/dev/null || echo -lcunit)
 OPT      ?= -O2
 CFLAGS   ?= $(OPT) -g
 SAN      ?=
+# Sanitizer builds also check that the event loop's thread never reads
+# what is not there yet (fcgi_conn.h, PIAPI_LOOP_CHECKS).
 ifeq ($(SAN),asan)
-SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined \
+            -DPIAPI_LOOP_CHECKS
 endif
 ifeq ($(SAN),tsan)
-SANFLAGS := -fsanitize=thread -fno-omit-frame-pointer
+SANFLAGS := -fsanitize=thread -fno-omit-frame-pointer -DPIAPI_LOOP_CHECKS
 endif
 ALL_CFLAGS  = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -pthread \
               -Iinclude -DPIAPI_VERSION='"$(VERSION)"' $(PKG_CFLAGS) \

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,8 +31,6 @@ struct piapi_ev {
     struct piapi_ev_hook *hooks;
     _Atomic(struct piapi_ev_post *) posts;  /* newest first */
     atomic_int sleeping;
-    atomic_int submitting;         /* posts half made */
-    atomic_int closed;
 };
 
 static _Thread_local const struct piapi_ev *current;
@@ -169,33 +168,43 @@ static void on_wake(struct piapi_ev_io *io, uint32_t events)
     (void)r;
 }
 
-int piapi_ev_post(struct piapi_ev *ev, struct piapi_ev_post *p)
+void piapi_ev_post(struct piapi_ev *ev, struct piapi_ev_post *p)
 {
-    int here = current == ev;
-
-    atomic_fetch_add(&ev->submitting, 1);
-    if (atomic_load(&ev->closed) && !here) {
-        atomic_fetch_sub(&ev->submitting, 1);
-        return -1;
-    }
     p->next = atomic_load(&ev->posts);
     while (!atomic_compare_exchange_weak(&ev->posts, &p->next, p))
         ;
-    if (!here && atomic_exchange(&ev->sleeping, 0))
+    if (current != ev && atomic_exchange(&ev->sleeping, 0))
         piapi_ev_wake(ev);
-    /* Last: until then the owner must not take the loop down. */
-    atomic_fetch_sub(&ev->submitting, 1);
-    return 0;
 }
 
-void piapi_ev_close(struct piapi_ev *ev)
+int piapi_ev_posts_pending(const struct piapi_ev *ev)
 {
-    atomic_store(&ev->closed, 1);
+    return atomic_load(&ev->posts) != NULL;
 }
 
-int piapi_ev_posts_pending(struct piapi_ev *ev)
+void piapi_ev_gate_open(struct piapi_ev_gate *g, struct piapi_ev *ev)
 {
-    return atomic_load(&ev->submitting) || atomic_load(&ev->posts);
+    g->ev = ev;
+    atomic_store(&g->open, 1);
+}
+
+void piapi_ev_gate_close(struct piapi_ev_gate *g)
+{
+    atomic_store(&g->open, 0);
+    while (atomic_load(&g->inside))
+        sched_yield();
+}
+
+int piapi_ev_gate_post(struct piapi_ev_gate *g, struct piapi_ev_post *p)
+{
+    atomic_fetch_add(&g->inside, 1);
+    /* g->ev is read only while the gate is open or on the loop's own
+     * thread: close() waits for `inside` before the loop may go. */
+    int ok = atomic_load(&g->open) || (g->ev && current == g->ev);
+    if (ok)
+        piapi_ev_post(g->ev, p);
+    atomic_fetch_sub(&g->inside, 1);
+    return ok ? 0 : -1;
 }
 
 static void run_posts(struct piapi_ev *ev)

@@ -24,7 +24,7 @@
 #include <unistd.h>
 
 #include "piapi/config.h"
-#include "piapi/fcgi_frame.h"
+#include "piapi/fcgi_conn.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
 #include "piapi/metrics.h"
@@ -222,8 +222,8 @@ static void keep_connection(void *arg)
  * open otherwise (see piapi_request_handle), it lingers. */
 static void release_connection(FCGX_Request *req)
 {
-    int fd = req->ipcFd;
-    void (*next)(void *) = req->keepConnection ? keep_connection : linger_connection;
+    int fd = piapi_fcgi_fd(req);
+    void (*next)(void *) = piapi_fcgi_kept(req) ? keep_connection : linger_connection;
     free(conn_of(req));
     if (fd >= 0 && piapi_loop_post(next, (void *)(intptr_t)fd) != 0)
         close(fd);
@@ -249,17 +249,12 @@ static void local_over(FCGX_Request *req)
 
 /* A request for this connection has not been read yet. libfcgi reads it
  * in FCGX_Accept_r, which with a connection already open (as for a kept
- * one) reads from it instead of accepting. listen_sock -1: libfcgi never
- * accepts on its own, so a malformed request ends in an error, not in a
- * blocking accept(). */
+ * one) reads from it instead of accepting. */
 static FCGX_Request *request_for(int fd)
 {
     struct conn *c = piapi_xcalloc(1, sizeof *c);
-    FCGX_Request *req = &c->req;
-    FCGX_InitRequest(req, -1, 0);
-    req->ipcFd = fd;
-    req->keepConnection = 1;  /* FCGI_BEGIN_REQUEST sets the real value */
-    return req;
+    piapi_fcgi_init(&c->req, fd);
+    return &c->req;
 }
 
 static void enqueue(FCGX_Request *req)
@@ -320,7 +315,7 @@ static void arm_params_timeout(int fd)
 static void serve_connection(struct piapi_worker *w, FCGX_Request *req)
 {
     if (!conn_of(req)->accepted) {
-        arm_params_timeout(req->ipcFd);
+        arm_params_timeout(piapi_fcgi_fd(req));
         if (FCGX_Accept_r(req) != 0) {  /* malformed or cut: libfcgi closed it */
             free(conn_of(req));
             return;
@@ -361,13 +356,10 @@ static void *worker_main(void *arg)
  * transfer run on the loop. */
 static enum piapi_fcgi_arrival in_socket(FCGX_Request *req)
 {
-    ssize_t n = recv(req->ipcFd, pool.peek, PEEK_MAX, MSG_PEEK | MSG_DONTWAIT);
-    if (n <= 0)
-        return n < 0 && errno == EAGAIN ? PIAPI_FCGI_PARTIAL : PIAPI_FCGI_UNFIT;
     /* Shorter than the read-ahead buffer: then the proxy sees the body's
      * end whatever CONTENT_LENGTH says, and never streams it. */
-    return piapi_fcgi_arrival((const unsigned char *)pool.peek, (size_t)n, PEEK_MAX,
-                              PIAPI_PROXY_INLINE_BODY_MAX - 1);
+    return piapi_fcgi_in_socket(req, pool.peek, PEEK_MAX,
+                                PIAPI_PROXY_INLINE_BODY_MAX - 1);
 }
 
 /* Reads the request (all in the socket, so libfcgi's reads do not
@@ -415,7 +407,7 @@ static void more_arrived(int fd, void *arg, int timed_out)
 /* Serves the request here once it is whole, or hands it to a thread. */
 static void consider(struct arrival_wait *a, enum piapi_fcgi_arrival st)
 {
-    int fd = a->req->ipcFd;
+    int fd = piapi_fcgi_fd(a->req);
     switch (st) {
     case PIAPI_FCGI_WHOLE:
         serve_here(a->req);

@@ -13,6 +13,7 @@
 #include <sys/random.h>
 
 #include "piapi/config.h"
+#include "piapi/fcgi_conn.h"
 #include "piapi/headers.h"
 #include "piapi/http.h"
 #include "piapi/json.h"
@@ -23,11 +24,6 @@
 #include "piapi/util.h"
 
 #define REQUEST_ID_MAX 128
-/* An unread request body is read and dropped here up to this much, and
- * only as far as it arrives without waiting longer than SKIP_WAIT_S (see
- * skip_stdin); the pool drains the rest on the event loop. */
-#define SKIP_STDIN_MAX (1024 * 1024)
-#define SKIP_WAIT_S 0.005
 /* One answer for missing, malformed and unknown keys: a caller learns
  * nothing about which it was. */
 #define UNAUTHORIZED \
@@ -383,20 +379,25 @@ static int mentions(const char *text, const char *s, size_t len)
 }
 
 /* Text libcurl or the upstream wrote (never a header value of ours, nor
- * the query): checked all the same, as no secret may reach a log line:
- * the member's key, the provider key, the baseUrl's userinfo and query. */
-static void log_foreign(struct piapi_log_line *l, const char *name, const char *text,
-                        const struct request *q)
+ * the query) goes into the log line, so no secret may be in it: the
+ * member's key as presented, the provider key, the baseUrl's userinfo and
+ * query. Checked before the FastCGI params (which hold the presented key)
+ * are freed; text that fails is dropped. */
+static void scrub_foreign(const struct request *q, char *text)
 {
-    if (!text[0])
+    if (!text[0] || !q->user)
         return;
-    if (q->user && (mentions(text, q->keys.bearer, q->keys.bearer_len) ||
-                    mentions(text, q->keys.api_key, q->keys.api_key_len) ||
-                    strstr(text, q->user->key->value)))
-        return;
-    if (q->svc && piapi_route_mentions_secret(q->svc, NULL, text))
-        return;
-    piapi_log_str(l, name, text);
+    if (mentions(text, q->keys.bearer, q->keys.bearer_len) ||
+        mentions(text, q->keys.api_key, q->keys.api_key_len) ||
+        strstr(text, q->user->key->value) ||
+        (q->svc && piapi_route_mentions_secret(q->svc, NULL, text)))
+        text[0] = '\0';
+}
+
+static void log_foreign(struct piapi_log_line *l, const char *name, const char *text)
+{
+    if (text[0])
+        piapi_log_str(l, name, text);
 }
 
 static void log_request(struct request *q, enum piapi_log_level level,
@@ -427,9 +428,9 @@ static void log_request(struct request *q, enum piapi_log_level level,
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
     if (q->error) {
         piapi_log_str(&l, "error", q->error);
-        log_foreign(&l, "error_detail", q->x.error_detail, q);
+        log_foreign(&l, "error_detail", q->x.error_detail);
     }
-    log_foreign(&l, "upstream_request_id", q->x.upstream_id, q);
+    log_foreign(&l, "upstream_request_id", q->x.upstream_id);
     piapi_log_end_batched(&l);
 }
 
@@ -439,67 +440,11 @@ struct kept_line {
     char path[1024];
 };
 
-/* An answer given before the body was read (401, 404, 413, ...) leaves
- * the web server still sending it. Closing now would fail its writes:
- * nginx then answers 502 instead of piapi's status (`writev() failed (32:
- * Broken pipe) while sending request to upstream`). So what has arrived
- * is read and dropped here, which on the event loop is all of it (the
- * loop serves only requests already whole in the socket); on a kept
- * connection the next request follows it. Returns 1 once the body's end
- * was read. */
-static int skip_stdin(FCGX_Request *r)
-{
-    char buf[4096];
-    double deadline = piapi_now_mono() + SKIP_WAIT_S, armed = 0;
-
-    for (size_t skipped = 0; skipped < SKIP_STDIN_MAX;) {
-        int got = piapi_proxy_read_body(r, buf, sizeof buf, deadline, SKIP_WAIT_S, &armed);
-        if (got <= 0)
-            return got == 0;
-        skipped += (size_t)got;
-    }
-    return 0;
-}
-
-/* libfcgi 2.4's reader state (fcgiapp.c, FCGX_Stream_Data): its leading
- * fields, which say where the bytes it read ahead end. */
-struct libfcgi_reader {
-    unsigned char *buff;
-    int bufflen;
-    unsigned char *mBuff;
-    unsigned char *buffStop;
-};
-
-/* Whether libfcgi read past the end of this request's body into a next
- * request, which a client that pipelines (sends it before this answer;
- * nginx never does) has already sent. libfcgi frees those bytes with this
- * request (see "server pipelining" in its FillBuffProc), so the next
- * request would never be answered and the connection would hang: it must
- * end after this answer instead. When the layout is not the one expected,
- * 0, as before this check. */
-static int read_past_end(const FCGX_Stream *in)
-{
-    const struct libfcgi_reader *d = in->data;
-
-    if (!d || d->bufflen <= 0 || in->rdNext < d->buff || d->buffStop < in->rdNext ||
-        d->buffStop > d->buff + d->bufflen)
-        return 0;
-    return d->buffStop > in->rdNext;
-}
-
 /* Ends the FastCGI request before the bookkeeping, so the web server has
- * the whole answer while the log line and metrics are written. Detached,
- * libfcgi closes with a plain close() instead of shutdown() plus a poll of
- * up to 2 s for the web server to close first:
- * both web servers close on FCGI_END_REQUEST anyway. A body left unread
- * past skip_stdin(), or a pipelined next request libfcgi has swallowed,
- * keeps the connection open instead, with keepConnection 0: the pool
- * half-closes it and drains it on the event loop, without a thread (see
- * pool.c, linger). */
+ * the whole answer while the log line and metrics are written; what the
+ * log line needs of the params, which that frees, is copied first. */
 static void end_fastcgi(struct request *q, struct kept_line *k)
 {
-    FCGX_Request *r = q->r;
-
     snprintf(k->method, sizeof k->method, "%s", q->method);
     q->method = k->method;
     if (q->uri) {
@@ -510,22 +455,17 @@ static void end_fastcgi(struct request *q, struct kept_line *k)
         k->path[n] = '\0';
         q->uri = k->path;
     }
-    int kept = r->keepConnection, drained = skip_stdin(r);
-    int reuse = kept && drained && !read_past_end(r->in);
-    if (!drained)
-        FCGX_ClearError(r->in);  /* else libfcgi closes at once */
-    r->keepConnection = kept || !drained;  /* libfcgi leaves it open */
-    FCGX_Detach(r);
-    FCGX_Finish_r(r);
-    if (r->ipcFd >= 0)
-        r->keepConnection = reuse;
+    piapi_fcgi_end(q->r);
 }
 
 static void finish(struct request *q)
 {
     double latency = piapi_now_mono() - q->start;
     struct kept_line k;
+    scrub_foreign(q, q->x.error_detail);
+    scrub_foreign(q, q->x.upstream_id);
     end_fastcgi(q, &k);
+    q->keys = (struct piapi_client_keys){ 0 };  /* they pointed into the params */
     struct piapi_metrics_request m = {
         .service_type = q->svc ? q->svc->type : PIAPI_METRICS_UNKNOWN,
         .provider = q->svc ? q->svc->provider->name : NULL,

@@ -10,6 +10,7 @@
 #ifndef PIAPI_EV_H
 #define PIAPI_EV_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -69,13 +70,28 @@ void piapi_ev_hook_add(struct piapi_ev *ev, struct piapi_ev_hook *h);
 /* From any thread: p->fn(p) runs on the loop's thread in a later round
  * (this one's end, when posted from the loop's thread), posts in the
  * order they were made. The loop is woken only when it may be sleeping.
- * -1 once closed, unless on the loop's thread: p will not run. */
-int piapi_ev_post(struct piapi_ev *ev, struct piapi_ev_post *p);
-/* From then on other threads' posts are refused. */
-void piapi_ev_close(struct piapi_ev *ev);
-/* A post is queued or half made. Once closed and this is 0, no post of
- * another thread can come. */
-int piapi_ev_posts_pending(struct piapi_ev *ev);
+ * Another thread that might post after the loop is gone goes through a
+ * gate instead. */
+void piapi_ev_post(struct piapi_ev *ev, struct piapi_ev_post *p);
+/* A post is queued and has not run yet. */
+int piapi_ev_posts_pending(const struct piapi_ev *ev);
+
+/* Posts from other threads while a loop lives, refused before and after,
+ * without ever touching a loop that is gone: the gate is the client's
+ * (a static that outlives the loop), zeroed = closed. */
+struct piapi_ev_gate {
+    struct piapi_ev *ev;
+    atomic_int open;
+    atomic_int inside;   /* posts half made */
+};
+
+void piapi_ev_gate_open(struct piapi_ev_gate *g, struct piapi_ev *ev);
+/* Refuses other threads from now on; returns once no post is half made,
+ * so the loop's queue then holds every post that will ever come. */
+void piapi_ev_gate_close(struct piapi_ev_gate *g);
+/* 0, or -1 when closed and not on the loop's thread: p will not run. */
+int piapi_ev_gate_post(struct piapi_ev_gate *g, struct piapi_ev_post *p);
+
 /* Ends the current or next sleep early (any thread). */
 void piapi_ev_wake(struct piapi_ev *ev);
 

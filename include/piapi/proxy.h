@@ -69,17 +69,4 @@ struct piapi_transfer {
  * ending it cleanly. */
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t);
 
-/* Reading a request body (FCGI_STDIN) with deadlines. */
-#define PIAPI_PROXY_BODY_TIMEOUT (-1)   /* a deadline passed */
-#define PIAPI_PROXY_BODY_GONE    (-2)   /* the connection failed */
-
-/* Reads up to n (> 0) bytes of r's body into buf, waiting at most idle_s
- * for a byte and never past `deadline` (piapi_now_mono() time). Returns
- * the count, 0 at the body's end, or one of the negative values above,
- * after which nothing more is read. *armed caches the socket's read
- * timeout: 0 before a request's first call. */
-int piapi_proxy_read_body(FCGX_Request *r, char *buf, int n, double deadline,
-                          double idle_s, double *armed);
-
-
 #endif

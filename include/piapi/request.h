@@ -19,9 +19,9 @@ void piapi_request_worker_destroy(struct piapi_worker *w);
 /* Serves one accepted request and ends it (FCGX_Finish_r), then calls
  * over(r): before this returns, or later on the event loop's thread when
  * the proxy handed the transfer to it. r's connection is still open then
- * (r->ipcFd >= 0) when the web server keeps it (r->keepConnection 1), or
- * when the web server may still be sending a body piapi did not read
- * (r->keepConnection 0): it must then be drained before it closes. */
+ * (piapi_fcgi_fd(r) >= 0) when the web server keeps it (piapi_fcgi_kept),
+ * or when the web server may still be sending a body piapi did not read
+ * (not kept): it must then be drained before it closes. */
 void piapi_request_handle(struct piapi_worker *w, FCGX_Request *r,
                           void (*over)(FCGX_Request *r));
 

@@ -1,8 +1,8 @@
 /* ev: the general event loop on its own: fd handlers with the events
  * they were armed for, a re-armed closed number, timers in deadline order
  * (moved, stopped, armed from a callback), posts from other threads in
- * order and with a wake-up from a sleep, closed posts refused, end-of-
- * round hooks. */
+ * order and with a wake-up from a sleep, end-of-round hooks, and a gate
+ * for posts from threads that may outlive the loop. */
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -193,7 +193,7 @@ static void *post_many(void *arg)
     struct poster *ps = arg;
     for (int i = 0; i < 250; i++) {
         ps->posts[i] = (struct counted_post){ .p = { .fn = on_post }, .id = ps->base + i };
-        CU_ASSERT_EQUAL(piapi_ev_post(ps->ev, &ps->posts[i].p), 0);
+        piapi_ev_post(ps->ev, &ps->posts[i].p);
         if (i % 50 == 0)
             usleep(1000);  /* let the loop fall asleep in between */
     }
@@ -232,15 +232,18 @@ static void test_posts_from_threads(void)
     piapi_ev_destroy(ev);
 }
 
-static void *post_one_closed(void *arg)
+static struct piapi_ev_gate gate;
+
+static void *post_through_gate(void *arg)
 {
     static struct counted_post p = { .p = { .fn = on_post }, .id = 7 };
-    return (void *)(intptr_t)piapi_ev_post(arg, &p.p);
+    (void)arg;
+    return (void *)(intptr_t)piapi_ev_gate_post(&gate, &p.p);
 }
 
-/* Closed: other threads are refused; the loop's own thread may still post
- * (work it is finishing), and that runs. */
-static void test_closed(void)
+/* A gate: closed before it opens and after it closes for other threads;
+ * the loop's own thread may still post (work it is finishing). */
+static void test_gate(void)
 {
     struct piapi_ev *ev = new_ev();
     struct counted_post own = { .p = { .fn = on_post }, .id = 1 };
@@ -248,17 +251,27 @@ static void test_closed(void)
     void *rc;
 
     atomic_store(&post_n, 0);
-    piapi_ev_run_once(ev, 0);  /* makes this the loop's thread */
-    piapi_ev_close(ev);
-    CU_ASSERT_FATAL(pthread_create(&th, NULL, post_one_closed, ev) == 0);
+    CU_ASSERT_FATAL(pthread_create(&th, NULL, post_through_gate, NULL) == 0);
+    pthread_join(th, &rc);
+    CU_ASSERT_EQUAL((intptr_t)rc, -1);          /* not open yet */
+    piapi_ev_gate_open(&gate, ev);
+    CU_ASSERT_FATAL(pthread_create(&th, NULL, post_through_gate, NULL) == 0);
+    pthread_join(th, &rc);
+    CU_ASSERT_EQUAL((intptr_t)rc, 0);
+    CU_ASSERT(piapi_ev_posts_pending(ev));
+    piapi_ev_run_once(ev, 0);                   /* this is the loop's thread now */
+    CU_ASSERT_EQUAL(atomic_load(&post_n), 1);
+    CU_ASSERT_EQUAL(post_log[0], 7);
+
+    piapi_ev_gate_close(&gate);
+    CU_ASSERT_FATAL(pthread_create(&th, NULL, post_through_gate, NULL) == 0);
     pthread_join(th, &rc);
     CU_ASSERT_EQUAL((intptr_t)rc, -1);
-    CU_ASSERT_EQUAL(piapi_ev_post(ev, &own.p), 0);
-    CU_ASSERT_EQUAL(piapi_ev_posts_pending(ev), 1);
+    CU_ASSERT_EQUAL(piapi_ev_gate_post(&gate, &own.p), 0);
     piapi_ev_run_once(ev, 0);
-    CU_ASSERT_EQUAL(atomic_load(&post_n), 1);
-    CU_ASSERT_EQUAL(post_log[0], 1);
-    CU_ASSERT_EQUAL(piapi_ev_posts_pending(ev), 0);
+    CU_ASSERT_EQUAL(atomic_load(&post_n), 2);
+    CU_ASSERT_EQUAL(post_log[1], 1);
+    CU_ASSERT(!piapi_ev_posts_pending(ev));
     piapi_ev_destroy(ev);
 }
 
@@ -299,7 +312,7 @@ static const struct unit_case cases[] = {
     { "timers fire in deadline order; moved and stopped ones", test_timer_order },
     { "a timer re-armed from its callback; sleeps end at deadlines", test_timer_rearm_and_sleep },
     { "posts from four threads: all run, each thread's in order", test_posts_from_threads },
-    { "closed: other threads refused, the loop's own post runs", test_closed },
+    { "gate: closed before and after for other threads, open to the loop's", test_gate },
     { "end-of-round hooks, in order, every round", test_hooks_run_in_order_each_round },
     { NULL, NULL },
 };

@@ -1,8 +1,8 @@
-/* Private to proxy.c and proxy_loop.c: one upstream transfer's state and
- * the steps both drivers share. proxy.c drives a transfer on the calling
- * thread (blocking); proxy_loop.c drives many on one event loop. */
-#ifndef PIAPI_PROXY_XFER_H
-#define PIAPI_PROXY_XFER_H
+/* One upstream transfer's state and the steps both drivers share
+ * (xfer.c): proxy.c drives a transfer on the calling thread (blocking),
+ * upstream.c drives many on the event loop. Private to those three. */
+#ifndef PIAPI_XFER_H
+#define PIAPI_XFER_H
 
 #include <curl/curl.h>
 #include <stddef.h>
@@ -33,7 +33,7 @@ struct xfer {
     int client_gone;
     int unflushed;          /* bytes queued in libfcgi's buffer */
     int body_over_limit;
-    int body_failed;        /* PIAPI_PROXY_BODY_TIMEOUT or _GONE, else 0 */
+    int body_failed;        /* PIAPI_FCGI_BODY_TIMEOUT or _GONE, else 0 */
     double read_timeout;    /* SO_RCVTIMEO last set, seconds; 0 unknown */
     char tail[2];           /* last two body bytes, for SSE boundaries */
     uint32_t keepalive_ms;  /* SSE ping interval in effect, 0: none */
@@ -60,6 +60,15 @@ struct xfer {
 enum verdict { RUNNING, CLIENT_GONE, HEAD_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN, TOO_LARGE,
                BODY_TIMEOUT };
 
+/* A fresh transfer for t: its SSE ping interval, the secret no relayed
+ * byte may carry, its clock. */
+void xfer_init(struct xfer *x, struct piapi_transfer *t);
+/* Reads into buf (PIAPI_PROXY_INLINE_BODY_MAX bytes) what may be read
+ * whole, and a larger body on into a heap buffer (returned, the caller's
+ * to free; NULL if none). x->whole says whether what was read is all of
+ * the body. On the event loop the body always fits buf (pool.c's arrival
+ * check), so it never reads on there. */
+char *xfer_read_ahead(struct xfer *x, char *buf);
 /* Sets every option of x->easy for x->t (method, body, callbacks). */
 void xfer_setup(struct xfer *x);
 /* Sends what the client has queued; -1 once the client is gone. */
@@ -67,13 +76,11 @@ int xfer_flush(struct xfer *x);
 /* Timers and flags at `now`; may queue an SSE ping. *next (absolute) is
  * lowered to the next moment this needs looking at. */
 enum verdict xfer_timers(struct xfer *x, double now, double *next);
+/* What t answers for a transfer ended (or never started) by v. */
+void xfer_refuse(struct xfer *x, enum verdict v);
 /* After x->easy left its multi handle, before it is reused: fills t's
  * outcome from the verdict or libcurl's result, and poisons a stream cut
  * after its head. */
 void xfer_end(struct xfer *x, enum verdict v, CURLcode rc);
-
-/* Hands x to the event loop, which owns it from then on and calls
- * x->t->done at the end. -1 when no loop runs (x stays the caller's). */
-int proxy_loop_submit(struct xfer *x);
 
 #endif

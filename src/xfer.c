@@ -1,0 +1,653 @@
+/* One upstream transfer: the libcurl callbacks that stream the request
+ * body from FastCGI and the answer back, the response-header policy and
+ * the key redaction on the way, timers and the outcome. Both drivers use
+ * it: the event loop's (upstream.c) and the blocking one (proxy.c). */
+#include "xfer.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "piapi/fcgi_conn.h"
+#include "piapi/headers.h"
+#include "piapi/http.h"
+#include "piapi/util.h"
+
+/* What one write of n bytes may cost in socket memory (kernel skb
+ * overhead and rounding): deliberately high, see xfer.budget. */
+#define WRITE_COST(n) (2 * (n) + 2048)
+/* A pool thread reads a body up to this size whole, so that its transfer
+ * runs on the event loop too; a larger one it streams itself. */
+#define LOOP_BODY_MAX (8 * 1024 * 1024)
+/* An answer that may echo the provider key (status >= 300, not an event
+ * stream, not encoded) is held whole up to this size and redacted; a
+ * larger one streams unscanned past it. */
+#define HOLD_MAX (64 * 1024)
+/* lighttpd tells piapi nothing when a client leaves: only a write to the
+ * client fails, and lighttpd closes the FastCGI connection at the second
+ * write after the close. Unless the operator chose an interval, pings
+ * this often during silence bound that to about twice this. */
+#define LIGHTTPD_PROBE_MS 500
+
+/* ---- set up ---------------------------------------------------------- */
+
+/* The SSE ping interval: the operator's, else the default, shortened
+ * behind lighttpd, which cannot tell piapi that a client left. */
+static uint32_t keepalive_ms(const struct piapi_transfer *t)
+{
+    const struct piapi_settings *s = t->settings;
+    if (s->sse_keepalive_explicit || s->sse_keepalive_ms <= LIGHTTPD_PROBE_MS)
+        return s->sse_keepalive_ms;
+    const char *sw = FCGX_GetParam("SERVER_SOFTWARE", t->fcgi->envp);
+    if (sw && strncasecmp(sw, "lighttpd", 8) == 0)
+        return LIGHTTPD_PROBE_MS;
+    return s->sse_keepalive_ms;
+}
+
+void xfer_init(struct xfer *x, struct piapi_transfer *t)
+{
+    *x = (struct xfer){ .t = t, .keepalive_ms = keepalive_ms(t), .upstream_cl = -1 };
+    if (t->provider_key)
+        x->secret = (struct piapi_secret){ .key = t->provider_key,
+                                           .len = strlen(t->provider_key),
+                                           .param = t->key_param };
+    x->start = x->last_write = piapi_now_mono();
+    t->status = 0;
+    t->ttfb = -1;
+}
+
+/* ---- client side ---------------------------------------------------- */
+
+/* Queues bytes for the client. They go out at the next xfer_flush(),
+ * which the transfer loop does before it waits for the upstream again:
+ * every chunk still leaves as soon as libcurl has handed it over, but
+ * the last one travels with FCGI_END_REQUEST in a single write. */
+static int client_put(struct xfer *x, const char *data, size_t n)
+{
+    if (x->client_gone)
+        return -1;
+    if (FCGX_PutStr(data, (int)n, x->t->fcgi->out) != (int)n) {
+        x->client_gone = 1;
+        return -1;
+    }
+    if (!x->unflushed && x->queued)
+        x->queued(x);
+    x->unflushed = 1;
+    x->unchecked += WRITE_COST(n);
+    return 0;
+}
+
+/* Loop driver: whether n more bytes fit without a write that could block.
+ * A socket polls writable while at most a quarter of its send buffer is
+ * queued, and the budget is half of it, so what is admitted after a
+ * writable poll always fits. */
+static int client_has_room(struct xfer *x, size_t n)
+{
+    if (!x->budget || x->unchecked + WRITE_COST(n) <= x->budget)
+        return 1;
+    if (piapi_fcgi_writable(x->t->fcgi)) {
+        x->unchecked = 0;
+        return 1;
+    }
+    return 0;
+}
+
+int xfer_flush(struct xfer *x)
+{
+    if (!x->unflushed || x->client_gone)
+        return x->client_gone ? -1 : 0;
+    x->unflushed = 0;
+    if (FCGX_FFlush(x->t->fcgi->out) != 0) {
+        x->client_gone = 1;
+        return -1;
+    }
+    x->last_write = piapi_now_mono();
+    return 0;
+}
+
+/* ---- request body --------------------------------------------------- */
+
+/* A body read with the request's deadlines: no byte for bodyIdleTimeoutMs,
+ * or not all of it by bodyTimeoutMs after the transfer began, ends it. */
+static int body_read(struct xfer *x, char *buf, size_t n)
+{
+    const struct piapi_settings *s = x->t->settings;
+    if (x->body_failed)
+        return x->body_failed;
+    if (n > INT_MAX)
+        n = INT_MAX;
+    int got = piapi_fcgi_read_body(x->t->fcgi, buf, (int)n,
+                                    x->start + s->body_timeout_ms / 1000.0,
+                                    s->body_idle_timeout_ms / 1000.0, &x->read_timeout);
+    if (got < 0)
+        x->body_failed = got;
+    else if (got == 0)
+        x->stdin_eof = 1;
+    return got;
+}
+
+/* Consumes the empty FCGI_STDIN record that ends the body. Until it is
+ * read, readability of the connection means nothing about the client. */
+static void consume_stdin_end(struct xfer *x)
+{
+    char c;
+    if (!x->stdin_eof)
+        body_read(x, &c, 1);
+}
+
+
+static size_t read_body(char *buf, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t want = size * nitems;
+
+    if (x->inline_off < x->inline_len) {
+        size_t n = x->inline_len - x->inline_off;
+        if (n > want)
+            n = want;
+        memcpy(buf, x->body + x->inline_off, n);
+        x->inline_off += n;
+        return n;
+    }
+    if (x->stdin_eof)
+        return 0;
+    int got = body_read(x, buf, want);
+    if (got < 0)
+        return CURL_READFUNC_ABORT;
+    if (got == 0)
+        return 0;
+    x->t->bytes_in += (uint64_t)got;
+    if (x->t->bytes_in > x->t->settings->max_body_bytes) {
+        x->body_over_limit = 1;
+        return CURL_READFUNC_ABORT;
+    }
+    if (x->t->content_length >= 0 &&
+        x->t->bytes_in >= (uint64_t)x->t->content_length)
+        consume_stdin_end(x);
+    return (size_t)got;
+}
+
+/* Reads on into buf (already holding inline_len bytes) up to `limit`
+ * bytes in all. Returns 1 when that is the whole body (or reading it
+ * failed: x->body_failed), 0 when more is left. */
+static int preread_body(struct xfer *x, char *buf, size_t limit, int exact)
+{
+    while (x->inline_len < limit) {
+        int got = body_read(x, buf + x->inline_len, limit - x->inline_len);
+        if (got <= 0)
+            return 1;  /* its end, or x->body_failed */
+        x->inline_len += (size_t)got;
+    }
+    if (exact) {
+        consume_stdin_end(x);
+        return 1;
+    }
+    return 0;
+}
+
+/* Reads a larger body on from where buf ended into a heap buffer, whole
+ * if it fits LOOP_BODY_MAX and the size limit. NULL: too large to try. */
+static char *read_on(struct xfer *x)
+{
+    int64_t cl = x->t->content_length;
+    uint64_t max = x->t->settings->max_body_bytes + 1;  /* one more: TOO_LARGE */
+    if (max > LOOP_BODY_MAX)
+        max = LOOP_BODY_MAX;
+    if (cl > (int64_t)max || x->inline_len >= max)
+        return NULL;
+    size_t limit = cl >= 0 ? (size_t)cl : (size_t)max;
+    char *heap = piapi_xmalloc(limit);
+    memcpy(heap, x->body, x->inline_len);
+    x->body = heap;
+    x->whole = preread_body(x, heap, limit, cl >= 0);
+    return heap;
+}
+
+char *xfer_read_ahead(struct xfer *x, char *buf)
+{
+    int64_t cl = x->t->content_length;
+    char *heap = NULL;
+
+    x->body = buf;
+    if (cl >= 0 && cl <= PIAPI_PROXY_INLINE_BODY_MAX)
+        x->whole = preread_body(x, buf, (size_t)cl, 1);
+    else  /* unknown, or larger than the buffer (unless the length lies) */
+        x->whole = preread_body(x, buf, PIAPI_PROXY_INLINE_BODY_MAX, 0);
+    if (!x->whole)
+        heap = read_on(x);
+    x->t->bytes_in = x->inline_len;
+    return heap;
+}
+
+/* ---- response head -------------------------------------------------- */
+
+static int parse_status_line(const char *line, size_t n)
+{
+    /* "HTTP/1.1 200 OK" or "HTTP/2 200" */
+    const char *sp = memchr(line, ' ', n);
+    if (!sp || (size_t)(sp - line) + 4 > n)
+        return 0;
+    int code = 0;
+    for (int i = 1; i <= 3; i++) {
+        char c = sp[i];
+        if (c < '0' || c > '9')
+            return 0;
+        code = code * 10 + (c - '0');
+    }
+    return code >= 100 && code <= 599 ? code : 0;
+}
+
+/* Pads the head to a multiple of 8 bytes: libfcgi pads every record to 8,
+ * and nginx holds a padded header-only record until the first body byte
+ *. The spaces go into X-Accel-Buffering, which nginx
+ * reads leniently and never shows the client. */
+static void finish_head(struct piapi_buf *h)
+{
+    static const char pre[] = "X-Accel-Buffering:", post[] = "no\r\n\r\n";
+    size_t len = h->len + sizeof pre - 1 + 1 + sizeof post - 1;
+    size_t pad = (8 - len % 8) % 8;
+
+    piapi_buf_puts(h, pre);
+    for (size_t i = 0; i <= pad; i++)
+        piapi_buf_putc(h, ' ');
+    piapi_buf_puts(h, post);
+}
+
+/* A Content-Length value, or -1 when it is not a plain number. */
+static int64_t parse_length(const char *v, size_t n)
+{
+    char buf[24];
+    uint64_t cl;
+
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    if (n >= sizeof buf)
+        return -1;
+    memcpy(buf, v, n);
+    buf[n] = '\0';
+    return piapi_parse_u64(buf, 0, INT64_MAX - 1, &cl) == 0 ? (int64_t)cl : -1;
+}
+
+static int send_head(struct xfer *x)
+{
+    struct piapi_buf *h = &x->head;
+    piapi_buf_printf(h, "X-Request-ID: %s\r\n", x->t->request_id);
+    finish_head(h);
+    return client_put(x, h->data, h->len);
+}
+
+/* Whether the body could echo the provider key and can be read for it:
+ * a redirect or an error (never the streamed answers), uncompressed. */
+static int may_echo_key(const struct xfer *x)
+{
+    int st = x->t->status;
+    return x->secret.len && st >= 300 && st != 304 && !x->event_stream && !x->encoded;
+}
+
+/* Sends a held answer, redacted: the head (with the body's new length
+ * when whole), then the body. Not whole: the body outgrew HOLD_MAX
+ * without a Content-Length, and the rest follows unscanned. Nothing of
+ * this request went to the web server yet, so these 64 KiB at most fit
+ * its socket's empty buffer: the loop does not block on them. */
+static int release_held(struct xfer *x, int whole)
+{
+    struct piapi_buf body = {0};
+    piapi_secret_redact(&x->secret, x->held.data ? x->held.data : "", x->held.len, &body);
+    if (whole && x->upstream_cl >= 0)
+        piapi_buf_printf(&x->head, "Content-Length: %zu\r\n", body.len);
+    x->holding = 0;
+    int rc = send_head(x);
+    if (rc == 0 && body.len)
+        rc = client_put(x, body.data, body.len);
+    if (rc == 0)
+        x->t->bytes_out += body.len;
+    piapi_buf_dispose(&body);
+    piapi_buf_dispose(&x->held);
+    return rc;
+}
+
+static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t n = size * nitems;
+    struct piapi_buf *h = &x->head;
+
+    if (x->head_sent)
+        return n;  /* trailers: not relayed */
+    if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        int code = parse_status_line(data, n);
+        if (!code)
+            return 0;
+        x->t->status = code;
+        x->in_block = code >= 200;
+        x->event_stream = x->encoded = 0;
+        x->upstream_cl = -1;
+        piapi_buf_reset(h);
+        piapi_buf_printf(h, "Status: %d %s\r\n", code, piapi_http_reason(code));
+        return n;
+    }
+    if (!x->in_block)
+        return n;  /* 1xx block: nothing to relay */
+    if (n <= 2) {  /* the empty line: the head is complete */
+        x->head_sent = 1;
+        x->at_boundary = 1;  /* before the first event is between events */
+        x->t->ttfb = piapi_now_mono() - x->start;
+        x->last_upstream = piapi_now_mono();
+        x->holding = may_echo_key(x) &&
+                     x->upstream_cl <= HOLD_MAX && strcmp(x->t->method, "HEAD") != 0;
+        if (x->holding)
+            return n;  /* the head goes out with the body, at its end */
+        if (x->upstream_cl >= 0 && x->upstream_cl != INT64_MAX)
+            piapi_buf_printf(h, "Content-Length: %lld\r\n", (long long)x->upstream_cl);
+        return send_head(x) == 0 ? n : 0;
+    }
+
+    size_t len = n;
+    while (len && (data[len - 1] == '\r' || data[len - 1] == '\n'))
+        len--;
+    const char *colon = memchr(data, ':', len);
+    if (!colon)
+        return n;
+    size_t name_len = (size_t)(colon - data), out_len;
+    const char *out = piapi_headers_response_name(data, name_len, &out_len);
+    if (!out)
+        return n;
+    const char *v = colon + 1;
+    while (v < data + len && *v == ' ')
+        v++;
+    size_t vlen = (size_t)(data + len - v);
+    switch (piapi_headers_response_value(&x->secret, data, name_len, v, vlen, &x->value)) {
+    case PIAPI_RESP_DROP:
+        return n;
+    case PIAPI_RESP_REDACTED:
+        v = x->value.data;
+        vlen = x->value.len;
+        break;
+    case PIAPI_RESP_KEEP:
+        break;
+    }
+    if (name_len == 14 && strncasecmp(data, "content-length", 14) == 0 &&
+        x->secret.len && x->t->status >= 300) {
+        /* Decided at the head's end: a held body's length may change. */
+        int64_t cl = parse_length(v, vlen);
+        if (cl >= 0) {
+            x->upstream_cl = cl;
+            return n;
+        }
+        x->upstream_cl = INT64_MAX;  /* relayed as it came; never held */
+    }
+    if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
+        x->event_stream = strncasecmp(v, "text/event-stream", 17) == 0;
+    } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
+        x->encoded = 1;
+    } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
+               (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
+        snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s", (int)vlen, v);
+    }
+    piapi_buf_append(h, out, out_len);
+    piapi_buf_puts(h, ": ");
+    piapi_buf_append(h, v, vlen);
+    piapi_buf_puts(h, "\r\n");
+    return n;
+}
+
+static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
+{
+    struct xfer *x = ud;
+    size_t n = size * nitems;
+
+    if (x->holding) {
+        x->last_upstream = piapi_now_mono();
+        piapi_buf_append(&x->held, data, n);
+        if (x->held.len <= HOLD_MAX)
+            return n;
+        return release_held(x, 0) == 0 ? n : 0;
+    }
+    if (!client_has_room(x, n)) {
+        x->paused = 1;
+        x->blocked(x);
+        return CURL_WRITEFUNC_PAUSE;
+    }
+    x->last_upstream = piapi_now_mono();
+    if (client_put(x, data, n) != 0)
+        return 0;
+    x->t->bytes_out += n;
+    if (n >= 2) {
+        x->tail[0] = data[n - 2];
+        x->tail[1] = data[n - 1];
+    } else if (n == 1) {
+        x->tail[0] = x->tail[1];
+        x->tail[1] = data[0];
+    }
+    x->at_boundary = x->tail[0] == '\n' && x->tail[1] == '\n';
+    return n;
+}
+
+/* ---- the transfer --------------------------------------------------- */
+
+static void set_method_and_body(struct xfer *x)
+{
+    CURL *e = x->easy;
+    struct piapi_transfer *t = x->t;
+    const char *m = t->method;
+    int64_t cl = t->content_length;
+    int whole = x->whole;
+
+    if (strcmp(m, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+        return;
+    }
+    int bodyless = whole && x->inline_len == 0 &&
+                   (!strcmp(m, "GET") || !strcmp(m, "DELETE") || !strcmp(m, "OPTIONS"));
+    if (bodyless) {
+        if (strcmp(m, "GET") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, m);
+        return;
+    }
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    if (strcmp(m, "POST") != 0)
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, m);
+    if (whole) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->body);
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->inline_len);
+        return;
+    }
+    curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
+    curl_easy_setopt(e, CURLOPT_READDATA, x);
+    if (cl >= 0)
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)cl);
+    /* Unknown length: libcurl sends it chunked. */
+}
+
+_Static_assert(sizeof ((struct piapi_transfer *)0)->error_detail >= CURL_ERROR_SIZE,
+               "libcurl's error buffer");
+
+void xfer_setup(struct xfer *x)
+{
+    CURL *e = x->easy;
+    const struct piapi_settings *s = x->t->settings;
+
+    curl_easy_reset(e);
+    x->t->error_detail[0] = '\0';
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, x->t->error_detail);
+    curl_easy_setopt(e, CURLOPT_URL, x->t->url);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->t->headers);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)s->connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
+    if (s->ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, s->ca_file);
+    set_method_and_body(x);
+}
+
+/* Maps a failed transfer to the metrics reason and, when nothing reached
+ * the client yet, the status to answer with. */
+static void classify(struct xfer *x, CURLcode rc)
+{
+    struct piapi_transfer *t = x->t;
+    const char *reason;
+    int status = 502;
+    const char *msg = "upstream request failed";
+
+    switch (rc) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        reason = "connect";
+        msg = "upstream unreachable";
+        break;
+    case CURLE_OPERATION_TIMEDOUT:
+        reason = "timeout";
+        status = 504;
+        msg = "upstream timed out";
+        break;
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+        reason = "tls";
+        msg = "upstream TLS failure";
+        break;
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        reason = "reset";
+        msg = "upstream closed the connection";
+        break;
+    default:
+        reason = "protocol";
+        msg = "invalid upstream response";
+        break;
+    }
+    t->error = reason;
+    t->error_status = status;
+    t->error_message = msg;
+}
+
+enum verdict xfer_timers(struct xfer *x, double now, double *next)
+{
+    const struct piapi_settings *s = x->t->settings;
+
+    if (x->t->abort_flag && atomic_load_explicit(x->t->abort_flag, memory_order_relaxed))
+        return SHUTDOWN;
+    if (x->client_gone)
+        return CLIENT_GONE;
+    if (x->body_over_limit)
+        return TOO_LARGE;
+    if (!x->head_sent) {
+        double deadline = x->start + s->header_timeout_ms / 1000.0;
+        if (now >= deadline)
+            return HEAD_TIMEOUT;
+        if (deadline < *next)
+            *next = deadline;
+        return RUNNING;
+    }
+    if (x->paused)
+        return RUNNING;  /* the client is slow, not the upstream */
+    double deadline = x->last_upstream + s->idle_timeout_ms / 1000.0;
+    if (now >= deadline)
+        return IDLE_TIMEOUT;
+    if (deadline < *next)
+        *next = deadline;
+    if (x->event_stream && !x->encoded && x->keepalive_ms) {
+        double due = x->last_write + x->keepalive_ms / 1000.0;
+        /* Comments only between events, so no event is split. */
+        if (now >= due && x->at_boundary) {
+            static const char ping[] = ": ping\n\n";
+            if (client_put(x, ping, sizeof ping - 1) != 0)
+                return CLIENT_GONE;
+            x->last_write = now;
+            due = now + x->keepalive_ms / 1000.0;
+        }
+        if (due < *next)
+            *next = due;
+    }
+    return RUNNING;
+}
+
+void xfer_refuse(struct xfer *x, enum verdict v)
+{
+    struct piapi_transfer *t = x->t;
+    switch (v) {
+    case CLIENT_GONE:
+        t->error = "client_abort";
+        t->error_status = 499;
+        t->error_message = "client closed the connection";
+        break;
+    case HEAD_TIMEOUT:
+        t->error = "timeout";
+        t->error_status = 504;
+        t->error_message = "upstream sent no response in time";
+        break;
+    case IDLE_TIMEOUT:
+        t->error = "idle_timeout";
+        t->error_status = 504;
+        t->error_message = "upstream went silent";
+        break;
+    case SHUTDOWN:
+        t->error = "shutdown";
+        t->error_status = 503;
+        t->error_message = "gateway shutting down";
+        break;
+    case TOO_LARGE:
+        t->error = NULL;
+        t->error_status = 413;
+        t->error_message = "request body too large";
+        break;
+    case BODY_TIMEOUT:
+        t->error = NULL;  /* the client's doing, not the upstream's */
+        t->error_status = 408;
+        t->error_message = "request body not received in time";
+        break;
+    case RUNNING:
+        break;
+    }
+}
+
+void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
+{
+    struct piapi_transfer *t = x->t;
+
+    /* The handle is reused; t's buffer goes with t. */
+    curl_easy_setopt(x->easy, CURLOPT_ERRORBUFFER, NULL);
+    if (v == RUNNING) {
+        if (x->body_over_limit)
+            v = TOO_LARGE;
+        else if (x->client_gone || x->body_failed == PIAPI_FCGI_BODY_GONE)
+            v = CLIENT_GONE;
+        else if (x->body_failed == PIAPI_FCGI_BODY_TIMEOUT)
+            v = BODY_TIMEOUT;
+    }
+    if (v != RUNNING)
+        xfer_refuse(x, v);
+    else if (rc != CURLE_OK)
+        classify(x, rc);
+
+    piapi_buf_dispose(&x->value);
+    if (x->holding) {
+        /* Complete: out it goes, redacted. Cut: nothing of it reached the
+         * client, which gets the error instead. */
+        if (!t->error && v == RUNNING)
+            release_held(x, 1);
+        else
+            x->head_sent = 0;
+        piapi_buf_dispose(&x->held);
+        x->holding = 0;
+    }
+    if (!x->head_sent) {
+        t->status = 0;
+        return;
+    }
+    if (t->error && v != CLIENT_GONE)
+        piapi_fcgi_poison(x->t->fcgi);
+}
