@@ -100,12 +100,28 @@ char *cfg_msgs_take(struct msgs *m)
     return b.data;
 }
 
+/* A secret itself, or one of at least CFG_SECRET_MIN bytes inside s. */
+static bool mentions_secret(const struct ctx *c, const char *s, size_t len)
+{
+    const struct strset *set = &c->secrets;
+
+    if (cfg_strset_find(set, 0, s, len))
+        return true;
+    for (size_t i = 0; set->e && i <= set->mask; i++) {
+        const struct strset_ent *e = &set->e[i];
+        if (e->s && e->len >= CFG_SECRET_MIN && e->len <= len && memmem(s, len, e->s, e->len))
+            return true;
+    }
+    return false;
+}
+
 const char *cfg_show(const struct ctx *c, char out[CFG_SHOW_LEN], const char *s,
                      size_t len)
 {
     /* Misplaced YAML can put a key where a name belongs (a provider key as
-     * providerKeyName, a member key as a mapping key): never echo one. */
-    if (cfg_strset_find(&c->secrets, 0, s, len)) {
+     * providerKeyName, a member key as a mapping key), or inside a longer
+     * string: never echo one. */
+    if (mentions_secret(c, s, len)) {
         memcpy(out, "<redacted>", sizeof "<redacted>");
         return out;
     }

@@ -26,6 +26,9 @@
 #define CFG_MAX_MESSAGES    100          /* per list; the rest are counted */
 #define CFG_PATH_LEN        256
 #define CFG_SHOW_LEN        72           /* a quoted value inside a message */
+/* Shorter secrets are looked for inside messages only as whole values,
+ * and a shorter provider key is refused: it would match too much. */
+#define CFG_SECRET_MIN      4
 
 /* ---- memory (config_mem.c) ---- */
 
@@ -148,7 +151,8 @@ void cfg_err_file(struct ctx *c, const char *what, int errnum);
 /* The newline-separated list sorted by line (malloc'd), or NULL. */
 char *cfg_msgs_take(struct msgs *m);
 
-/* A value quoted inside a message: one line, bounded, never a secret. */
+/* A value quoted inside a message: one line, bounded, never a secret nor
+ * a string holding one. */
 const char *cfg_show(const struct ctx *c, char out[CFG_SHOW_LEN], const char *s,
                      size_t len);
 void cfg_path_key(const struct ctx *c, char out[CFG_PATH_LEN], const char *base,

@@ -495,8 +495,12 @@ static const char *external_key(struct ctx *c, const struct ynode *v,
         why = "the key it names is empty";
     else if (!why && cfg_has_space_or_ctl(src, len))
         why = "the key it names contains whitespace or control characters";
+    else if (!why && len < CFG_SECRET_MIN)
+        why = "the key it names is shorter than 4 characters";
     else if (!why) {
         out = cfg_arena_strndup(&c->cfg->arena, src, len);
+        /* Known from now on, so no later message quotes it. */
+        cfg_strset_add(&c->secrets, 0, out, len, 0);
         /* A rotated secret changes what is live while the file's bytes,
          * and so its public hash, stay the same. */
         c->cfg->external_id = (c->cfg->external_id ^ piapi_hash(src, len)) *
@@ -522,7 +526,13 @@ static const char *key_value(struct ctx *c, const struct ynode *v, const char *k
     if (v->has_nul || cfg_has_space_or_ctl(v->str, v->len)) {
         /* It goes into a header or a query string verbatim. */
         cfg_err(c, v, kp, "key value must not contain whitespace or control "
-                      "characters");
+                          "characters");
+        return NULL;
+    }
+    if (v->len < CFG_SECRET_MIN) {
+        /* piapi keeps the key out of every answer by looking for it: a
+         * key of a character or two would match ordinary text. */
+        cfg_err(c, v, kp, "key value is shorter than 4 characters");
         return NULL;
     }
     return cfg_dup_str(c, v);

@@ -328,6 +328,11 @@ static const struct bad_case bad[] = {
       { "t.yaml:2: providers[0].apiKeys.k: 'file:/': not a regular file" } },
     { KEYREF("'file:'"),
       { "t.yaml:2: providers[0].apiKeys.k: 'file:': No such file or directory" } },
+    { KEYREF("sk1"),
+      { "t.yaml:2: providers[0].apiKeys.k: key value is shorter than 4 characters" } },
+    /* a key inside a longer string, or read from outside, is never quoted */
+    { PROV "users:\n  - {" USERF "providerKeyName: 'k sk-SECRET-1'}\n",
+      { "t.yaml:7: users[0].providerKeyName: key '<redacted>' not defined for provider 'p'" } },
     { KEYREF("'credential:openai'"),
       { "t.yaml:2: providers[0].apiKeys.k: 'credential:openai': $CREDENTIALS_DIRECTORY is not set" } },
     { PROV "users:\n  - {" USERF "providerKeyName: k}\n"
@@ -738,6 +743,20 @@ static void test_external_keys(void)
                                           "the key it names contains whitespace"));
     CU_ASSERT_PTR_NULL(strstr(errors, "SECRET"));
     free(errors);
+
+    /* A key read from outside, misplaced into a name, is not quoted. */
+    setenv("PIAPI_TEST_KEY", "sk-SECRET-from-env", 1);
+    static const char misplaced[] =
+        "providers:\n"
+        "  - {name: p, apiKeys: {a: 'env:PIAPI_TEST_KEY'}, services: [{type: cx, baseUrl: 'https://h'}]}\n"
+        "users:\n"
+        "  - {name: u, apiKey: ua, providerName: p, providerKeyName: sk-SECRET-from-env}\n";
+    cfg = piapi_config_parse(misplaced, strlen(misplaced), "t.yaml", &errors, NULL);
+    CU_ASSERT_PTR_NULL(cfg);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(errors);
+    CU_ASSERT_PTR_NOT_NULL(strstr(errors, "key '<redacted>' not defined"));
+    CU_ASSERT_PTR_NULL(strstr(errors, "SECRET"));
+    free(errors);
     unsetenv("PIAPI_TEST_KEY");
     unsetenv("CREDENTIALS_DIRECTORY");
     unlink(path);
@@ -925,7 +944,7 @@ static void test_edge_loads(void)
     size_t o = (size_t)sprintf(yaml, "providers:\n  - name: ");
     memset(yaml + o, 'a', big);
     o += big;
-    strcpy(yaml + o, "\n    apiKeys: {k: v}\n    services: [{type: cx, baseUrl: 'https://h'}]\nusers: []\n");
+    strcpy(yaml + o, "\n    apiKeys: {k: sk-v}\n    services: [{type: cx, baseUrl: 'https://h'}]\nusers: []\n");
     cfg = load_ok(yaml, NULL);
     piapi_config_release(cfg);
     free(yaml);
