@@ -44,7 +44,7 @@ static uint64_t service_hash(const struct piapi_provider *p, const char *type,
 static void build_tables(struct piapi_config *cfg)
 {
     size_t cap = table_cap(cfg->nusers);
-    cfg->user_tab = cfg_arena_array(&cfg->arena, cap, sizeof *cfg->user_tab);
+    cfg->user_tab = piapi_arena_array(&cfg->arena, cap, sizeof *cfg->user_tab);
     cfg->user_mask = cap - 1;
     for (size_t i = 0; i < cfg->nusers; i++) {
         const struct piapi_user *u = &cfg->users[i];
@@ -56,7 +56,7 @@ static void build_tables(struct piapi_config *cfg)
     }
 
     cap = table_cap(cfg->nservices);
-    cfg->svc_tab = cfg_arena_array(&cfg->arena, cap, sizeof *cfg->svc_tab);
+    cfg->svc_tab = piapi_arena_array(&cfg->arena, cap, sizeof *cfg->svc_tab);
     cfg->svc_mask = cap - 1;
     for (size_t p = 0; p < cfg->nproviders; p++) {
         const struct piapi_provider *prov = &cfg->providers[p];
@@ -96,12 +96,12 @@ static void ctx_dispose(struct ctx *c)
     cfg_strset_dispose(&c->user_names);
     cfg_strset_dispose(&c->user_keys);
     cfg_strset_dispose(&c->secrets);
-    cfg_arena_dispose(&c->tree);
+    piapi_arena_dispose(&c->tree);
 }
 
 static void config_free(struct piapi_config *cfg)
 {
-    cfg_arena_dispose(&cfg->arena);
+    piapi_arena_dispose(&cfg->arena);
     explicit_bzero(cfg, sizeof *cfg);
     free(cfg);
 }

@@ -353,7 +353,7 @@ const struct ynode *cfg_get_name(struct ctx *c, const struct ynode *map,
 
 const char *cfg_dup_str(struct ctx *c, const struct ynode *v)
 {
-    return cfg_arena_strndup(&c->cfg->arena, v->str, v->len);
+    return piapi_arena_strndup(&c->cfg->arena, v->str, v->len);
 }
 
 /* The entry's required `name`, unique within `set` (providers, users);

@@ -1,6 +1,6 @@
 /* Private to the config stages; nothing outside src/config*.c includes it.
  *
- *   config_mem.c     the arena and the string set every stage uses
+ *   config_mem.c     the string set every stage uses
  *   config_tree.c    YAML text → a small tree of nodes (libyaml events)
  *   config_check.c   messages with file and line, and the generic checks
  *                    a schema walker calls (keys, kinds, strings, names)
@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "piapi/arena.h"
 #include "piapi/config.h"
 
 #define CFG_MAX_FILE_BYTES  (4u << 20)   /* a team's config is a few KiB */
@@ -30,18 +31,7 @@
  * and a shorter provider key is refused: it would match too much. */
 #define CFG_SECRET_MIN      4
 
-/* ---- memory (config_mem.c) ---- */
-
-/* Blocks that are wiped when disposed: both arenas hold key material. */
-struct arena_block;
-struct arena {
-    struct arena_block *head;
-};
-
-void *cfg_arena_alloc(struct arena *a, size_t n);   /* zeroed; aborts on OOM */
-void *cfg_arena_array(struct arena *a, size_t count, size_t size);
-char *cfg_arena_strndup(struct arena *a, const char *s, size_t n);
-void cfg_arena_dispose(struct arena *a);
+/* ---- memory (arena.h, config_mem.c) ---- */
 
 /* Open-addressing set of (group, bytes) → value, used while validating:
  * duplicate keys, names, key names per provider, service types, member
@@ -102,7 +92,7 @@ struct ctx {
     const char *name;
     struct msgs err;
     struct msgs warn;
-    struct arena tree;
+    struct piapi_arena tree;
     struct piapi_config *cfg;
     struct strset prov_names;  /* group 0: name → provider index */
     struct strset prov_keys;   /* group provider: key name → key index */
@@ -115,7 +105,7 @@ struct ctx {
 
 struct piapi_config {
     atomic_size_t refs;
-    struct arena arena;
+    struct piapi_arena arena;
     struct piapi_provider *providers;
     size_t nproviders;
     size_t nservices;

@@ -1,81 +1,11 @@
-/* The memory every config stage uses: the arena a snapshot (and a load's
- * tree) lives in, wiped when disposed since both hold key material, and
- * the string set the validation uses to find duplicates. */
+/* The string set the config validation uses to find duplicates. (The
+ * arenas a snapshot and a load's tree live in are piapi_arena.) */
 #include "config_int.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include "piapi/util.h"
-
-/* ------------------------------------------------------------------ arena */
-
-struct arena_block {
-    struct arena_block *next;
-    size_t size;
-    size_t used;
-    max_align_t data[];
-};
-
-#define ARENA_CHUNK 4096
-
-void *cfg_arena_alloc(struct arena *a, size_t n)
-{
-    const size_t align = sizeof(max_align_t);
-    struct arena_block *b = a->head;
-
-    if (n > SIZE_MAX / 2)
-        abort();
-    n = (n + align - 1) & ~(align - 1);
-    if (!b || b->size - b->used < n) {
-        size_t size = n > ARENA_CHUNK / 4 ? n : ARENA_CHUNK;
-        struct arena_block *nb = piapi_xmalloc(sizeof *nb + size);
-        nb->size = size;
-        nb->used = 0;
-        /* A large allocation gets its own block behind the head, so the
-         * partly used head keeps serving small ones. */
-        if (b && size != ARENA_CHUNK) {
-            nb->next = b->next;
-            b->next = nb;
-        } else {
-            nb->next = b;
-            a->head = nb;
-        }
-        b = nb;
-    }
-    void *p = (unsigned char *)b->data + b->used;
-    b->used += n;
-    memset(p, 0, n);
-    return p;
-}
-
-void *cfg_arena_array(struct arena *a, size_t count, size_t size)
-{
-    if (size && count > SIZE_MAX / 2 / size)
-        abort();
-    return cfg_arena_alloc(a, count * size);
-}
-
-char *cfg_arena_strndup(struct arena *a, const char *s, size_t n)
-{
-    char *p = cfg_arena_alloc(a, n + 1);
-    memcpy(p, s, n);
-    p[n] = '\0';
-    return p;
-}
-
-/* Both arenas hold key material, so every byte handed out is wiped. */
-void cfg_arena_dispose(struct arena *a)
-{
-    struct arena_block *b = a->head;
-    while (b) {
-        struct arena_block *next = b->next;
-        explicit_bzero(b->data, b->used);
-        free(b);
-        b = next;
-    }
-    a->head = NULL;
-}
 
 /* ---------------------------------------------------------------- strset */
 

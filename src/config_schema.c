@@ -274,7 +274,7 @@ static const char *url_normalize(struct ctx *c, const char *u, size_t len,
 
     while (cut > path_start && u[cut - 1] == '/')
         cut--;
-    char *out = cfg_arena_alloc(&c->cfg->arena, cut + (len - qpos) + 1);
+    char *out = piapi_arena_alloc(&c->cfg->arena, cut + (len - qpos) + 1);
     memcpy(out, u, cut);
     memcpy(out + cut, u + qpos, len - qpos);
     return out;
@@ -498,7 +498,7 @@ static const char *external_key(struct ctx *c, const struct ynode *v,
     else if (!why && len < CFG_SECRET_MIN)
         why = "the key it names is shorter than 4 characters";
     else if (!why) {
-        out = cfg_arena_strndup(&c->cfg->arena, src, len);
+        out = piapi_arena_strndup(&c->cfg->arena, src, len);
         /* Known from now on, so no later message quotes it. */
         cfg_strset_add(&c->secrets, 0, out, len, 0);
         /* A rotated secret changes what is live while the file's bytes,
@@ -549,7 +549,7 @@ static void walk_api_keys(struct ctx *c, const struct ynode *prov,
         return;
     cfg_path_key(c, mp, path, "apiKeys", 7);
     cfg_check_keys(c, map, mp, NULL);
-    struct piapi_provider_key *keys = cfg_arena_array(&c->cfg->arena,
+    struct piapi_provider_key *keys = piapi_arena_array(&c->cfg->arena,
                                                       map->count / 2, sizeof *keys);
     size_t n = 0;
     for (const struct ynode *k = map->first; k && k->next; k = k->next->next) {
@@ -595,7 +595,7 @@ static void walk_provider(struct ctx *c, const struct ynode *prov, size_t pi)
     const struct ynode *svcs = cfg_get_coll(c, prov, path, "services", Y_SEQ);
     if (!svcs)
         return;
-    struct piapi_service *services = cfg_arena_array(&c->cfg->arena, svcs->count,
+    struct piapi_service *services = piapi_arena_array(&c->cfg->arena, svcs->count,
                                                      sizeof *services);
     cfg_path_key(c, sp, path, "services", 8);
     size_t i = 0;
@@ -614,7 +614,7 @@ static void walk_providers(struct ctx *c, const struct ynode *root)
 
     if (!seq)
         return;
-    c->cfg->providers = cfg_arena_array(&c->cfg->arena, seq->count,
+    c->cfg->providers = piapi_arena_array(&c->cfg->arena, seq->count,
                                         sizeof *c->cfg->providers);
     c->cfg->nproviders = seq->count;
     size_t i = 0;
@@ -741,7 +741,7 @@ static void walk_users(struct ctx *c, const struct ynode *root)
         return;  /* "users:" with every entry commented out */
     if (!cfg_expect_kind(c, seq, "users", Y_SEQ))
         return;
-    c->cfg->users = cfg_arena_array(&c->cfg->arena, seq->count, sizeof *c->cfg->users);
+    c->cfg->users = piapi_arena_array(&c->cfg->arena, seq->count, sizeof *c->cfg->users);
     c->cfg->nusers = seq->count;
     size_t i = 0;
     for (const struct ynode *u = seq->first; u; u = u->next, i++)

@@ -17,7 +17,7 @@ static struct ynode *tree_node(struct ctx *c, enum ykind kind,
                                const yaml_mark_t *m)
 {
     c->nodes++;
-    struct ynode *n = cfg_arena_alloc(&c->tree, sizeof *n);
+    struct ynode *n = piapi_arena_alloc(&c->tree, sizeof *n);
     n->kind = kind;
     n->line = (unsigned long)m->line + 1;
     return n;
@@ -41,7 +41,7 @@ static struct ynode *tree_scalar(struct ctx *c, yaml_event_t *ev)
     const char *v = (const char *)ev->data.scalar.value;
     size_t len = ev->data.scalar.length;
 
-    n->str = cfg_arena_strndup(&c->tree, v, len);
+    n->str = piapi_arena_strndup(&c->tree, v, len);
     n->len = len;
     n->null = is_null_scalar(ev);
     n->has_nul = memchr(v, '\0', len) != NULL;
