@@ -25,18 +25,46 @@ void piapi_fcgi_mark_loop_thread(void)
     on_loop_thread = 1;
 }
 
-/* The loop thread may read only what is already there. */
-static void check_read_ready(int fd)
+/* libfcgi 2.4's reader state (fcgiapp.c, FCGX_Stream_Data): its leading
+ * fields, which say where the bytes it read ahead end. */
+struct libfcgi_reader {
+    unsigned char *buff;
+    int bufflen;
+    unsigned char *mBuff;
+    unsigned char *buffStop;
+};
+
+/* Whether libfcgi holds bytes it read ahead past the current position:
+ * the next record of this request, or, once the body's end was read, the
+ * start of a next request, which a client that pipelines (sends it before
+ * this answer; nginx never does) has already sent. libfcgi frees those
+ * bytes with this request (see "server pipelining" in its FillBuffProc),
+ * so that next request would never be answered. When the layout is not
+ * the one expected, 0. */
+static int read_ahead_left(const FCGX_Stream *in)
+{
+    const struct libfcgi_reader *d = in->data;
+
+    if (!d || d->bufflen <= 0 || in->rdNext < d->buff || d->buffStop < in->rdNext ||
+        d->buffStop > d->buff + d->bufflen)
+        return 0;
+    return d->buffStop > in->rdNext;
+}
+
+/* The loop thread may read only what is already there: in libfcgi's
+ * buffer (the next record's bytes, past this record's content) or in the
+ * socket. */
+static void check_read_ready(const FCGX_Request *r)
 {
 #ifdef PIAPI_LOOP_CHECKS
     char c;
-    if (on_loop_thread && fd >= 0 &&
-        recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN) {
-        fprintf(stderr, "piapi: the event loop would block reading fd %d\n", fd);
+    if (on_loop_thread && r->ipcFd >= 0 && !read_ahead_left(r->in) &&
+        recv(r->ipcFd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && errno == EAGAIN) {
+        fprintf(stderr, "piapi: the event loop would block reading fd %d\n", r->ipcFd);
         abort();
     }
 #else
-    (void)fd;
+    (void)r;
 #endif
 }
 
@@ -95,7 +123,7 @@ int piapi_fcgi_read_body(FCGX_Request *r, char *buf, int n, double deadline,
         double left = deadline - piapi_now_mono();
         if (left <= 0)
             return PIAPI_FCGI_BODY_TIMEOUT;
-        check_read_ready(r->ipcFd);
+        check_read_ready(r);
         arm_read_timeout(r->ipcFd, idle_s < left ? idle_s : left, armed);
         /* One byte: libfcgi reads the socket only until some content has
          * arrived (each read waiting at most the timeout just set); the
@@ -179,32 +207,6 @@ static int skip_stdin(FCGX_Request *r)
     return 0;
 }
 
-/* libfcgi 2.4's reader state (fcgiapp.c, FCGX_Stream_Data): its leading
- * fields, which say where the bytes it read ahead end. */
-struct libfcgi_reader {
-    unsigned char *buff;
-    int bufflen;
-    unsigned char *mBuff;
-    unsigned char *buffStop;
-};
-
-/* Whether libfcgi read past the end of this request's body into a next
- * request, which a client that pipelines (sends it before this answer;
- * nginx never does) has already sent. libfcgi frees those bytes with this
- * request (see "server pipelining" in its FillBuffProc), so the next
- * request would never be answered and the connection would hang: it must
- * end after this answer instead. When the layout is not the one expected,
- * 0, as before this check. */
-static int read_past_end(const FCGX_Stream *in)
-{
-    const struct libfcgi_reader *d = in->data;
-
-    if (!d || d->bufflen <= 0 || in->rdNext < d->buff || d->buffStop < in->rdNext ||
-        d->buffStop > d->buff + d->bufflen)
-        return 0;
-    return d->buffStop > in->rdNext;
-}
-
 /* Detached, libfcgi closes with a plain close() instead of shutdown() plus
  * a poll of up to 2 s for the web server to close first: both web servers
  * close on FCGI_END_REQUEST anyway. A body left unread past skip_stdin(),
@@ -214,7 +216,9 @@ static int read_past_end(const FCGX_Stream *in)
 void piapi_fcgi_end(FCGX_Request *r)
 {
     int kept = r->keepConnection, drained = skip_stdin(r);
-    int reuse = kept && drained && !read_past_end(r->in);
+    /* Bytes past the body's end: a pipelined request libfcgi swallowed, so
+     * the connection must end after this answer. */
+    int reuse = kept && drained && !read_ahead_left(r->in);
     if (!drained)
         FCGX_ClearError(r->in);  /* else libfcgi closes at once */
     r->keepConnection = kept || !drained;  /* libfcgi leaves it open */

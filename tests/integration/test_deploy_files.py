@@ -891,8 +891,20 @@ class TestKubernetes(unittest.TestCase):
             self.skipTest("build/piapi not built")
         v = self.vols[self.mounts("piapi")["/etc/piapi"]["name"]]
         cfg = self.by[("ConfigMap", v["configMap"]["name"])]["data"]["config.yaml"]
+        # The keys Secret as the kubelet mounts it: one file per key.
+        keys_mount = self.mounts("piapi")["/etc/piapi-keys"]
+        self.assertTrue(keys_mount.get("readOnly"))
+        secret = self.by[("Secret", self.vols[keys_mount["name"]]["secret"]["secretName"])]
+        self.assertIn("file:/etc/piapi-keys/", cfg, "the config names its keys, holds none")
+        for value in secret["stringData"].values():
+            self.assertNotIn(value, cfg)
         with tempfile.TemporaryDirectory(prefix="piapi-it-deployfiles-k8s-") as d:
-            path = harness.write_config(Path(d) / "config.yaml", cfg)
+            keys = Path(d) / "keys"
+            keys.mkdir()
+            for name, value in secret["stringData"].items():
+                (keys / name).write_text(value)
+            path = harness.write_config(Path(d) / "config.yaml",
+                                        cfg.replace("/etc/piapi-keys", str(keys)))
             r = run([harness.piapi_bin(), "--check-config", "--config", path])
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
