@@ -27,6 +27,10 @@ static const struct header_rule header_rules[] = {
     { "content-length",      DROP_REQ },              /* libcurl frames the upstream body; relayed back so a cut body looks cut */
     { "content-type",        DROP_REQ },              /* taken from CONTENT_TYPE */
     { "expect",              DROP_REQ },
+    /* Providers then answer uncompressed, so every error body can be
+     * scanned for secrets (the web server may still compress towards the
+     * client). */
+    { "accept-encoding",     DROP_REQ },
     /* piapi sets its own; the provider's id (what its support asks for)
      * reaches the client under another name */
     { "x-request-id",        DROP_REQ | RENAME_RESP },
@@ -78,6 +82,29 @@ const char *piapi_headers_response_name(const char *name, size_t len, size_t *ou
     return name;
 }
 
+/* RFC 9110 §5.6.2 token characters. */
+static int tchar(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+int piapi_headers_response_line_ok(const char *line, size_t len)
+{
+    const char *colon = memchr(line, ':', len);
+    if (!colon || colon == line)
+        return 0;
+    for (const char *p = line; p < colon; p++)
+        if (!tchar((unsigned char)*p))
+            return 0;
+    for (const char *p = colon + 1; p < line + len; p++) {
+        unsigned char c = (unsigned char)*p;
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return 0;
+    }
+    return 1;
+}
+
 /* ---- the provider key in responses ------------------------------------ */
 
 static int hexval(char c)
@@ -100,28 +127,79 @@ static int pct_byte(const char *s, size_t n)
     return h * 16 + l;
 }
 
+/* How many bytes the spelling of byte c at s takes: 1 (raw), 3 (%XX)
+ * or 5 (%25XX), as a bit set (bit k: k bytes). For any c but '%' at most
+ * one applies. */
+static unsigned spellings_at(const char *s, size_t n, unsigned char c)
+{
+    unsigned m = 0;
+    if (n >= 1 && (unsigned char)s[0] == c)
+        m |= 1u << 1;
+    int b = pct_byte(s, n);
+    if (b == c)
+        m |= 1u << 3;
+    if (b == '%' && n >= 5 && hexval(s[3]) >= 0 && hexval(s[4]) >= 0 &&
+        hexval(s[3]) * 16 + hexval(s[4]) == c)
+        m |= 1u << 5;
+    return m;
+}
+
 /* Length of s that spells key[0..klen) (each byte raw, %XX or %25XX),
- * or 0. Tries every spelling of a byte: a '%' in the key is ambiguous. */
+ * or 0. Iterative, no recursion (a key is up to 16 KiB): for a key
+ * without '%' every byte has one spelling at most, so this walks once;
+ * a '%' in the key is ambiguous (raw '%', "%25", "%2525"), so the ends
+ * reachable so far are kept as a set, a bitmap over [0, 5 * klen]
+ * relative to s, and stepped byte by byte: O(klen * width) at worst. */
 static size_t spelled_at(const char *s, size_t n, const unsigned char *key, size_t klen)
 {
     if (!klen)
         return 0;
-    size_t alt[3], na = 0;
-    if (n >= 1 && (unsigned char)s[0] == key[0])
-        alt[na++] = 1;
-    if (pct_byte(s, n) == key[0])
-        alt[na++] = 3;
-    if (n >= 5 && pct_byte(s, n) == '%' && hexval(s[3]) >= 0 && hexval(s[4]) >= 0 &&
-        hexval(s[3]) * 16 + hexval(s[4]) == key[0])
-        alt[na++] = 5;
-    for (size_t i = 0; i < na; i++) {
-        if (klen == 1)
-            return alt[i];
-        size_t rest = spelled_at(s + alt[i], n - alt[i], key + 1, klen - 1);
-        if (rest)
-            return alt[i] + rest;
+    if (!memchr(key, '%', klen)) {
+        size_t at = 0;
+        for (size_t j = 0; j < klen; j++) {
+            unsigned m = spellings_at(s + at, n - at, key[j]);
+            if (!m)
+                return 0;
+            at += m & (1u << 1) ? 1 : m & (1u << 3) ? 3 : 5;
+        }
+        return at;
     }
-    return 0;
+    /* reach[i]: after the bytes matched so far, the spelling may end at i.
+     * Ends only grow, so the set lives in [lo, hi]. */
+    size_t width = (klen * 5 < n ? klen * 5 : n) + 1, lo = 0, hi = 0;
+    unsigned char *reach = calloc(width, 1), *next = calloc(width, 1);
+    size_t found = 0;
+    if (!reach || !next)
+        abort();  /* OOM, as in piapi_xmalloc */
+    reach[0] = 1;
+    for (size_t j = 0; j < klen; j++) {
+        size_t nlo = SIZE_MAX, nhi = 0;
+        for (size_t i = lo; i <= hi; i++) {
+            if (!reach[i])
+                continue;
+            reach[i] = 0;
+            unsigned m = spellings_at(s + i, n - i, key[j]);
+            for (size_t step = 1; step <= 5; step += 2) {
+                if (!(m & (1u << step)) || i + step >= width)
+                    continue;
+                next[i + step] = 1;
+                nlo = i + step < nlo ? i + step : nlo;
+                nhi = i + step > nhi ? i + step : nhi;
+            }
+        }
+        if (nlo == SIZE_MAX)
+            goto out;
+        unsigned char *tmp = reach;
+        reach = next;
+        next = tmp;
+        lo = nlo;
+        hi = nhi;
+    }
+    found = lo;  /* the shortest spelling */
+out:
+    free(reach);
+    free(next);
+    return found;
 }
 
 /* First position at or after `from` where the key is spelled; *mlen gets
@@ -142,27 +220,227 @@ static size_t find_key(const struct piapi_secret *k, const char *s, size_t n,
     return n;
 }
 
+/* Whether k is a secret the response path looks for: a shorter one
+ * would match ordinary words and break every answer. */
+static int searchable(const struct piapi_secret *k)
+{
+    return k && k->key && k->len >= PIAPI_SECRET_MIN_LEN;
+}
+
+/* The first position in [from, limit) where a secret of the set is
+ * spelled (the longest spelling there when several start at the same
+ * byte), or n. One pass over the text whatever the number of matches. */
+static size_t find_any(const struct piapi_secrets *set, const char *s, size_t n,
+                       size_t from, size_t limit, size_t *mlen)
+{
+    for (size_t i = from; set && i < limit && i < n; i++) {
+        size_t best = 0;
+        for (size_t j = 0; j < set->n; j++) {
+            const struct piapi_secret *k = &set->v[j];
+            if (!searchable(k) || ((unsigned char)s[i] != (unsigned char)k->key[0] && s[i] != '%'))
+                continue;
+            size_t m = spelled_at(s + i, n - i, (const unsigned char *)k->key, k->len);
+            if (m > best)
+                best = m;
+        }
+        if (best) {
+            *mlen = best;
+            return i;
+        }
+    }
+    return n;
+}
+
 int piapi_secret_in(const struct piapi_secret *k, const char *s, size_t n)
 {
     size_t m;
-    return k && k->key && k->len && find_key(k, s, n, 0, &m) < n;
+    return searchable(k) && find_key(k, s, n, 0, &m) < n;
 }
 
 size_t piapi_secret_redact(const struct piapi_secret *k, const char *s, size_t n,
                            struct piapi_buf *out)
 {
-    size_t at = 0, count = 0, m = 0;
-    while (k && k->key && k->len && at < n) {
-        size_t i = find_key(k, s, n, at, &m);
+    struct piapi_secrets one = { (struct piapi_secret *)k, k ? 1 : 0 };
+    return piapi_secrets_redact(&one, s, n, out);
+}
+
+int piapi_secrets_in(const struct piapi_secrets *set, const char *s, size_t n)
+{
+    size_t m;
+    return find_any(set, s, n, 0, n, &m) < n;
+}
+
+size_t piapi_secrets_redact_window(const struct piapi_secrets *set, const char *s,
+                                   size_t n, size_t limit, struct piapi_buf *out,
+                                   size_t *count)
+{
+    size_t at = 0, m = 0;
+    for (;;) {
+        size_t i = find_any(set, s, n, at, limit, &m);
         if (i == n)
             break;
         piapi_buf_append(out, s + at, i - at);
         piapi_buf_puts(out, "REDACTED");
         at = i + m;
-        count++;
+        if (count)
+            (*count)++;
     }
-    piapi_buf_append(out, s + at, n - at);
+    size_t end = at > limit ? at : limit;
+    if (end > n)
+        end = n;
+    piapi_buf_append(out, s + at, end - at);
+    return end;
+}
+
+size_t piapi_secrets_redact(const struct piapi_secrets *set, const char *s, size_t n,
+                            struct piapi_buf *out)
+{
+    size_t count = 0;
+    piapi_secrets_redact_window(set, s, n, n, out, &count);
     return count;
+}
+
+size_t piapi_secrets_span(const struct piapi_secrets *set)
+{
+    size_t longest = 0;
+    for (size_t i = 0; set && i < set->n; i++)
+        if (searchable(&set->v[i]) && set->v[i].len * 5 > longest)
+            longest = set->v[i].len * 5;
+    return longest;
+}
+
+/* ---- the secret set of one request ------------------------------------ */
+
+void piapi_secrets_add(struct piapi_secrets *set, const char *s, size_t n, const char *param)
+{
+    if (n < PIAPI_SECRET_MIN_LEN)
+        return;
+    for (size_t i = 0; i < set->n; i++)
+        if (set->v[i].len == n && memcmp(set->v[i].key, s, n) == 0 && !param)
+            return;
+    set->v = piapi_xrealloc(set->v, (set->n + 1) * sizeof *set->v);
+    char *copy = piapi_xmalloc(n + 1);
+    memcpy(copy, s, n);
+    copy[n] = '\0';
+    set->v[set->n++] = (struct piapi_secret){ copy, n, param };
+}
+
+/* s percent-decoded into out (a '%' not followed by two hex digits stays). */
+static void pct_decode(const char *s, size_t n, struct piapi_buf *out)
+{
+    piapi_buf_reset(out);
+    for (size_t i = 0; i < n; i++) {
+        int b = pct_byte(s + i, n - i);
+        if (b >= 0) {
+            piapi_buf_putc(out, (char)b);
+            i += 2;
+        } else {
+            piapi_buf_putc(out, s[i]);
+        }
+    }
+}
+
+/* A credential as written in the URL and, when that differs, decoded. */
+static void add_both(struct piapi_secrets *set, const char *s, size_t n, struct piapi_buf *tmp)
+{
+    piapi_secrets_add(set, s, n, NULL);
+    pct_decode(s, n, tmp);
+    piapi_secrets_add(set, tmp->data, tmp->len, NULL);
+}
+
+static void base64(const unsigned char *s, size_t n, struct piapi_buf *out)
+{
+    static const char abc[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    piapi_buf_reset(out);
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)s[i] << 16 | (i + 1 < n ? (unsigned)s[i + 1] << 8 : 0) |
+                     (i + 2 < n ? s[i + 2] : 0);
+        piapi_buf_putc(out, abc[v >> 18 & 63]);
+        piapi_buf_putc(out, abc[v >> 12 & 63]);
+        piapi_buf_putc(out, i + 1 < n ? abc[v >> 6 & 63] : '=');
+        piapi_buf_putc(out, i + 2 < n ? abc[v & 63] : '=');
+    }
+}
+
+/* The userinfo "user:pass@" of the URL: whole, each half, decoded, and
+ * as the Basic credential libcurl sends (base64 of the decoded pair),
+ * which an error body echoing the Authorization header would show. */
+static void add_userinfo(struct piapi_secrets *set, const char *url, struct piapi_buf *tmp)
+{
+    const char *scheme_end = strstr(url, "://");
+    if (!scheme_end)
+        return;
+    const char *auth = scheme_end + 3;
+    size_t alen = strcspn(auth, "/?#"), ulen = 0;
+    for (size_t i = alen; i > 0 && !ulen; i--)
+        if (auth[i - 1] == '@')
+            ulen = i - 1;
+    if (!ulen)
+        return;
+    const char *colon = memchr(auth, ':', ulen);
+    size_t user = colon ? (size_t)(colon - auth) : ulen;
+    add_both(set, auth, ulen, tmp);
+    add_both(set, auth, user, tmp);
+    if (colon)
+        add_both(set, colon + 1, ulen - user - 1, tmp);
+    struct piapi_buf dec = {0};
+    pct_decode(auth, ulen, &dec);
+    base64((const unsigned char *)dec.data, dec.len, tmp);
+    piapi_secrets_add(set, tmp->data, tmp->len, NULL);
+    explicit_bzero(dec.data, dec.len);
+    piapi_buf_dispose(&dec);
+}
+
+/* Whether the '&'-separated part p[0..n) is one of the client's own. */
+static int client_part(const char *cq, const char *p, size_t n)
+{
+    for (const char *c = cq; c && *c;) {
+        size_t cn = strcspn(c, "&");
+        if (cn == n && memcmp(c, p, n) == 0)
+            return 1;
+        c += cn + (c[cn] ? 1 : 0);
+    }
+    return 0;
+}
+
+void piapi_secrets_build(struct piapi_secrets *set, const char *provider_key,
+                         const char *key_param, const char *url, const char *request_uri)
+{
+    struct piapi_buf tmp = {0};
+
+    memset(set, 0, sizeof *set);
+    if (provider_key)
+        piapi_secrets_add(set, provider_key, strlen(provider_key), key_param);
+    if (url) {
+        add_userinfo(set, url, &tmp);
+        /* Every query value upstream that is not one of the client's own
+         * parameters came from the baseUrl (or is the key itself). */
+        const char *cq = request_uri ? strchr(request_uri, '?') : NULL;
+        const char *q = strchr(url, '?');
+        for (const char *p = q ? q + 1 : NULL; p && *p;) {
+            size_t n = strcspn(p, "&");
+            if (!client_part(cq ? cq + 1 : NULL, p, n)) {
+                const char *eq = memchr(p, '=', n);
+                const char *v = eq ? eq + 1 : p;
+                add_both(set, v, n - (size_t)(v - p), &tmp);
+            }
+            p += n + (p[n] ? 1 : 0);
+        }
+    }
+    if (tmp.data)
+        explicit_bzero(tmp.data, tmp.cap);
+    piapi_buf_dispose(&tmp);
+}
+
+void piapi_secrets_dispose(struct piapi_secrets *set)
+{
+    for (size_t i = 0; i < set->n; i++) {
+        explicit_bzero((char *)set->v[i].key, set->v[i].len);
+        free((char *)set->v[i].key);
+    }
+    free(set->v);
+    memset(set, 0, sizeof *set);
 }
 
 /* Where a query parameter's value ends inside a header value: a URL in
@@ -212,15 +490,15 @@ static int carries_url(const char *name, size_t len)
     return 0;
 }
 
-enum piapi_resp_value piapi_headers_response_value(const struct piapi_secret *k,
+enum piapi_resp_value piapi_headers_response_value(const struct piapi_secrets *set,
                                                    const char *name, size_t name_len,
                                                    const char *val, size_t val_len,
                                                    struct piapi_buf *out)
 {
-    if (!k || !k->key || !k->len)
+    if (!piapi_secrets_span(set))
         return PIAPI_RESP_KEEP;
     if (!carries_url(name, name_len))
-        return piapi_secret_in(k, name, name_len) || piapi_secret_in(k, val, val_len)
+        return piapi_secrets_in(set, name, name_len) || piapi_secrets_in(set, val, val_len)
                ? PIAPI_RESP_DROP : PIAPI_RESP_KEEP;
     if (!val_len)
         return PIAPI_RESP_KEEP;
@@ -229,12 +507,17 @@ enum piapi_resp_value piapi_headers_response_value(const struct piapi_secret *k,
      * goes wherever it shows (a raw '&' in it must not cut it short), then
      * the parameter's value, whatever it became on the way. */
     struct piapi_buf tmp = {0};
-    size_t changed = piapi_secret_redact(k, val, val_len, &tmp);
+    size_t changed = piapi_secrets_redact(set, val, val_len, &tmp);
+    for (size_t i = 0; i < set->n; i++) {
+        if (!set->v[i].param || !searchable(&set->v[i]))
+            continue;
+        piapi_buf_reset(out);
+        changed += redact_param(&set->v[i], tmp.data ? tmp.data : "", tmp.len, out);
+        piapi_buf_reset(&tmp);
+        piapi_buf_append(&tmp, out->data ? out->data : "", out->len);
+    }
     piapi_buf_reset(out);
-    if (k->param)
-        changed += redact_param(k, tmp.data, tmp.len, out);
-    else
-        piapi_buf_append(out, tmp.data, tmp.len);
+    piapi_buf_append(out, tmp.data ? tmp.data : "", tmp.len);
     piapi_buf_dispose(&tmp);
     return changed ? PIAPI_RESP_REDACTED : PIAPI_RESP_KEEP;
 }

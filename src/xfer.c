@@ -22,9 +22,9 @@
 /* A pool thread reads a body up to this size whole, so that its transfer
  * runs on the event loop too; a larger one it streams itself. */
 #define LOOP_BODY_MAX (8 * 1024 * 1024)
-/* An answer that may echo the provider key (status >= 300, not an event
- * stream, not encoded) is held whole up to this size and redacted; a
- * larger one streams unscanned past it. */
+/* An answer that may echo a secret (status >= 300, not an event stream)
+ * is held whole up to this size, so its length can be fixed after the
+ * redaction; a larger one is relayed redacted in windows. */
 #define HOLD_MAX (64 * 1024)
 /* lighttpd tells piapi nothing when a client leaves: only a write to the
  * client fails, and lighttpd closes the FastCGI connection at the second
@@ -50,10 +50,6 @@ static uint32_t keepalive_ms(const struct piapi_transfer *t)
 void xfer_init(struct xfer *x, struct piapi_transfer *t)
 {
     *x = (struct xfer){ .t = t, .keepalive_ms = keepalive_ms(t), .upstream_cl = -1 };
-    if (t->provider_key)
-        x->secret = (struct piapi_secret){ .key = t->provider_key,
-                                           .len = strlen(t->provider_key),
-                                           .param = t->key_param };
     x->start = x->last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;
@@ -256,19 +252,104 @@ static void finish_head(struct piapi_buf *h)
     piapi_buf_puts(h, post);
 }
 
-/* A Content-Length value, or -1 when it is not a plain number. */
+static int ows(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* One Content-Length number: digits only (leading zeros allowed, any
+ * number of them), or -1. */
+static int64_t parse_number(const char *v, size_t n)
+{
+    while (n > 1 && *v == '0')
+        v++, n--;
+    if (!n || n > 18)
+        return -1;
+    int64_t cl = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < '0' || v[i] > '9')
+            return -1;
+        cl = cl * 10 + (v[i] - '0');
+    }
+    return cl;
+}
+
+/* A Content-Length value, or -1 when it is not valid. A list of equal
+ * numbers ("5, 5", a proxy joining repeated lines) is that number, a
+ * list of different ones invalid (RFC 9110 §8.6). */
 static int64_t parse_length(const char *v, size_t n)
 {
-    char buf[24];
-    uint64_t cl;
+    int64_t cl = -1;
+    for (;;) {
+        size_t part = 0;
+        while (part < n && v[part] != ',')
+            part++;
+        const char *p = v;
+        size_t pn = part;
+        while (pn && ows(*p))
+            p++, pn--;
+        while (pn && ows(p[pn - 1]))
+            pn--;
+        int64_t one = parse_number(p, pn);
+        if (one < 0 || (cl >= 0 && one != cl))
+            return -1;
+        cl = one;
+        if (part == n)
+            return cl;
+        v += part + 1;
+        n -= part + 1;
+    }
+}
 
-    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
-        n--;
-    if (n >= sizeof buf)
-        return -1;
-    memcpy(buf, v, n);
-    buf[n] = '\0';
-    return piapi_parse_u64(buf, 0, INT64_MAX - 1, &cl) == 0 ? (int64_t)cl : -1;
+/* Whether a Content-Type value is the media type text/event-stream
+ * (RFC 9110 §8.3.1: parameters may follow after ';'). */
+static int is_event_stream(const char *v, size_t n)
+{
+    static const char sse[] = "text/event-stream";
+    size_t k = sizeof sse - 1;
+    return n >= k && strncasecmp(v, sse, k) == 0 &&
+           (n == k || v[k] == ';' || ows(v[k]));
+}
+
+/* Whether a Content-Encoding value applies a coding: "identity" or an
+ * empty list leaves the body as it is. */
+static int is_encoded(const char *v, size_t n)
+{
+    while (n) {
+        size_t part = 0;
+        while (part < n && v[part] != ',')
+            part++;
+        const char *p = v;
+        size_t pn = part;
+        while (pn && ows(*p))
+            p++, pn--;
+        while (pn && ows(p[pn - 1]))
+            pn--;
+        if (pn && !(pn == 8 && strncasecmp(p, "identity", 8) == 0))
+            return 1;
+        if (part == n)
+            break;
+        v += part + 1;
+        n -= part + 1;
+    }
+    return 0;
+}
+
+/* Removes the head's lines of one field (name lowercase). */
+static void head_drop(struct piapi_buf *h, const char *name)
+{
+    size_t nl = strlen(name), at = 0;
+    while (at < h->len) {
+        char *eol = memchr(h->data + at, '\n', h->len - at);
+        size_t end = eol ? (size_t)(eol - h->data) + 1 : h->len;
+        if (end - at > nl && h->data[at + nl] == ':' &&
+            strncasecmp(h->data + at, name, nl) == 0) {
+            memmove(h->data + at, h->data + end, h->len - end);
+            h->len -= end - at;
+        } else {
+            at = end;
+        }
+    }
 }
 
 static int send_head(struct xfer *x)
@@ -279,24 +360,24 @@ static int send_head(struct xfer *x)
     return client_put(x, h->data, h->len);
 }
 
-/* Whether the body could echo the provider key and can be read for it:
- * a redirect or an error (never the streamed answers), uncompressed. */
+/* Whether the body could echo a secret and must be read for it: a
+ * redirect or an error (never the streamed answers), not to HEAD. */
 static int may_echo_key(const struct xfer *x)
 {
     int st = x->t->status;
-    return x->secret.len && st >= 300 && st != 304 && !x->event_stream && !x->encoded;
+    return piapi_secrets_span(&x->secrets) && st >= 300 && st != 304 &&
+           !x->event_stream && strcmp(x->t->method, "HEAD") != 0;
 }
 
-/* Sends a held answer, redacted: the head (with the body's new length
- * when whole), then the body. Not whole: the body outgrew HOLD_MAX
- * without a Content-Length, and the rest follows unscanned. Nothing of
- * this request went to the web server yet, so these 64 KiB at most fit
- * its socket's empty buffer: the loop does not block on them. */
-static int release_held(struct xfer *x, int whole)
+/* Sends a held answer, redacted: the head with the body's new length,
+ * then the body. Nothing of this request went to the web server yet, so
+ * these 64 KiB at most fit its socket's empty buffer: the loop does not
+ * block on them. */
+static int release_held(struct xfer *x)
 {
     struct piapi_buf body = {0};
-    piapi_secret_redact(&x->secret, x->held.data ? x->held.data : "", x->held.len, &body);
-    if (whole && x->upstream_cl >= 0)
+    piapi_secrets_redact(&x->secrets, x->held.data ? x->held.data : "", x->held.len, &body);
+    if (x->upstream_cl >= 0)
         piapi_buf_printf(&x->head, "Content-Length: %zu\r\n", body.len);
     x->holding = 0;
     int rc = send_head(x);
@@ -307,6 +388,56 @@ static int release_held(struct xfer *x, int whole)
     piapi_buf_dispose(&body);
     piapi_buf_dispose(&x->held);
     return rc;
+}
+
+/* Relays x->held redacted except its last span - 1 bytes, where a
+ * spelling could still be starting (all of it when `last`). */
+static int scan_window(struct xfer *x, int last)
+{
+    size_t keep = last ? 0 : piapi_secrets_span(&x->secrets) - 1;
+    if (x->held.len <= keep)
+        return 0;
+    piapi_buf_reset(&x->scanned);
+    size_t used = piapi_secrets_redact_window(&x->secrets, x->held.data, x->held.len,
+                                              x->held.len - keep, &x->scanned, NULL);
+    memmove(x->held.data, x->held.data + used, x->held.len - used);
+    x->held.len -= used;
+    if (!x->scanned.len)
+        return 0;
+    if (client_put(x, x->scanned.data, x->scanned.len) != 0)
+        return -1;
+    x->t->bytes_out += x->scanned.len;
+    return 0;
+}
+
+/* A held answer outgrew HOLD_MAX: its head goes out without a length
+ * (the redaction may change it; FastCGI needs none), and from here on
+ * it is relayed in windows. */
+static int start_scanning(struct xfer *x)
+{
+    x->holding = 0;
+    x->scanning = 1;
+    if (send_head(x) != 0)
+        return -1;
+    return scan_window(x, 0);
+}
+
+/* A compressed error or redirect: piapi cannot read it for secrets, so
+ * the client gets the status with piapi's own error body instead. */
+static int withhold(struct xfer *x)
+{
+    static const char body[] =
+        "{\"type\":\"error\",\"error\":{\"type\":\"upstream_error\",\"message\":"
+        "\"upstream error body withheld: compressed, so it could not be checked for secrets\"}}";
+    head_drop(&x->head, "content-type");
+    head_drop(&x->head, "content-encoding");
+    piapi_buf_printf(&x->head, "Content-Type: application/json\r\nContent-Length: %zu\r\n",
+                     sizeof body - 1);
+    x->withheld = 1;
+    if (send_head(x) != 0 || client_put(x, body, sizeof body - 1) != 0)
+        return -1;
+    x->t->bytes_out += sizeof body - 1;
+    return 0;
 }
 
 static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
@@ -323,8 +454,13 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
             return 0;
         x->t->status = code;
         x->in_block = code >= 200;
-        x->event_stream = x->encoded = 0;
+        x->event_stream = x->encoded = x->cl_seen = 0;
         x->upstream_cl = -1;
+        if (!x->secrets_built) {
+            piapi_secrets_build(&x->secrets, x->t->provider_key, x->t->key_param, x->t->url,
+                                FCGX_GetParam("REQUEST_URI", x->t->fcgi->envp));
+            x->secrets_built = 1;
+        }
         piapi_buf_reset(h);
         piapi_buf_printf(h, "Status: %d %s\r\n", code, piapi_http_reason(code));
         return n;
@@ -336,30 +472,35 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         x->at_boundary = 1;  /* before the first event is between events */
         x->t->ttfb = piapi_now_mono() - x->start;
         x->last_upstream = piapi_now_mono();
-        x->holding = may_echo_key(x) &&
-                     x->upstream_cl <= HOLD_MAX && strcmp(x->t->method, "HEAD") != 0;
+        if (may_echo_key(x) && x->encoded)
+            return withhold(x) == 0 ? n : 0;
+        x->holding = may_echo_key(x);
         if (x->holding)
             return n;  /* the head goes out with the body, at its end */
-        if (x->upstream_cl >= 0 && x->upstream_cl != INT64_MAX)
+        if (x->upstream_cl >= 0)
             piapi_buf_printf(h, "Content-Length: %lld\r\n", (long long)x->upstream_cl);
         return send_head(x) == 0 ? n : 0;
     }
 
     size_t len = n;
-    while (len && (data[len - 1] == '\r' || data[len - 1] == '\n'))
+    if (len && data[len - 1] == '\n')
         len--;
+    if (len && data[len - 1] == '\r')
+        len--;
+    if (!piapi_headers_response_line_ok(data, len))
+        return n;  /* a bare CR or a name that is no token: never relayed */
     const char *colon = memchr(data, ':', len);
-    if (!colon)
-        return n;
     size_t name_len = (size_t)(colon - data), out_len;
     const char *out = piapi_headers_response_name(data, name_len, &out_len);
     if (!out)
         return n;
     const char *v = colon + 1;
-    while (v < data + len && *v == ' ')
+    while (v < data + len && ows(*v))
         v++;
     size_t vlen = (size_t)(data + len - v);
-    switch (piapi_headers_response_value(&x->secret, data, name_len, v, vlen, &x->value)) {
+    while (vlen && ows(v[vlen - 1]))
+        vlen--;
+    switch (piapi_headers_response_value(&x->secrets, data, name_len, v, vlen, &x->value)) {
     case PIAPI_RESP_DROP:
         return n;
     case PIAPI_RESP_REDACTED:
@@ -369,20 +510,19 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     case PIAPI_RESP_KEEP:
         break;
     }
-    if (name_len == 14 && strncasecmp(data, "content-length", 14) == 0 &&
-        x->secret.len && x->t->status >= 300) {
-        /* Decided at the head's end: a held body's length may change. */
+    if (name_len == 14 && strncasecmp(data, "content-length", 14) == 0) {
+        /* Relayed at the head's end, in one spelling: a held body's
+         * length may change. One that cannot be read (or repeats with
+         * another value) is dropped; it never turns the scan off. */
         int64_t cl = parse_length(v, vlen);
-        if (cl >= 0) {
-            x->upstream_cl = cl;
-            return n;
-        }
-        x->upstream_cl = INT64_MAX;  /* relayed as it came; never held */
+        x->upstream_cl = x->cl_seen && cl != x->upstream_cl ? -1 : cl;
+        x->cl_seen = 1;
+        return n;
     }
     if (name_len == 12 && strncasecmp(data, "content-type", 12) == 0) {
-        x->event_stream = strncasecmp(v, "text/event-stream", 17) == 0;
+        x->event_stream = is_event_stream(v, vlen);
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
-        x->encoded = 1;
+        x->encoded |= is_encoded(v, vlen);
     } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
                (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
         snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s", (int)vlen, v);
@@ -399,12 +539,26 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     struct xfer *x = ud;
     size_t n = size * nitems;
 
+    if (x->withheld) {
+        x->last_upstream = piapi_now_mono();
+        return n;  /* piapi's error went out instead */
+    }
     if (x->holding) {
         x->last_upstream = piapi_now_mono();
         piapi_buf_append(&x->held, data, n);
         if (x->held.len <= HOLD_MAX)
             return n;
-        return release_held(x, 0) == 0 ? n : 0;
+        return start_scanning(x) == 0 ? n : 0;
+    }
+    if (x->scanning) {
+        if (!client_has_room(x, n + x->held.len)) {
+            x->paused = 1;
+            x->blocked(x);
+            return CURL_WRITEFUNC_PAUSE;
+        }
+        x->last_upstream = piapi_now_mono();
+        piapi_buf_append(&x->held, data, n);
+        return scan_window(x, 0) == 0 ? n : 0;
     }
     if (!client_has_room(x, n)) {
         x->paused = 1;
@@ -638,12 +792,16 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
         /* Complete: out it goes, redacted. Cut: nothing of it reached the
          * client, which gets the error instead. */
         if (!t->error && v == RUNNING)
-            release_held(x, 1);
+            release_held(x);
         else
             x->head_sent = 0;
-        piapi_buf_dispose(&x->held);
         x->holding = 0;
+    } else if (x->scanning && !t->error && v == RUNNING) {
+        scan_window(x, 1);  /* the part kept back; a cut stream is poisoned */
     }
+    piapi_buf_dispose(&x->held);
+    piapi_buf_dispose(&x->scanned);
+    piapi_secrets_dispose(&x->secrets);
     if (!x->head_sent) {
         t->status = 0;
         return;

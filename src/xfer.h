@@ -28,7 +28,7 @@ struct xfer {
     int in_block;           /* inside a non-1xx header block */
     int head_sent;
     int event_stream;       /* Content-Type: text/event-stream */
-    int encoded;            /* any Content-Encoding: never inject into it */
+    int encoded;            /* a Content-Encoding other than identity: never inject into it */
     int at_boundary;        /* last body bytes ended an SSE event */
     int client_gone;
     int unflushed;          /* bytes queued in libfcgi's buffer */
@@ -37,13 +37,20 @@ struct xfer {
     double read_timeout;    /* SO_RCVTIMEO last set, seconds; 0 unknown */
     char tail[2];           /* last two body bytes, for SSE boundaries */
     uint32_t keepalive_ms;  /* SSE ping interval in effect, 0: none */
-    struct piapi_secret secret;  /* what no relayed byte may carry */
+    struct piapi_secrets secrets;  /* what no relayed byte may carry */
+    int secrets_built;      /* at the first header line, freed by xfer_end */
     struct piapi_buf value;      /* a header value being redacted */
-    /* An answer of status >= 300 that may echo the key is held whole (up
-     * to HOLD_MAX), redacted, and sent at its end with its length fixed. */
-    int holding;
-    int64_t upstream_cl;    /* its Content-Length, -1: none */
-    struct piapi_buf held;  /* its body so far */
+    /* An answer of status >= 300 that may echo a secret (not an event
+     * stream, not to HEAD) is held up to HOLD_MAX, redacted and sent at
+     * its end with its length fixed; a longer one is then `scanning`:
+     * relayed redacted in windows without a Content-Length, the last
+     * span - 1 bytes kept back in `held`. A compressed one cannot be
+     * scanned: `withheld`, its body replaced by piapi's error. */
+    int holding, scanning, withheld;
+    int64_t upstream_cl;    /* its Content-Length, -1: none or invalid */
+    int cl_seen;            /* a Content-Length line came (a repeat must agree) */
+    struct piapi_buf held;  /* its body so far, or the part kept back */
+    struct piapi_buf scanned;    /* a window after redaction */
 
     /* Event-loop driver only. A write to the web server must never block
      * the loop: once `unchecked` (an over-estimate of the socket memory

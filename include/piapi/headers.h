@@ -46,27 +46,66 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
  * (name itself, or a replacement, *out_len long), or NULL: not relayed. */
 const char *piapi_headers_response_name(const char *name, size_t len, size_t *out_len);
 
-/* The provider key of one request, which no relayed response may carry.
- * key NULL: nothing to hide. param: the query parameter it went out in
- * (query-mode auth), else NULL. */
+/* A secret of one request, which no relayed response may carry.
+ * param: the query parameter it went out in (query-mode auth), else NULL. */
 struct piapi_secret {
     const char *key;
     size_t len;
     const char *param;
 };
 
+/* Secrets shorter than this are never looked for in answers: they would
+ * match ordinary words (a 1-byte key would cut every header holding that
+ * letter). The config refuses provider keys this short anyway. */
+#define PIAPI_SECRET_MIN_LEN 4
+
+/* Every secret of one request: the provider key and the baseUrl's
+ * credentials (userinfo whole, user, password, their Basic form, query
+ * values). Owns copies of them (wiped when disposed). */
+struct piapi_secrets {
+    struct piapi_secret *v;
+    size_t n;
+};
+
+/* Fills set from the provider key (key_param: its query parameter or
+ * NULL), the upstream URL and the client's REQUEST_URI: the URL's
+ * userinfo, and every value of the URL's query that is not one of the
+ * client's own parameters, as written and percent-decoded. */
+void piapi_secrets_build(struct piapi_secrets *set, const char *provider_key,
+                         const char *key_param, const char *url, const char *request_uri);
+/* Adds a copy of s[0..n) (ignored when shorter than PIAPI_SECRET_MIN_LEN). */
+void piapi_secrets_add(struct piapi_secrets *set, const char *s, size_t n, const char *param);
+void piapi_secrets_dispose(struct piapi_secrets *set);
+
 struct piapi_buf;
 
 /* Whether s[0..n) holds the key in any form a URL or a body echoing one
  * may carry it: raw, or any of its bytes percent-encoded (%XX in either
  * hex case, or twice: %25XX), as libcurl's escaping and a re-encoding
- * server produce it. */
+ * server produce it. Work is O(n * key length), no recursion. */
 int piapi_secret_in(const struct piapi_secret *k, const char *s, size_t n);
+int piapi_secrets_in(const struct piapi_secrets *set, const char *s, size_t n);
 
 /* Appends s[0..n) to out with every such occurrence replaced by
  * "REDACTED"; returns how many were replaced. */
 size_t piapi_secret_redact(const struct piapi_secret *k, const char *s, size_t n,
                            struct piapi_buf *out);
+size_t piapi_secrets_redact(const struct piapi_secrets *set, const char *s, size_t n,
+                            struct piapi_buf *out);
+
+/* The longest spelling any secret of the set can take (5 bytes a byte),
+ * 0 when there is nothing to look for. A body scanned in windows keeps
+ * this minus one byte back, so no spelling straddles two windows. */
+size_t piapi_secrets_span(const struct piapi_secrets *set);
+
+/* One window of a body scanned in pieces: redacts the spellings that
+ * start before `limit` (each lies whole within s[0..n) when n - limit is
+ * at least the span minus one), appends the result to out and returns
+ * how many bytes of s it consumed (limit, or the end of a spelling that
+ * crossed it); *count (may be NULL) grows by the replacements. */
+size_t piapi_secrets_redact_window(const struct piapi_secrets *set, const char *s,
+                                   size_t n, size_t limit, struct piapi_buf *out,
+                                   size_t *count);
 
 enum piapi_resp_value {
     PIAPI_RESP_KEEP,      /* relay the value as it is */
@@ -75,14 +114,20 @@ enum piapi_resp_value {
 };
 
 /* The response header policy for a value: in the URL-bearing headers
- * (Location, Content-Location, Link, Refresh) the key's query parameter
- * and every other occurrence of the key are replaced by "REDACTED" (out
- * gets the new value); any other header that holds the key, in its name
- * or value, is dropped. */
-enum piapi_resp_value piapi_headers_response_value(const struct piapi_secret *k,
+ * (Location, Content-Location, Link, Refresh) every secret and the key's
+ * query parameter are replaced by "REDACTED" (out gets the new value);
+ * any other header that holds a secret, in its name or value, is
+ * dropped. */
+enum piapi_resp_value piapi_headers_response_value(const struct piapi_secrets *set,
                                                    const char *name, size_t name_len,
                                                    const char *val, size_t val_len,
                                                    struct piapi_buf *out);
+
+/* Whether an upstream response header line (without its CRLF) may be
+ * relayed at all: a name of token characters and a value without
+ * control characters but HTAB. A bare CR would let a web server split
+ * it into two headers. */
+int piapi_headers_response_line_ok(const char *line, size_t len);
 
 /* Value of FastCGI param `name`; *count gets how many times it appears
  * (nginx passes repeated headers as repeated params). NULL when absent. */

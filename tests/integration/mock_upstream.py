@@ -48,6 +48,19 @@ them (`/v1/echo`, `/codex/echo`, `/echo` are the same):
                                   request carried (query api_key, Bearer,
                                   x-api-key) raw and percent-encoded; chunked=1:
                                   chunked, 3 bytes a chunk
+    .../key-echo?status=N&pad=P&chunk=C&cl=F&enc=E&ctype=T&hdr=H
+                                  N (401) answer written raw: P bytes of "y",
+                                  then the key the request carried (as in
+                                  key-error), the request target and its
+                                  Authorization header. chunk=C: chunked, C
+                                  bytes a chunk (else Content-Length, spelled
+                                  per F: plain, tab "\tN", zeros "000N",
+                                  comma "N, N"); enc: gzip (always),
+                                  auto (gzip when Accept-Encoding has it),
+                                  identity, empty (a Content-Encoding line with
+                                  no coding); ctype: the Content-Type (default
+                                  application/json); hdr=barecr adds
+                                  "X-Foo: a<CR>X-Accel-Redirect: /metrics"
     anything else                 like echo (or a JSON 404 in strict mode)
 
 Every recorded request's answer carries `x-request-id: req_mock_<seq>`, as
@@ -119,7 +132,7 @@ MOCK_MODELS = ("claude-opus-5-5", "claude-haiku-4-5", "gpt-5", "gpt-5-codex")
 ENDPOINTS = {
     "echo": 0, "sse": 0, "gzip": 0, "status": 1, "slow-headers": 0,
     "stall": 0, "close-mid": 0, "reset": 0, "garbage": 0, "big": 0,
-    "redirect": 0, "key-error": 0,
+    "redirect": 0, "key-error": 0, "key-echo": 0,
 }
 
 
@@ -530,6 +543,49 @@ class Handler(BaseHTTPRequestHandler):
             if i % 30 == 0:
                 time.sleep(0.005)  # some pieces reach piapi on their own
         self.write_chunk(b"")
+
+    def ep_key_echo(self, _args, query):
+        key = query.get("api_key")
+        auth = self.headers.get("Authorization") or ""
+        if key is None and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        if key is None:
+            key = self.headers.get("x-api-key") or ""
+        body = (b"y" * int(query.get("pad", "0")) +
+                json.dumps({"error": {"message": "bad key %s" % key, "target": self.path,
+                                      "authorization": auth}}).encode())
+        status = int(query.get("status", "401"))
+        enc = query.get("enc", "")
+        head = [b"HTTP/1.1 %d Mock" % status,
+                b"Content-Type: " + query.get("ctype", "application/json").encode()]
+        if enc == "gzip" or (enc == "auto" and
+                             "gzip" in (self.headers.get("Accept-Encoding") or "").lower()):
+            body = gzip.compress(body, mtime=0)
+            head.append(b"Content-Encoding: gzip")
+        elif enc == "identity":
+            head.append(b"Content-Encoding: identity")
+        elif enc == "empty":
+            head.append(b"Content-Encoding: ")
+        if query.get("hdr") == "barecr":
+            head.append(b"X-Foo: a\rX-Accel-Redirect: /metrics")
+        chunk = int(query.get("chunk", "0"))
+        if chunk:
+            head.append(b"Transfer-Encoding: chunked")
+        else:
+            n = len(body)
+            head.append({"plain": b"Content-Length: %d" % n, "tab": b"Content-Length:\t%d" % n,
+                         "zeros": b"Content-Length: 0000000000000000000000000%d" % n,
+                         "comma": b"Content-Length: %d, %d" % (n, n)}[query.get("cl", "plain")])
+        self.close_connection = True
+        self.wfile.write(b"\r\n".join(head) + b"\r\n\r\n")
+        if not chunk:
+            self.wfile.write(body)
+        else:
+            for i in range(0, len(body), chunk):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body[i:i + chunk]), body[i:i + chunk]))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     # ---- LLM provider APIs (Anthropic Messages, OpenAI Chat / Responses) --
 

@@ -242,3 +242,148 @@ class TestSilenceNginx(unittest.TestCase):
         ex = s.raw(get(STALL, BOB), timeout=10, close_after=(FIRST, 0))
         self.assertTrue(harness.wait_until(lambda: s.mock.events(), 4.0))
         self.assertLess(s.mock.events()[0]["t"] - ex.closed_wall, 1.0)
+
+
+# ---- every error body scanned, whatever its size, framing or encoding ----
+
+CAROL = "piapi-user-carol-Wq4eZ7rT2y"     # the long file: key
+DAVE = "piapi-user-dave-Hs5kP1xV8n"       # services with baseUrl credentials
+LONG_KEY = "k" * 8000
+FN_CODE = "FNSECRET12345"
+BASIC_USER, BASIC_PASS = "basicuser", "BASICPASS999"
+WITHHELD = {"type": "error", "error": {
+    "type": "upstream_error",
+    "message": "upstream error body withheld: compressed, so it could not be checked for secrets"}}
+
+
+def scan_config(stack):
+    mock_port = stack.mock.port
+    key_file = stack.tmp / "long.key"
+    key_file.write_text(LONG_KEY + "\n")
+    key_file.chmod(0o600)
+    cfg = config()(stack)
+    cfg["providers"] += [
+        {"name": "lp", "apiKeys": {"main": f"file:{key_file}"},
+         "services": [{"type": "lk", "baseUrl": f"http://127.0.0.1:{mock_port}/v1"}]},
+        {"name": "bp", "apiKeys": {"main": "sk-base-Pq7wE3"},
+         "services": [
+             {"type": "fn", "baseUrl": f"http://127.0.0.1:{mock_port}/fn?code={FN_CODE}",
+              "auth": {"mode": "header", "name": "x-functions-key"}},
+             {"type": "ui", "baseUrl": f"http://{BASIC_USER}:{BASIC_PASS}@127.0.0.1:{mock_port}/ui",
+              "auth": {"mode": "header", "name": "x-api-key"}}]},
+    ]
+    cfg["users"] += [
+        {"name": "carol", "apiKey": CAROL, "providerName": "lp", "providerKeyName": "main"},
+        {"name": "dave", "apiKey": DAVE, "providerName": "bp", "providerKeyName": "main"},
+    ]
+    return cfg
+
+
+class ScanChecks:
+    FORM = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = harness.Stack(cls.FORM, scan_config, name=f"resp-scan-{cls.FORM}")
+        cls.addClassCleanup(cls.stack.stop)
+        cls.stack.start()
+
+    def fetch(self, path, key=BOB, extra=()):
+        ex = self.stack.raw(get(path, key, extra), timeout=15)
+        self.assertTrue(ex.closed, ex.raw[-300:])
+        self.assertIsNotNone(ex.status, ex.raw[:300])
+        return ex
+
+    def assert_scanned(self, ex, key=HEADER_KEY, status=401):
+        self.assertEqual(ex.status, status, ex.raw[:400])
+        body = ex.body()
+        for form in spellings(key):
+            self.assertNotIn(form.encode(), ex.raw)
+        self.assertIn(b"bad key REDACTED", body, body[-300:])
+        cl = ex.header("Content-Length")
+        if cl is not None:
+            self.assertEqual(int(cl), len(body), ex.raw[:600])
+        return body
+
+    def test_long_key_on_a_pool_thread(self):
+        """An 8,000-byte key echoed in a 401: the matcher must not recurse per
+        key byte (a pool thread, which runs a transfer with a body over
+        8 MiB, has a 512 KiB stack)."""
+        ex = self.fetch("/piapi/lk/key-echo", CAROL)
+        self.assert_scanned(ex, LONG_KEY)
+        big = b"x" * (9 << 20)
+        req = harness.build_request("POST", "/piapi/lk/key-echo",
+                                    [("Authorization", "Bearer " + CAROL),
+                                     ("Content-Type", "application/json"), ("Connection", "close")],
+                                    body=big)
+        ex = self.stack.raw(req, timeout=60)
+        self.assert_scanned(ex, LONG_KEY)
+        self.assertEqual(self.stack.request("GET", "/healthz").status, 200)
+
+    def test_error_body_over_64k(self):
+        # Content-Length over 64 KiB; chunked with the key across the point
+        # where the held part outgrows 64 KiB (66,000 for 1,000-byte chunks;
+        # the key starts 31 bytes after the padding) or later
+        cases = [(0, 70000), (0, 65536 - 28), (1000, 66000 - 36), (1000, 66000 - 31 - 12),
+                 (1000, 200000), (65536, 65536 - 28)]
+        for chunk, pad in cases:
+            with self.subTest(chunk=chunk, pad=pad):
+                ex = self.fetch(f"/piapi/cx/key-echo?pad={pad}&chunk={chunk}")
+                body = self.assert_scanned(ex)
+                self.assertTrue(body.startswith(b"y" * pad))
+
+    def test_accept_encoding_not_forwarded(self):
+        self.stack.mock.reset()
+        ex = self.fetch("/piapi/cx/key-echo?enc=auto", extra=["Accept-Encoding: gzip"])
+        self.assertIsNone(ex.header("Content-Encoding"))
+        self.assert_scanned(ex)
+        reqs = self.stack.mock.requests()
+        self.assertEqual(harness.header_values(reqs[-1]["headers"], "Accept-Encoding"), [])
+
+    def test_compressed_error_withheld(self):
+        for status in (401, 500, 302):
+            with self.subTest(status=status):
+                ex = self.fetch(f"/piapi/cx/key-echo?enc=gzip&status={status}")
+                self.assertEqual(ex.status, status, ex.raw[:400])
+                self.assertIsNone(ex.header("Content-Encoding"))
+                self.assertEqual(ex.header("Content-Type"), "application/json")
+                self.assertEqual(json.loads(ex.body()), WITHHELD)
+
+    def test_framing_never_skips_the_scan(self):
+        for q in ("cl=tab", "cl=zeros", "cl=comma", "enc=identity", "enc=empty",
+                  "ctype=text/event-streamX", "ctype=text/event-stream-json"):
+            with self.subTest(q=q):
+                self.assert_scanned(self.fetch(f"/piapi/cx/key-echo?{q}"))
+
+    def test_baseurl_credentials(self):
+        import base64
+        basic = base64.b64encode(f"{BASIC_USER}:{BASIC_PASS}".encode())
+        for path in ("/piapi/fn/redirect?x=1", "/piapi/fn/key-echo?x=1",
+                     "/piapi/ui/redirect", "/piapi/ui/key-echo"):
+            with self.subTest(path=path):
+                ex = self.fetch(path, DAVE)
+                self.assertIn(ex.status, (301, 401), ex.raw[:400])
+                for secret in (FN_CODE.encode(), BASIC_PASS.encode(), basic):
+                    self.assertNotIn(secret, ex.raw)
+                if "fn/redirect" in path:
+                    self.assertIn("code=REDACTED", ex.header("Location"))
+                    self.assertIn("x=1", ex.header("Location"))
+        # the upstream did get them: the redaction is piapi's
+        sent = self.stack.mock.requests()
+        self.assertTrue(any(FN_CODE in r["path"] for r in sent))
+
+    def test_bare_cr_header_dropped(self):
+        ex = self.fetch("/piapi/cx/key-echo?hdr=barecr&status=404")
+        self.assert_scanned(ex, status=404)
+        names = {k.lower() for k, _ in ex.headers}
+        self.assertNotIn("x-accel-redirect", names)
+        self.assertNotIn("x-foo", names)
+        self.assertNotIn(b"piapi_", ex.body())
+
+
+class TestScanNginx(ScanChecks, unittest.TestCase):
+    FORM = "nginx"
+
+
+class TestScanLighttpd(ScanChecks, unittest.TestCase):
+    FORM = "lighttpd-socket"

@@ -1,6 +1,7 @@
 /* Header policy: what crosses upstream, what comes back, and the member's
  * key extraction. */
 #include <curl/curl.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "piapi/headers.h"
@@ -83,7 +84,9 @@ static void test_forward_policy(void)
     CU_ASSERT(has_line(l, "Content-Type: application/json"));
     CU_ASSERT(has_line(l, "X-Request-ID: rid-1"));
     CU_ASSERT(has_line(l, "Expect:"));
-    CU_ASSERT(has_line(l, "Accept-Encoding: gzip, br"));
+    /* not forwarded: providers answer uncompressed, so error bodies can
+     * be scanned for secrets */
+    CU_ASSERT(!has_prefix_ci(l, "Accept-Encoding"));
     CU_ASSERT(has_line(l, "Anthropic-Version: 2023-06-01"));
     CU_ASSERT(has_line(l, "X-Stainless-Os: Linux"));
     CU_ASSERT(has_line(l, "X-Empty;"));
@@ -279,8 +282,9 @@ static void test_response_values(void)
 
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         const char *v = rows[i].val;
+        const struct piapi_secrets one = { (struct piapi_secret *)rows[i].k, 1 };
         enum piapi_resp_value r = piapi_headers_response_value(
-            rows[i].k, rows[i].name, strlen(rows[i].name), v, strlen(v), &out);
+            &one, rows[i].name, strlen(rows[i].name), v, strlen(v), &out);
         const char *got = r == PIAPI_RESP_DROP ? NULL
                         : r == PIAPI_RESP_KEEP ? v : out.data;
         size_t got_len = r == PIAPI_RESP_REDACTED ? out.len : got ? strlen(got) : 0;
@@ -297,7 +301,7 @@ static void test_response_values(void)
     piapi_buf_dispose(&out);
 
     /* No key: everything passes. */
-    const struct piapi_secret none = {0};
+    const struct piapi_secrets none = {0};
     CU_ASSERT_EQUAL(piapi_headers_response_value(&none, "Location", 8, "/?api_key=x", 11, &out),
                     PIAPI_RESP_KEEP);
     piapi_buf_dispose(&out);
@@ -321,12 +325,177 @@ static void test_secret_redact(void)
         CU_ASSERT_EQUAL(piapi_secret_in(&qsecret, rows[i].in, strlen(rows[i].in)), c > 0);
     }
     /* A '%' in the key: raw, "%25" and "%2525" all spell it. */
-    const struct piapi_secret pct = { "a%b", 3, NULL };
-    CU_ASSERT(piapi_secret_in(&pct, "xa%25by", 7));
-    CU_ASSERT(piapi_secret_in(&pct, "xa%2525by", 9));
-    CU_ASSERT(piapi_secret_in(&pct, "a%b", 3));
-    CU_ASSERT(!piapi_secret_in(&pct, "a%2b", 4));
+    const struct piapi_secret pct = { "aa%b", 4, NULL };
+    CU_ASSERT(piapi_secret_in(&pct, "xaa%25by", 8));
+    CU_ASSERT(piapi_secret_in(&pct, "xaa%2525by", 10));
+    CU_ASSERT(piapi_secret_in(&pct, "aa%b", 4));
+    CU_ASSERT(!piapi_secret_in(&pct, "aa%2b", 5));
+    /* ambiguous: "%25" read as '%' then "25" as key bytes */
+    const struct piapi_secret amb = { "%2525", 5, NULL };
+    CU_ASSERT(piapi_secret_in(&amb, "%252525", 7));
+    CU_ASSERT(piapi_secret_in(&amb, "x%2525y", 7));
+    CU_ASSERT(!piapi_secret_in(&amb, "%2524", 5));
     piapi_buf_dispose(&out);
+}
+
+/* A key of 16 KiB (a file: key) matched against a body echoing it: the
+ * matcher must not recurse per key byte (a pool thread has 512 KiB of
+ * stack), and must find it in every spelling. Runs on a thread with a
+ * 256 KiB stack, as small as piapi's pool threads' (a recursion per key
+ * byte overflows it). */
+static void *long_key_checks(void *arg)
+{
+    enum { N = 16 * 1024 };
+    static char key[N + 1], text[3 * N + 16];
+    int *ok = arg;
+    memset(key, 'k', N);
+    const struct piapi_secret k = { key, N, NULL };
+    memcpy(text, "x:", 2);
+    memcpy(text + 2, key, N);
+    *ok = piapi_secret_in(&k, text, N + 2) && !piapi_secret_in(&k, text, N + 1);
+    /* percent-encoded: every byte as %6B */
+    for (size_t i = 0; i < N; i++)
+        memcpy(text + 3 * i, "%6B", 3);
+    *ok = *ok && piapi_secret_in(&k, text, 3 * N);
+    /* a key full of '%' takes the ambiguous path, bounded too */
+    static char pkey[2049], ptext[3 * 2048];
+    memset(pkey, '%', 2048);
+    const struct piapi_secret pk = { pkey, 2048, NULL };
+    for (size_t i = 0; i < 2048; i++)
+        memcpy(ptext + 3 * i, "%25", 3);
+    *ok = *ok && piapi_secret_in(&pk, ptext, sizeof ptext) &&
+          !piapi_secret_in(&pk, ptext, sizeof ptext - 7);
+    return NULL;
+}
+
+static void test_long_key(void)
+{
+    pthread_attr_t a;
+    pthread_t th;
+    int ok = 0;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 256 * 1024);
+    CU_ASSERT_EQUAL_FATAL(pthread_create(&th, &a, long_key_checks, &ok), 0);
+    pthread_join(th, NULL);
+    pthread_attr_destroy(&a);
+    CU_ASSERT(ok);
+}
+
+/* Secrets shorter than PIAPI_SECRET_MIN_LEN are never looked for. */
+static void test_short_secret(void)
+{
+    const struct piapi_secret a = { "a", 1, NULL }, abc = { "abc1", 4, NULL };
+    const struct piapi_secrets one = { (struct piapi_secret *)&a, 1 };
+    struct piapi_buf out = {0};
+    CU_ASSERT(!piapi_secret_in(&a, "application/json", 16));
+    CU_ASSERT_EQUAL(piapi_headers_response_value(&one, "Content-Type", 12,
+                                                 "application/json", 16, &out),
+                    PIAPI_RESP_KEEP);
+    CU_ASSERT_EQUAL(piapi_secret_redact(&a, "a cat", 5, &out), 0);
+    CU_ASSERT(piapi_secret_in(&abc, "xabc1", 5));
+    piapi_buf_dispose(&out);
+}
+
+static int set_has(const struct piapi_secrets *set, const char *s)
+{
+    for (size_t i = 0; i < set->n; i++)
+        if (set->v[i].len == strlen(s) && memcmp(set->v[i].key, s, set->v[i].len) == 0)
+            return 1;
+    return 0;
+}
+
+/* The baseUrl's credentials are secrets like the key: userinfo (whole,
+ * user, password, decoded, the Basic credential) and every query value
+ * that is not the client's own, each of 4 bytes or more. */
+static void test_secrets_build(void)
+{
+    struct piapi_secrets set;
+    piapi_secrets_build(&set, "sk-prov-1234", NULL,
+                        "https://basicuser:BASIC%40PASS@h.example/fn/x?code=FNSECRET%3D%3D&ab=xyz"
+                        "&page=2&mine=client-value",
+                        "/piapi/fn/x?page=2&mine=client-value");
+    static const char *const want[] = {
+        "sk-prov-1234", "basicuser:BASIC%40PASS", "basicuser:BASIC@PASS", "basicuser",
+        "BASIC%40PASS", "BASIC@PASS", "YmFzaWN1c2VyOkJBU0lDQFBBU1M=",
+        "FNSECRET%3D%3D", "FNSECRET==",
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        if (!set_has(&set, want[i]))
+            fprintf(stderr, "missing secret %s\n", want[i]);
+        CU_ASSERT(set_has(&set, want[i]));
+    }
+    CU_ASSERT(!set_has(&set, "xyz"));          /* under 4 bytes */
+    CU_ASSERT(!set_has(&set, "client-value")); /* the client's own */
+    CU_ASSERT(!set_has(&set, "2"));
+    struct piapi_buf out = {0};
+    const char body[] = "{\"e\":\"bad code FNSECRET== for basicuser\"}";
+    CU_ASSERT_EQUAL(piapi_secrets_redact(&set, body, sizeof body - 1, &out), 2);
+    CU_ASSERT(out.len == strlen("{\"e\":\"bad code REDACTED for REDACTED\"}") &&
+              memcmp(out.data, "{\"e\":\"bad code REDACTED for REDACTED\"}", out.len) == 0);
+    piapi_buf_reset(&out);
+    CU_ASSERT_EQUAL(piapi_headers_response_value(&set, "Location", 8,
+                                                 "/fn/x?code=FNSECRET%3D%3D&x=1", 29, &out),
+                    PIAPI_RESP_REDACTED);
+    CU_ASSERT(out.len == 23 && memcmp(out.data, "/fn/x?code=REDACTED&x=1", 23) == 0);
+    piapi_buf_dispose(&out);
+    piapi_secrets_dispose(&set);
+    CU_ASSERT_EQUAL(set.n, 0);
+}
+
+/* A body scanned in windows: a secret straddling two windows is caught
+ * when span - 1 bytes are kept back. */
+static void test_redact_window(void)
+{
+    struct piapi_secrets set = {0};
+    piapi_secrets_add(&set, "sk-win-12345", 12, NULL);
+    size_t keep = piapi_secrets_span(&set) - 1;
+    CU_ASSERT_EQUAL(keep, 59);
+    const char text[] = "0123456789sk-win-12345 and sk-win-%31%32345.";
+    for (size_t cut = 0; cut <= sizeof text - 1; cut++) {
+        struct piapi_buf out = {0};
+        char held[128];
+        size_t hl = 0, count = 0;
+        /* feed the text in two pieces, as on_body would */
+        const char *pieces[2] = { text, text + cut };
+        size_t lens[2] = { cut, sizeof text - 1 - cut };
+        for (int p = 0; p < 2; p++) {
+            memcpy(held + hl, pieces[p], lens[p]);
+            hl += lens[p];
+            if (hl > keep) {
+                size_t used = piapi_secrets_redact_window(&set, held, hl, hl - keep, &out, &count);
+                memmove(held, held + used, hl - used);
+                hl -= used;
+            }
+        }
+        size_t used = piapi_secrets_redact_window(&set, held, hl, hl, &out, &count);
+        CU_ASSERT_EQUAL(used, hl);
+        CU_ASSERT_EQUAL(count, 2);
+        CU_ASSERT(out.len == strlen("0123456789REDACTED and REDACTED.") &&
+                  memcmp(out.data, "0123456789REDACTED and REDACTED.", out.len) == 0);
+        piapi_buf_dispose(&out);
+    }
+    piapi_secrets_dispose(&set);
+}
+
+/* Response header lines that are never relayed. */
+static void test_response_lines(void)
+{
+    static const struct { const char *line; int ok; } rows[] = {
+        { "X-Foo: a", 1 }, { "X-Foo:\ta\tb", 1 }, { "X-Foo:", 1 },
+        { "X-Foo: a\rX-Accel-Redirect: /metrics", 0 },  /* bare CR */
+        { "X-Foo: a\nb", 0 }, { "X-Foo: a\x01", 0 }, { "X-Foo: a\x7f", 0 },
+        { "X-Accel-Redirect : /metrics", 0 },  /* space before the colon */
+        { "X-Accel-Redirect\t: /metrics", 0 }, { " folded", 0 }, { ": v", 0 },
+        { "no colon", 0 },
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        int got = piapi_headers_response_line_ok(rows[i].line, strlen(rows[i].line));
+        if (got != rows[i].ok)
+            fprintf(stderr, "line row %zu: %d\n", i, got);
+        CU_ASSERT_EQUAL(got, rows[i].ok);
+    }
+    CU_ASSERT_EQUAL(piapi_headers_response_line_ok("X-A\0: v", 7), 0);
+    CU_ASSERT_EQUAL(piapi_headers_response_line_ok("X-A: v\0w", 8), 0);
 }
 
 /* nginx passes two Connection lines as two params: both name
@@ -355,6 +524,11 @@ static void test_forward_every_connection(void)
 static const struct unit_case cases[] = {
     { "response values", test_response_values },
     { "secret redact", test_secret_redact },
+    { "long key", test_long_key },
+    { "short secret", test_short_secret },
+    { "secrets build", test_secrets_build },
+    { "redact window", test_redact_window },
+    { "response lines", test_response_lines },
     { "every Connection", test_forward_every_connection },
     { "forward policy", test_forward_policy },
     { "auth modes", test_forward_auth_modes },
