@@ -7,6 +7,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "piapi/route.h"
 #include "piapi/util.h"
 
 enum {
@@ -586,6 +587,51 @@ enum piapi_key_status piapi_headers_client_keys(char **envp,
     return PIAPI_KEY_OK;
 }
 
+/* Views of one param's credentials, split where lighttpd joined
+ * repeated lines with ", ". In Authorization the "Bearer" word is
+ * skipped; a first part with another scheme (Basic) is none, a later
+ * part without one counts whole ("Bearer a,b" may mean a key "b").
+ * Adds to out[*n] while *n < max, counts every one in *n. */
+static void presented_in(const char *v, int auth, struct piapi_route_secret *out,
+                         size_t max, size_t *n)
+{
+    for (int first = 1; v; first = 0) {
+        const char *comma = strchr(v, ',');
+        const char *p = skip_ws(v);
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        if (auth && len > 6 && strncasecmp(p, "bearer", 6) == 0 &&
+            (p[6] == ' ' || p[6] == '\t')) {
+            const char *k = skip_ws(p + 6);
+            len -= (size_t)(k - p);
+            p = k;
+        } else if (auth && first) {
+            len = 0;
+        }
+        while (len && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+            len--;
+        if (len) {
+            if (*n < max)
+                out[*n] = (struct piapi_route_secret){ p, len };
+            (*n)++;
+        }
+        v = comma ? comma + 1 : NULL;
+    }
+}
+
+size_t piapi_headers_presented(char **envp, struct piapi_route_secret *out, size_t max)
+{
+    static const char auth[] = "HTTP_AUTHORIZATION=", xkey[] = "HTTP_X_API_KEY=";
+    size_t n = 0;
+
+    for (char **e = envp; e && *e; e++) {
+        if (strncmp(*e, auth, sizeof auth - 1) == 0)
+            presented_in(*e + sizeof auth - 1, 1, out, max, &n);
+        else if (strncmp(*e, xkey, sizeof xkey - 1) == 0)
+            presented_in(*e + sizeof xkey - 1, 0, out, max, &n);
+    }
+    return n;
+}
+
 /* HTTP_X_FOO_BAR → X-Foo-Bar (title case keeps upstream logs readable;
  * header names are case-insensitive on the wire). */
 static void param_to_header(const char *p, size_t n, struct piapi_buf *b)
@@ -678,6 +724,12 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
     struct piapi_buf line = {0};
     size_t count = 0, bytes = 0;
     int status = 0;
+    /* The client's own credentials, which no header may carry upstream
+     * (a Cookie or X-Forwarded-Authorization holding the member key). */
+    struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
+    size_t ncreds = piapi_headers_presented(envp, creds, PIAPI_HEADERS_MAX_CREDS);
+    if (ncreds > PIAPI_HEADERS_MAX_CREDS)
+        ncreds = PIAPI_HEADERS_MAX_CREDS;
 
     for (char **e = envp; e && *e; e++) {
         if (strncmp(*e, "HTTP_", 5) != 0)
@@ -715,6 +767,8 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
             status = 400;
             goto fail;
         }
+        if (piapi_route_holds_secret(val, strlen(val), creds, ncreds))
+            continue;
         /* "Name:" with nothing after it tells libcurl to remove a header;
          * "Name;" is its syntax for sending one with an empty value. */
         if (*val)
@@ -731,6 +785,8 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
             status = 400;
             goto fail;
         }
+    }
+    if (ctype && *ctype && !piapi_route_holds_secret(ctype, strlen(ctype), creds, ncreds)) {
         piapi_buf_reset(&line);
         piapi_buf_printf(&line, "Content-Type: %s", ctype);
         list = append(list, line.data);
@@ -745,8 +801,9 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
     piapi_buf_printf(&line, "X-Request-ID: %s", request_id);
     list = append(list, line.data);
     list = append(list, "Expect:");
-    /* Never let libcurl announce encodings itself: the client's
-     * Accept-Encoding passes through and so does the encoded body. */
+    /* No Accept-Encoding at all (the table drops the client's, and libcurl
+     * announces none of its own): answers come uncompressed, so an error
+     * body can be read for secrets. */
     piapi_buf_dispose(&line);
     *out = list;
     return 0;

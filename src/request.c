@@ -50,6 +50,12 @@ struct request {
     struct piapi_config *cfg;
     const struct piapi_user *user;
     struct piapi_client_keys keys;  /* as presented: point into the params */
+    /* every credential presented (ncreds may exceed the array): views
+     * into the params, like keys */
+    struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
+    size_t ncreds;
+    int path_has_key;          /* the path holds a presented credential: 400 */
+    int path_hidden;           /* the log shows no path: it has or may have one */
     const struct piapi_service *svc;
     int status;
     int logged_route;          /* the upstream URL is worth logging */
@@ -107,11 +113,24 @@ static int request_id_sane(const char *s)
     return n > 0;
 }
 
+/* Whether the id holds a credential the client presented (any length:
+ * replacing an id costs nothing), or may: more were presented than
+ * were looked at. The id is logged, forwarded and echoed. */
+static int id_holds_credential(const struct request *q, const char *id)
+{
+    if (q->ncreds > PIAPI_HEADERS_MAX_CREDS)
+        return 1;
+    for (size_t i = 0; i < q->ncreds; i++)
+        if (memmem(id, strlen(id), q->creds[i].s, q->creds[i].len))
+            return 1;
+    return 0;
+}
+
 static void assign_request_id(struct request *q)
 {
     int count;
     const char *given = piapi_headers_param(q->r->envp, "HTTP_X_REQUEST_ID", &count);
-    if (given && count == 1 && request_id_sane(given)) {
+    if (given && count == 1 && request_id_sane(given) && !id_holds_credential(q, given)) {
         snprintf(q->id, sizeof q->id, "%s", given);
         return;
     }
@@ -309,6 +328,12 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 400, "missing request line");
         return ANSWERED;
     }
+    /* A key pasted into the URL: it would reach the upstream, and the
+     * path is logged. */
+    if (q->path_has_key) {
+        respond_error(q, 400, "request path contains your API key");
+        return ANSWERED;
+    }
     switch (piapi_route_parse(q->uri, &t, &why)) {
     case PIAPI_ROUTE_OK:
         break;
@@ -408,7 +433,9 @@ static void log_request(struct request *q, enum piapi_log_level level,
         return;
     piapi_log_str(&l, "request_id", q->id);
     piapi_log_str(&l, "method", q->method);
-    if (q->uri)
+    if (q->uri && q->path_hidden)
+        piapi_log_str(&l, "path", "REDACTED");
+    else if (q->uri)
         piapi_log_strn(&l, "path", q->uri, path_len(q->uri));
     piapi_log_str(&l, "user", q->user ? q->user->name : NULL);
     piapi_log_str(&l, "service_type", q->svc ? q->svc->type : NULL);
@@ -466,6 +493,7 @@ static void finish(struct request *q)
     scrub_foreign(q, q->x.upstream_id);
     end_fastcgi(q, &k);
     q->keys = (struct piapi_client_keys){ 0 };  /* they pointed into the params */
+    memset(q->creds, 0, sizeof q->creds);
     struct piapi_metrics_request m = {
         .service_type = q->svc ? q->svc->type : PIAPI_METRICS_UNKNOWN,
         .provider = q->svc ? q->svc->provider->name : NULL,
@@ -493,7 +521,14 @@ static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request
     q->uri = FCGX_GetParam("REQUEST_URI", r->envp);
     if (!q->method)
         q->method = "";
+    q->ncreds = piapi_headers_presented(r->envp, q->creds, PIAPI_HEADERS_MAX_CREDS);
     assign_request_id(q);
+    /* Looked at before any answer or log line. More credentials than were
+     * looked at (a request refused anyway) keep the path out of the log. */
+    size_t seen = q->ncreds < PIAPI_HEADERS_MAX_CREDS ? q->ncreds : PIAPI_HEADERS_MAX_CREDS;
+    if (q->uri)
+        q->path_has_key = piapi_route_holds_secret(q->uri, path_len(q->uri), q->creds, seen);
+    q->path_hidden = q->path_has_key || seen < q->ncreds;
 }
 
 /* What serves uri here, if it is /healthz or /metrics. */

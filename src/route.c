@@ -44,6 +44,7 @@ static int path_byte_ok(unsigned char c)
 struct utf8_state {
     int need;                /* continuation bytes still expected */
     unsigned char lo, hi;    /* the next one's range */
+    unsigned long cp;        /* the code point so far */
 };
 
 static int utf8_next(struct utf8_state *u, unsigned char c)
@@ -53,28 +54,46 @@ static int utf8_next(struct utf8_state *u, unsigned char c)
             return 0;
         u->need--;
         u->lo = 0x80, u->hi = 0xbf;
+        u->cp = u->cp << 6 | (c & 0x3f);
         return 1;
     }
     u->lo = 0x80, u->hi = 0xbf;
+    u->cp = c;
     if (c < 0x80)
         return 1;
     if (c >= 0xc2 && c <= 0xdf)
-        u->need = 1;
+        u->need = 1, u->cp = c & 0x1f;
     else if (c == 0xe0)
-        u->need = 2, u->lo = 0xa0;
+        u->need = 2, u->lo = 0xa0, u->cp = c & 0x0f;
     else if (c == 0xed)
-        u->need = 2, u->hi = 0x9f;
+        u->need = 2, u->hi = 0x9f, u->cp = c & 0x0f;
     else if (c >= 0xe1 && c <= 0xef)
-        u->need = 2;
+        u->need = 2, u->cp = c & 0x0f;
     else if (c == 0xf0)
-        u->need = 3, u->lo = 0x90;
+        u->need = 3, u->lo = 0x90, u->cp = c & 0x07;
     else if (c >= 0xf1 && c <= 0xf3)
-        u->need = 3;
+        u->need = 3, u->cp = c & 0x07;
     else if (c == 0xf4)
-        u->need = 3, u->hi = 0x8f;
+        u->need = 3, u->hi = 0x8f, u->cp = c & 0x07;
     else
         return 0;
     return 1;
+}
+
+/* Code points that Unicode compatibility normalisation (NFKC, which some
+ * frameworks apply to paths) turns into '.', "..", '/' or '\': a
+ * "%ef%bc%8e%ef%bc%8e" segment would become ".." there. */
+static int dot_or_slash_lookalike(unsigned long cp)
+{
+    static const unsigned long lookalikes[] = {
+        0x2024, 0x2025, 0xfe30,  /* one and two dot leaders, vertical two dots */
+        0xfe52, 0xff0e,          /* small and fullwidth full stops */
+        0xff0f, 0xfe68, 0xff3c,  /* fullwidth '/', small and fullwidth '\' */
+    };
+    for (size_t i = 0; i < sizeof lookalikes / sizeof lookalikes[0]; i++)
+        if (cp == lookalikes[i])
+            return 1;
+    return 0;
 }
 
 /* The byte at s as a decoder sees it: raw, or what its escape spells;
@@ -105,9 +124,9 @@ static int multi_encoded(const char *s, size_t n)
 }
 
 /* The bytes of one segment (between raw '/'): allowed raw bytes,
- * well-formed escapes, nothing that decodes to a control character or to
- * invalid UTF-8, no multiply encoded '.', '/', '\' or '%'. NULL when
- * fine, else why not. */
+ * well-formed escapes, nothing that decodes to a control character, to
+ * invalid UTF-8 or to a look-alike of '.', '/' or '\', no multiply
+ * encoded '.', '/', '\' or '%'. NULL when fine, else why not. */
 static const char *segment_bytes_why(const char *s, size_t n)
 {
     struct utf8_state u = { 0 };
@@ -129,6 +148,8 @@ static const char *segment_bytes_why(const char *s, size_t n)
         }
         if (!utf8_next(&u, c))
             return "invalid UTF-8 in path";
+        if (c >= 0x80 && !u.need && dot_or_slash_lookalike(u.cp))
+            return "Unicode look-alike of '.', '/' or '\\' in path";
     }
     return u.need ? "invalid UTF-8 in path" : NULL;
 }
@@ -160,31 +181,34 @@ static int dot_segment(const char *s, size_t n)
  * them in ids (Bedrock's inference-profile ARNs). An upstream that
  * decodes them sees the pieces between them as segments, so each must be
  * one it may resolve: not a dot segment and, where an encoded separator
- * made it, not empty (a leading "%2F" would decode to "//host"). */
+ * made it, not empty (a leading "%2F" would decode to "//host"). An
+ * encoded '?' or '#' (%3F, %23) ends a segment too for an upstream that
+ * decodes once and splits the URL again, so what precedes it must not be
+ * a dot segment either ("..%3F" is ".." there). */
 static const char *pieces_why(const char *s, size_t n)
 {
     size_t start = 0, i = 0;
-    int split = 0;
+    int after_slash = 0;   /* the piece follows an encoded '/' or '\' */
 
     for (;;) {
-        int sep = 0;
+        int sep = 0;       /* what ends the piece: '/' for %2F %5C, '?' for %3F %23 */
         while (i < n && !sep) {
             if (s[i] != '%') {
                 i++;
                 continue;
             }
             int v = escape_value(s + i, n - i);
-            sep = v == '/' || v == '\\';
+            sep = v == '/' || v == '\\' ? '/' : v == '?' || v == '#' ? '?' : 0;
             if (!sep)
                 i += 3;
         }
         if (dot_segment(s + start, i - start))
             return "dot segment in path";
-        if (i == start && (sep || split))
+        if (i == start && (sep == '/' || after_slash))
             return "empty segment in path";
         if (!sep)
             return NULL;
-        split = 1;
+        after_slash = sep == '/';
         i += 3;
         start = i;
     }
@@ -289,82 +313,175 @@ enum piapi_route_status piapi_route_parse(const char *uri,
     return PIAPI_ROUTE_OK;
 }
 
-/* ---- the client's query ----------------------------------------------- */
+/* ---- decoding, repeated ----------------------------------------------- */
 
-/* Decodes %XY and '+' (form encoding) into out; returns the length. */
-static size_t query_decode(const char *s, size_t n, char *out)
+/* Upstreams and the frameworks in front of them may decode a URL more
+ * than once: credentials and parameter names are looked for in every
+ * spelling up to this many decodings. */
+#define DECODE_ROUNDS 4
+
+/* Decodes s[0..n) in place once: %XY, and '+' as a space when form is
+ * set (query strings). Returns the new length; decoding only shrinks, so
+ * the write position never passes the read position. */
+static size_t decode_once(char *s, size_t n, int form)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
         int v = escape_value(s + i, n - i);
         if (v >= 0) {
-            out[o++] = (char)v;
+            s[o++] = (char)v;
             i += 2;
         } else {
-            out[o++] = s[i] == '+' ? ' ' : s[i];
+            s[o++] = form && s[i] == '+' ? ' ' : s[i];
         }
     }
     return o;
 }
 
-/* Whether a decoded parameter name is the auth parameter as some parser
- * reads it: in any case (API_KEY), as an array (api_key[], api_key[0]),
- * cut at a NUL, or padded with spaces. */
-static int names_auth(const char *name, size_t n, const char *auth)
+/* The spellings of a text an upstream may read: as sent, then decoded
+ * once, twice..., until decoding changes nothing or DECODE_ROUNDS. */
+struct spelling {
+    char *s;
+    size_t n;
+    int rounds, form;
+    char small[256];
+};
+
+static void spelling_init(struct spelling *sp, const char *s, size_t n, int form)
 {
-    const char *nul = memchr(name, '\0', n);
-    if (nul)
-        n = (size_t)(nul - name);
-    while (n && name[0] == ' ')
-        name++, n--;
-    while (n && name[n - 1] == ' ')
-        n--;
-    if (n && name[n - 1] == ']') {
-        const char *open = memchr(name, '[', n);
-        if (open)
-            n = (size_t)(open - name);
-    }
-    return n == strlen(auth) && strncasecmp(name, auth, n) == 0;
+    sp->s = n < sizeof sp->small ? sp->small : piapi_xmalloc(n + 1);
+    memcpy(sp->s, s, n);
+    sp->n = n;
+    sp->rounds = 0;
+    sp->form = form;
 }
 
-/* Checks every name of a parameter: some parsers also split on ';'
- * (HTML 4's advice, Python before 3.9.2), so "a=1;api_key=x" has two. */
-static int carries_auth_name(const char *p, size_t n, const char *auth, char *dec)
+/* Decodes once more; 0 when that spells nothing new. */
+static int spelling_next(struct spelling *sp)
+{
+    if (sp->rounds == DECODE_ROUNDS)
+        return 0;
+    int plus = sp->form && memchr(sp->s, '+', sp->n) != NULL;
+    size_t n = decode_once(sp->s, sp->n, sp->form);
+    if (n == sp->n && !plus)
+        return 0;
+    sp->n = n;
+    sp->rounds++;
+    return 1;
+}
+
+static void spelling_dispose(struct spelling *sp)
+{
+    if (sp->s != sp->small)
+        free(sp->s);
+}
+
+/* Whether s[0..n) holds one of the credentials at least min bytes long. */
+static int holds_one(const char *s, size_t n, const struct piapi_route_secret *hidden,
+                     size_t nhidden, size_t min)
+{
+    for (size_t i = 0; i < nhidden; i++)
+        if (hidden[i].len && hidden[i].len >= min &&
+            memmem(s, n, hidden[i].s, hidden[i].len) != NULL)
+            return 1;
+    return 0;
+}
+
+int piapi_route_holds_secret(const char *s, size_t n,
+                             const struct piapi_route_secret *hidden, size_t nhidden)
+{
+    struct spelling sp;
+    int found;
+
+    spelling_init(&sp, s, n, 0);
+    do
+        found = holds_one(sp.s, sp.n, hidden, nhidden, PIAPI_ROUTE_SECRET_MIN);
+    while (!found && spelling_next(&sp));
+    spelling_dispose(&sp);
+    return found;
+}
+
+/* ---- the client's query ----------------------------------------------- */
+
+/* What parsers trim from a name: whitespace and control bytes. */
+static int is_blank(unsigned char c)
+{
+    return c <= 0x20 || c == 0x7f;
+}
+
+/* A name's byte as PHP reads it (' ', '.' and an unmatched '[' become
+ * '_'), case-folded. */
+static int name_fold(unsigned char c)
+{
+    if (c == ' ' || c == '.' || c == '[')
+        c = '_';
+    return c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c;
+}
+
+/* Whether a decoded parameter name is the auth parameter as some parser
+ * reads it: in any case (API_KEY), cut at a NUL, trimmed of whitespace
+ * and control bytes (%09api_key), up to a bracket (api_key[], api_key[0],
+ * api_key]), or with '.', ' ' and '[' read as '_' (PHP: api.key). */
+static int names_auth(const char *name, size_t n, const char *auth)
+{
+    size_t alen = strlen(auth), cut = 0;
+    const char *nul = memchr(name, '\0', n);
+
+    if (nul)
+        n = (size_t)(nul - name);
+    while (n && is_blank((unsigned char)name[0]))
+        name++, n--;
+    while (n && is_blank((unsigned char)name[n - 1]))
+        n--;
+    while (cut < n && name[cut] != '[' && name[cut] != ']')
+        cut++;
+    if (cut == alen && strncasecmp(name, auth, alen) == 0)
+        return 1;
+    if (n != alen)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (name_fold((unsigned char)name[i]) != name_fold((unsigned char)auth[i]))
+            return 0;
+    return 1;
+}
+
+/* Checks every name in one spelling of a parameter: some parsers also
+ * split on ';' (HTML 4's advice, Python before 3.9.2), and a decoded
+ * spelling may hold a '&' or ';' of its own (a=1%3Bapi_key=x, as read by
+ * a parser that decodes before it splits). */
+static int carries_auth_name(const char *p, size_t n, const char *auth)
 {
     const char *end = p + n;
     for (;;) {
-        const char *semi = memchr(p, ';', (size_t)(end - p));
-        const char *pend = semi ? semi : end;
-        const char *eq = memchr(p, '=', (size_t)(pend - p));
-        size_t dn = query_decode(p, (size_t)((eq ? eq : pend) - p), dec);
-        if (names_auth(dec, dn, auth))
+        size_t len = 0;
+        while (p + len < end && p[len] != ';' && p[len] != '&')
+            len++;
+        const char *eq = memchr(p, '=', len);
+        if (names_auth(p, eq ? (size_t)(eq - p) : len, auth))
             return 1;
-        if (!semi)
+        if (p + len == end)
             return 0;
-        p = semi + 1;
+        p += len + 1;
     }
 }
 
-/* A client parameter is dropped when it is named like the service's auth
- * parameter (the provider key must be the only value upstream sees) or
- * when its name or value contains a credential the client presented
- * (never forward one in any form). */
+/* A client parameter is dropped when, in any of its spellings, it is
+ * named like the service's auth parameter (the provider key must be the
+ * only value upstream sees) or its name or value contains a credential
+ * the client presented (never forward one in any form). */
 static int param_dropped(const char *p, size_t n, const struct piapi_service *svc,
                          const struct piapi_route_secret *hidden, size_t nhidden)
 {
-    char small[256];
-    char *dec = n < sizeof small ? small : piapi_xmalloc(n + 1);
-    int drop = svc->auth.mode == PIAPI_AUTH_QUERY &&
-               carries_auth_name(p, n, svc->auth.name, dec);
+    const char *auth = svc->auth.mode == PIAPI_AUTH_QUERY ? svc->auth.name : NULL;
+    struct spelling sp;
+    int drop;
 
-    if (!drop) {
-        size_t whole = query_decode(p, n, dec);
-        for (size_t i = 0; i < nhidden && !drop; i++)
-            drop = hidden[i].len &&
-                   memmem(dec, whole, hidden[i].s, hidden[i].len) != NULL;
-    }
-    if (dec != small)
-        free(dec);
+    spelling_init(&sp, p, n, 1);
+    do
+        drop = (auth && carries_auth_name(sp.s, sp.n, auth)) ||
+               holds_one(sp.s, sp.n, hidden, nhidden, 1);
+    while (!drop && spelling_next(&sp));
+    spelling_dispose(&sp);
     return drop;
 }
 

@@ -30,9 +30,21 @@ struct piapi_client_keys {
 enum piapi_key_status piapi_headers_client_keys(char **envp,
                                                 struct piapi_client_keys *k);
 
+/* Every credential the client presented, however often and whether or
+ * not it authenticates: each "Authorization: Bearer" value and each
+ * x-api-key value (nginx passes a repeated header as repeated params),
+ * each part of one lighttpd joined with ", ". Up to max views into envp
+ * go to out; returns how many there are (more than max: some are not in
+ * out). None of them may reach the upstream or a log line. */
+#define PIAPI_HEADERS_MAX_CREDS 4
+struct piapi_route_secret;
+size_t piapi_headers_presented(char **envp, struct piapi_route_secret *out, size_t max);
+
 /* Builds the upstream request header list from the FastCGI params: every
  * client header except the policy's drops (credentials, Host, hop-by-hop,
- * headers named in Connection, the injected auth header), then
+ * headers named in Connection, the injected auth header) and any header
+ * whose value holds a credential the client presented (raw or
+ * percent-decoded, those of PIAPI_ROUTE_SECRET_MIN bytes or more), then
  * Content-Type, the provider key for header-mode auth, X-Request-ID and an
  * empty "Expect:" (no 100-continue stalls). Returns 0 and sets *out (the
  * caller frees it with curl_slist_free_all), or the HTTP status to answer

@@ -14,7 +14,7 @@
 enum piapi_route_status {
     PIAPI_ROUTE_OK = 0,
     PIAPI_ROUTE_NOT_FOUND,  /* outside the base path, or no service type: 404 */
-    PIAPI_ROUTE_BAD_PATH,   /* dot segments in any spelling, controls, '#'...: 400 */
+    PIAPI_ROUTE_BAD_PATH,   /* dot segments in any spelling, controls, '#', look-alikes...: 400 */
     PIAPI_ROUTE_TOO_LONG    /* over PIAPI_ROUTE_MAX_URI: 414 */
 };
 
@@ -38,11 +38,23 @@ struct piapi_route_secret {
     size_t len;
 };
 
+/* Credentials shorter than this are not looked for in paths and header
+ * values: they would match too much (member keys are long). */
+#define PIAPI_ROUTE_SECRET_MIN 8
+
+/* 1 when s[0..n) (a path, a header value) holds one of the credentials
+ * of at least PIAPI_ROUTE_SECRET_MIN bytes, as sent or percent-decoded
+ * once or more (up to four times, as upstreams that decode repeatedly
+ * read it). */
+int piapi_route_holds_secret(const char *s, size_t n,
+                             const struct piapi_route_secret *hidden, size_t nhidden);
+
 /* The upstream URL: baseUrl (with its userinfo, which libcurl sends as
  * basic auth), then "/<rest>" when the client gave one, then the
  * baseUrl's own query, the client's query (minus any parameter that
  * carries one of the `hidden` credentials or is named like the service's
- * auth parameter), and the provider key for query-mode auth. The offsets
+ * auth parameter, as sent or percent-decoded up to four times), and the
+ * provider key for query-mode auth. The offsets
  * locate, inside buf.data, what logs must not show: the userinfo with its
  * '@', the baseUrl's parameters and the provider key (len 0 when absent). */
 struct piapi_route_url {

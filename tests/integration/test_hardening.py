@@ -338,6 +338,15 @@ HOSTILE_ROWS = [
     ("rest %255c", _path_req("/piapi/cx/v1%255c..%255cx"), {400}, "piapi"),
     ("rest %25%32%65", _path_req("/piapi/cx/v1/%25%32%65%25%32%65/x"), {400}, "piapi"),
     ("rest %25252e", _path_req("/piapi/cx/v1/%25252e%25252e/x"), {400}, "piapi"),
+    # dot segments for upstreams that decode once and split on '?'/'#' again
+    ("rest %2e%2e%3f", _path_req("/piapi/cx/v1/%2e%2e%3f/x"), {400}, "piapi"),
+    ("rest %2e%2e%23", _path_req("/piapi/cx/v1/%2e%2e%23/x"), {400}, "piapi"),
+    ("rest x%3F..", _path_req("/piapi/cx/v1/x%3F../x"), {400}, "piapi"),
+    # ...or apply NFKC, which makes '.' and '/' of these
+    ("rest fullwidth dots", _path_req("/piapi/cx/v1/%ef%bc%8e%ef%bc%8e/x"), {400}, "piapi"),
+    ("rest one dot leaders", _path_req("/piapi/cx/v1/%e2%80%a4%e2%80%a4/x"), {400}, "piapi"),
+    ("rest small full stops", _path_req("/piapi/cx/v1/%ef%b9%92%ef%b9%92/x"), {400}, "piapi"),
+    ("rest fullwidth slash", _path_req("/piapi/cx/v1%ef%bc%8f..%ef%bc%8fx"), {400}, "piapi"),
     # overlong UTF-8 '.', never valid UTF-8 (lighttpd refuses it itself)
     ("rest %c0%ae%c0%ae", _path_req("/piapi/cx/v1/%c0%ae%c0%ae/x"), {400}, None),
     ("rest %e0%80%ae", _path_req("/piapi/cx/v1/%e0%80%ae%e0%80%ae/x"), {400}, None),
@@ -398,6 +407,10 @@ HOSTILE_ROWS = [
     ("key prefix only", _hdr_req([], keyline="Authorization: Bearer " + ALICE[:-1]), {401}, "piapi"),
     ("key plus suffix", _hdr_req([], keyline="Authorization: Bearer " + ALICE + "x"), {401}, "piapi"),
     ("unknown x-api-key", _hdr_req([], keyline="x-api-key: " + UNKNOWN_KEY), {401}, "piapi"),
+    # the member's own key pasted into the path, raw or encoded
+    ("key in path", _path_req("/piapi/cx/v1/" + ALICE + "/x"), {400}, "piapi"),
+    ("key in path, %-encoded", _path_req("/piapi/cx/v1/%70" + ALICE[1:]), {400}, "piapi"),
+    ("key in path, twice encoded", _path_req("/piapi/cx/v1/%2570" + ALICE[1:]), {400}, "piapi"),
     # methods: nginx passes FOO on and refuses TRACE itself; lighttpd the reverse
     ("method FOO", _path_req("/piapi/cx/v1/models", method="FOO"),
      {"nginx": {405}, "lighttpd": {501}}, None),
@@ -524,6 +537,10 @@ class FrontEndChecks:
     def assert_no_member_key_upstream(self, rec):
         blobs = [rec["path"], urllib.parse.unquote(rec["path"]),
                  urllib.parse.unquote_plus(rec["path"]), json.dumps(rec["headers"])]
+        again = blobs[1]
+        for _ in range(3):   # upstreams that decode again
+            again = urllib.parse.unquote(again)
+            blobs.append(again)
         for key in MEMBER_KEYS:
             for b in blobs:
                 self.assertNotIn(key, b, f"member key reached the upstream: {rec['path']} "
@@ -539,6 +556,9 @@ class FrontEndChecks:
              ["a=1", "b=2"]),
             ("cx", "?" + ALICE + "=1&b=2", [auth()], ["b=2"]),
             ("cx", "?k=" + enc + "&b=2", [auth()], ["b=2"]),
+            ("cx", "?k=" + enc.replace("%", "%25") + "&b=2", [auth()], ["b=2"]),
+            ("cx", "?k=%2570" + ALICE[1:] + "&b=2", [("x-api-key", ALICE)], ["b=2"]),
+            ("cx", "?k=%25252570" + ALICE[1:] + "&b=2", [auth()], ["b=2"]),
             ("cx", "?k=pre+" + ALICE.replace("-", "%2d") + "+post", [auth()], []),
             ("cx", "?key=" + ALICE, [("AUTHORIZATION", "bEaReR   " + ALICE + "  ")], []),
             ("oq", "?api_key=" + ALICE + "&key=" + ALICE + "&a=1", [auth()],

@@ -1,7 +1,9 @@
 """Paths and secrets in URLs, through real nginx and lighttpd: encoded
 slashes reach the upstream byte-exact, a raw '#' is refused, a credential
-the client sent never leaves in the query whichever one authenticated, and
-credentials inside a baseUrl (userinfo, query) are sent but never logged.
+the client sent never leaves in the query (however often encoded), the
+path (refused), another header (dropped) or X-Request-ID (replaced),
+whichever one authenticated, and credentials inside a baseUrl (userinfo,
+query) are sent but never logged.
 
 The dot-segment spellings piapi refuses are rows of the hostile table in
 test_hardening.py; tests/unit/test_route.c has the full tables.
@@ -138,6 +140,115 @@ class PathChecks:
         self.assertEqual(ex.status, 200, ex.raw[:300])
         got = [r["path"] for r in self.stack.mock.requests()]
         self.assertEqual(got, [f"/q/v1/echo?y=2&api_key={PROVIDER_KEY}"])
+
+    def test_auth_parameter_spellings_dropped(self):
+        # Names a parser may still read as api_key once it trims blanks
+        # and controls, decodes again, reads '.', ' ' or '[' as '_' (PHP)
+        # or stops at a bracket; and a ';' or '&' that only decoding shows.
+        rid = f"spelling-{self.FORM}"
+        q = ("?api.key=d&api_key]=e&api%255fkey=f&a=1%3Bapi_key=g&api+key=h"
+             "&%20api_key%20=i&x[api_key]=kept&y=2")
+        ex = self.raw("/piapi/oq/v1/echo" + q, rid)
+        self.assertEqual(ex.status, 200, ex.raw[:300])
+        got = [r["path"] for r in self.stack.mock.requests()]
+        self.assertEqual(got, [f"/q/v1/echo?x[api_key]=kept&y=2&api_key={PROVIDER_KEY}"])
+        # encoded controls: lighttpd refuses them itself, nginx passes them
+        for i, q in enumerate(["?%09api_key=a&y=2", "?api_key%09=b&y=2", "?api_key%0a=c&y=2",
+                               "?%0d%0bapi_key%7f=d&y=2"]):
+            with self.subTest(query=q):
+                self.stack.mock.reset()
+                ex = self.raw("/piapi/oq/v1/echo" + q, f"{rid}-{i}")
+                got = [r["path"] for r in self.stack.mock.requests()]
+                if self.FORM.startswith("lighttpd") and ex.status == 400:
+                    self.assertIsNone(ex.header("X-Request-ID"), "expected lighttpd's answer")
+                    self.assertEqual(got, [])
+                    continue
+                self.assertEqual(ex.status, 200, ex.raw[:300])
+                self.assertEqual(got, [f"/q/v1/echo?y=2&api_key={PROVIDER_KEY}"])
+
+    def test_member_key_decoded_twice_in_query_dropped(self):
+        once = "".join("%%%02X" % ord(c) for c in ALICE)
+        twice = once.replace("%", "%25")
+        rid = f"twice-{self.FORM}"
+        ex = self.raw(f"/piapi/cx/v1/echo?a=%2570{ALICE[1:]}&b={twice}&c=%25252570{ALICE[1:]}&x=1",
+                      rid)
+        self.assertEqual(ex.status, 200, ex.raw[:300])
+        self.assertEqual([r["path"] for r in self.stack.mock.requests()], ["/codex/v1/echo?x=1"])
+        self.assertNotIn(ALICE, json.dumps(self.log_line(rid)))
+
+    def test_request_id_holding_a_credential_replaced(self):
+        # The client's id is logged, forwarded and echoed: one that holds a
+        # credential the client presented (the member key, or the junk
+        # bearer next to it) is replaced by a generated one.
+        cases = [
+            (ALICE, [("Authorization", "Bearer " + ALICE)]),
+            ("trace-" + ALICE + ":1", [("x-api-key", ALICE)]),
+            ("t." + JUNK_BEARER, [("Authorization", "Bearer " + JUNK_BEARER), ("x-api-key", ALICE)]),
+        ]
+        for given, hs in cases:
+            with self.subTest(given=given):
+                self.stack.mock.reset()
+                ex = self.raw("/piapi/cx/v1/echo", given, hs)
+                self.assertEqual(ex.status, 200, ex.raw[:300])
+                rid = ex.header("X-Request-ID")
+                self.assertRegex(rid or "", r"^[0-9a-f]{32}$")
+                reqs = self.stack.mock.requests()
+                self.assertEqual(header_values(reqs[0]["headers"], "X-Request-ID"), [rid])
+                self.assertNotIn(ALICE, json.dumps(reqs[0]["headers"]))
+                line = self.log_line(rid)
+                self.assertEqual(line.get("status"), 200)
+        log = self.stack.piapi_log_text()
+        self.assertNotIn(ALICE, log)
+        self.assertNotIn(JUNK_BEARER, log)
+        # an id holding none of them is kept
+        ex = self.raw("/piapi/cx/v1/echo", f"keep-{self.FORM}-piapi-user")
+        self.assertEqual(ex.header("X-Request-ID"), f"keep-{self.FORM}-piapi-user")
+
+    def test_key_in_path_refused_never_logged(self):
+        once = "".join("%%%02X" % ord(c) for c in ALICE)
+        paths = [f"/piapi/cx/v1/{ALICE}/x", f"/piapi/cx/v1/files/k{ALICE}z?x=1",
+                 f"/piapi/cx/v1/{once}", f"/piapi/cx/%2570{ALICE[1:]}",
+                 f"/piapi/cx/v1/a%2F{ALICE}"]
+        for i, path in enumerate(paths):
+            with self.subTest(path=path):
+                self.stack.mock.reset()
+                base = self.stack.mock.stats()["accepted"]
+                rid = f"inpath-{self.FORM}-{i}"
+                ex = self.raw(path, rid)
+                self.assertEqual(ex.status, 400, ex.raw[:300])
+                self.assertEqual(ex.header("X-Request-ID"), rid, "not piapi's answer")
+                doc = json.loads(ex.body())
+                self.assertEqual(doc["error"]["message"], "request path contains your API key")
+                self.assertEqual(self.stack.mock.requests(), [])
+                self.assertEqual(self.stack.mock.stats()["accepted"] - base, 2,
+                                 "something reached the upstream")
+                line = self.log_line(rid)
+                self.assertEqual(line.get("path"), "REDACTED")
+        # an unknown key in the path is no member's key, but was presented
+        rid = f"inpath-unknown-{self.FORM}"
+        ex = self.raw(f"/piapi/cx/v1/{JUNK_BEARER}", rid, [("Authorization", "Bearer " + JUNK_BEARER)])
+        self.assertEqual(ex.status, 400, ex.raw[:300])
+        log = self.stack.piapi_log_text()
+        self.assertNotIn(ALICE, log)
+        self.assertNotIn(JUNK_BEARER, log)
+
+    def test_headers_holding_a_credential_dropped(self):
+        once = "".join("%%%02X" % ord(c) for c in ALICE)
+        hs = [("Authorization", "Bearer " + JUNK_BEARER), ("x-api-key", ALICE),
+              ("Cookie", f"session=1; k={ALICE}"), ("X-Forwarded-Authorization", "Bearer " + ALICE),
+              ("X-Encoded", once), ("X-Junk", "j=" + JUNK_BEARER),
+              ("X-Keep", "piapi-user"), ("Content-Type", "text/plain; k=" + ALICE)]
+        rid = f"hdrs-{self.FORM}"
+        ex = self.raw("/piapi/cx/v1/echo", rid, hs)
+        self.assertEqual(ex.status, 200, ex.raw[:300])
+        got = self.stack.mock.requests()[0]["headers"]
+        names = {k.lower() for k, _ in got}
+        for dropped in ("cookie", "x-forwarded-authorization", "x-encoded", "x-junk", "content-type"):
+            self.assertNotIn(dropped, names)
+        self.assertEqual(header_values(got, "X-Keep"), ["piapi-user"])
+        self.assertEqual(header_values(got, "Authorization"), ["Bearer " + PROVIDER_KEY])
+        self.assertNotIn(ALICE, json.dumps(got))
+        self.assertNotIn(JUNK_BEARER, json.dumps(got))
 
     def test_base_url_credentials_sent_never_logged(self):
         rid = f"fn-{self.FORM}"

@@ -68,6 +68,29 @@ static const struct parse_case parse_cases[] = {
     { "/piapi/cx/a%2F", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/a%2F%2Fb", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/a%2F/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    /* an encoded '?' or '#' ends a segment for an upstream that decodes
+     * once and splits again: no dot segment before or after one */
+    { "/piapi/cx/a/%2e%2e%3f/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/%2e%2e%23/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/..%3Fx", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/.%23", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/x%3f..", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/x%23%2e%2e;p", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/x%2F%3Fy", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/x%3Fy=1%23z", PIAPI_ROUTE_OK, "cx", "a/x%3Fy=1%23z", NULL },
+    { "/piapi/cx/a/%3F/%23", PIAPI_ROUTE_OK, "cx", "a/%3F/%23", NULL },
+    { "/piapi/cx/a/x%3f...", PIAPI_ROUTE_OK, "cx", "a/x%3f...", NULL },
+    /* code points NFKC turns into '.', "..", '/' or '\' */
+    { "/piapi/cx/a/%ef%bc%8e%ef%bc%8e/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/%EF%BC%8E", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/%e2%80%a4%e2%80%a4/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/%e2%80%a5", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/.%ef%b9%92/b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a/%ef%b8%b0", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a%ef%bc%8fb", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a%ef%bc%bcb", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a%ef%b9%a8b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/x%e2%80%a6/%ef%bc%8d", PIAPI_ROUTE_OK, "cx", "x%e2%80%a6/%ef%bc%8d", NULL },
     { "/piapi/cx/a\\b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     /* dot segments behind ";params" or spaces */
     { "/piapi/cx/..;/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
@@ -213,6 +236,28 @@ static const struct url_case url_cases[] = {
     { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
       "/piapi/cx/run?api_keys=1&my_api_key=2&api=3&key=4",
       "https://u.example/codex/run?api_keys=1&my_api_key=2&api=3&key=4&api_key=sk-prov%2Bkey%2F1" },
+    /* ...in any spelling: whitespace and controls trimmed, decoded more
+     * than once, PHP's '.', ' ', '[' for '_', stray brackets, or split
+     * by a parser that decodes before it splits */
+    { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
+      "/piapi/cx/run?%09api_key=e&api_key%09=e&api_key%0a=e&%0Dapi_key%7F=e&x=1",
+      "https://u.example/codex/run?x=1&api_key=sk-prov%2Bkey%2F1" },
+    { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
+      "/piapi/cx/run?api.key=e&api+key=e&Api%2EKey=e&api[key=e&api_key]=e&api_key[=e&x=1",
+      "https://u.example/codex/run?x=1&api_key=sk-prov%2Bkey%2F1" },
+    { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
+      "/piapi/cx/run?api%255fkey=e&api%25255Fkey=e&%2561pi_key=e&x=1",
+      "https://u.example/codex/run?x=1&api_key=sk-prov%2Bkey%2F1" },
+    { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
+      "/piapi/cx/run?a=1%3Bapi_key=e&b=1%26api_key%3De&api_key%3D=e&x=1",
+      "https://u.example/codex/run?x=1&api_key=sk-prov%2Bkey%2F1" },
+    { "https://u.example/codex", PIAPI_AUTH_QUERY, "api_key",
+      "/piapi/cx/run?x[api_key]=1&api-key=2&apikey=3&api_key_x=4&a=api_key",
+      "https://u.example/codex/run?x[api_key]=1&api-key=2&apikey=3&api_key_x=4&a=api_key&api_key=sk-prov%2Bkey%2F1" },
+    /* the member's key decoded twice or more is still the member's key */
+    { "https://u.example/v1", PIAPI_AUTH_HEADER, "Authorization",
+      "/piapi/cx/m?k=%256dember-key&j=%25256D%252565mber-key&x=1&m=member+key",
+      "https://u.example/v1/m?x=1&m=member+key" },
     /* a header-mode service keeps parameters that only look like one */
     { "https://u.example/v1", PIAPI_AUTH_HEADER, "Authorization",
       "/piapi/cx/m?API_KEY=1&Authorization=2", "https://u.example/v1/m?API_KEY=1&Authorization=2" },
@@ -351,6 +396,42 @@ static void test_mentions_secret(void)
     CU_ASSERT_EQUAL(piapi_route_mentions_secret(&svc, NULL, "fnPassW0rd SECRETcode"), 0);
 }
 
+/* Credentials in a path or a header value: raw or decoded up to four
+ * times, only those of PIAPI_ROUTE_SECRET_MIN bytes or more. */
+static void test_holds_secret(void)
+{
+    static const struct piapi_route_secret creds[] = {
+        { "piapi-user-alice", 16 }, { "short", 5 }, { "junk-bearer", 11 },
+    };
+    static const struct mention_case holds_cases[] = {
+        { "/piapi/cx/piapi-user-alice/x", 1 },
+        { "/piapi/cx/x-piapi-user-alice-y", 1 },
+        { "/piapi/cx/%70iapi%2Duser%2dalice", 1 },
+        { "/piapi/cx/%2570iapi-user-alice", 1 },
+        { "/piapi/cx/%25252570iapi-user-alice", 1 },
+        { "k=junk%2Dbearer; other=1", 1 },
+        { "/piapi/cx/short/x", 0 },          /* too short to look for */
+        { "/piapi/cx/piapi-user-alic/e", 0 },
+        { "/piapi/cx/piapi+user+alice", 0 },  /* '+' is no space in a path */
+        { "/piapi/cx/%2525252570iapi-user-alice", 0 },  /* five decodings */
+        { "", 0 },
+    };
+    for (size_t i = 0; i < sizeof holds_cases / sizeof holds_cases[0]; i++) {
+        const char *t = holds_cases[i].text;
+        int got = piapi_route_holds_secret(t, strlen(t), creds, 3);
+        if (got != holds_cases[i].want)
+            fprintf(stderr, "case %zu (%s): got %d\n", i, t, got);
+        CU_ASSERT_EQUAL(got, holds_cases[i].want);
+    }
+    /* a long text goes through the heap, not the stack buffer */
+    char big[1024];
+    memset(big, 'a', sizeof big);
+    memcpy(big + 900, "%2570iapi-user-alice", 20);
+    CU_ASSERT_EQUAL(piapi_route_holds_secret(big, sizeof big, creds, 3), 1);
+    CU_ASSERT_EQUAL(piapi_route_holds_secret(big, 900, creds, 3), 0);
+    CU_ASSERT_EQUAL(piapi_route_holds_secret("piapi-user-alice", 16, creds, 0), 0);
+}
+
 static const struct unit_case cases[] = {
     { "parse table", test_parse_table },
     { "too long", test_too_long },
@@ -358,6 +439,7 @@ static const struct unit_case cases[] = {
     { "redacted url", test_redacted },
     { "redacted baseUrl credentials", test_redacted_base_url },
     { "secrets in foreign text", test_mentions_secret },
+    { "credentials in paths and headers", test_holds_secret },
     { NULL, NULL }
 };
 
