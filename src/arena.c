@@ -48,7 +48,7 @@ static void *from_blocks(struct piapi_arena *a, size_t n)
 
 void *piapi_arena_alloc(struct piapi_arena *a, size_t n)
 {
-    const size_t align = sizeof(max_align_t);
+    const size_t align = _Alignof(max_align_t);
     void *p;
 
     if (n > SIZE_MAX / 2)

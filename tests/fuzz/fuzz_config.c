@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "piapi/config.h"
+#include "piapi/sha256.h"
 
 #define MAX_PROBES 256
 
@@ -38,7 +39,9 @@ static void check_user(const struct piapi_config *cfg, const char *key,
     const struct piapi_user *u = piapi_config_find_user(cfg, key, len);
     if (!u)
         return;
-    if (u->api_key_len != len || memcmp(u->api_key, key, len) != 0 ||
+    unsigned char digest[PIAPI_SHA256_LEN];
+    piapi_sha256(key, len, digest);
+    if (memcmp(u->key_digest, digest, sizeof digest) != 0 ||
         !u->name || !u->provider || !u->key || !u->key->value)
         abort();
     const struct piapi_provider *p = u->provider;

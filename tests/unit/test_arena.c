@@ -8,7 +8,7 @@
 
 static void test_first_buffer_then_blocks(void)
 {
-    max_align_t buf[8];  /* 8 * 16 bytes on x86-64 */
+    max_align_t buf[8];
     struct piapi_arena a;
 
     piapi_arena_init(&a, buf, sizeof buf);
@@ -16,7 +16,7 @@ static void test_first_buffer_then_blocks(void)
     CU_ASSERT((unsigned char *)p >= (unsigned char *)buf &&
               (unsigned char *)p < (unsigned char *)buf + sizeof buf);
     char *q = piapi_arena_alloc(&a, 1);
-    CU_ASSERT_EQUAL((uintptr_t)q % sizeof(max_align_t), 0);
+    CU_ASSERT_EQUAL((uintptr_t)q % _Alignof(max_align_t), 0);
     CU_ASSERT(q > p);
     char *r = piapi_arena_alloc(&a, sizeof buf);  /* does not fit: a block */
     CU_ASSERT((unsigned char *)r < (unsigned char *)buf ||
