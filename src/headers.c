@@ -7,6 +7,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "piapi/arena.h"
 #include "piapi/route.h"
 #include "piapi/util.h"
 
@@ -707,30 +708,38 @@ static int listed_in_any_connection(char **envp, const char *name, size_t len)
     return 0;
 }
 
-static struct curl_slist *append(struct curl_slist *l, const char *line)
+/* A header list built in the request's arena: libcurl only reads a
+ * curl_slist (data, next), so its nodes need not come from
+ * curl_slist_append, and the request's one release frees (and wipes) them
+ * with the rest. */
+struct list {
+    struct piapi_arena *a;
+    struct curl_slist *head, **tail;
+};
+
+static void append(struct list *l, const char *line, size_t len)
 {
-    struct curl_slist *n = curl_slist_append(l, line);
-    if (!n)
-        abort();  /* OOM, as in piapi_xmalloc */
-    return n;
+    struct curl_slist *n = piapi_arena_alloc(l->a, sizeof *n);
+    n->data = piapi_arena_strndup(l->a, line, len);
+    *l->tail = n;
+    l->tail = &n->next;
 }
 
 int piapi_headers_forward(char **envp, const struct piapi_service *svc,
                           const char *provider_key, const char *request_id,
-                          struct curl_slist **out, const char **why)
+                          const struct piapi_route_secret *creds, size_t ncreds,
+                          struct piapi_arena *a, struct curl_slist **out,
+                          const char **why)
 {
     const char *auth_name = svc->auth.mode == PIAPI_AUTH_HEADER ? svc->auth.name : NULL;
-    struct curl_slist *list = NULL;
+    struct list list = { .a = a };
     struct piapi_buf line = {0};
     size_t count = 0, bytes = 0;
     int status = 0;
-    /* The client's own credentials, which no header may carry upstream
-     * (a Cookie or X-Forwarded-Authorization holding the member key). */
-    struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
-    size_t ncreds = piapi_headers_presented(envp, creds, PIAPI_HEADERS_MAX_CREDS);
+
+    list.tail = &list.head;
     if (ncreds > PIAPI_HEADERS_MAX_CREDS)
         ncreds = PIAPI_HEADERS_MAX_CREDS;
-
     for (char **e = envp; e && *e; e++) {
         if (strncmp(*e, "HTTP_", 5) != 0)
             continue;
@@ -775,7 +784,7 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
             piapi_buf_printf(&line, ": %s", val);
         else
             piapi_buf_putc(&line, ';');
-        list = append(list, line.data);
+        append(&list, line.data, line.len);
     }
 
     const char *ctype = piapi_headers_param(envp, "CONTENT_TYPE", NULL);
@@ -789,28 +798,26 @@ int piapi_headers_forward(char **envp, const struct piapi_service *svc,
     if (ctype && *ctype && !piapi_route_holds_secret(ctype, strlen(ctype), creds, ncreds)) {
         piapi_buf_reset(&line);
         piapi_buf_printf(&line, "Content-Type: %s", ctype);
-        list = append(list, line.data);
+        append(&list, line.data, line.len);
     }
     if (auth_name) {
         piapi_buf_reset(&line);
         piapi_buf_printf(&line, "%s: %s%s", auth_name, svc->auth.prefix, provider_key);
-        list = append(list, line.data);
-        explicit_bzero(line.data, line.len);
+        append(&list, line.data, line.len);
     }
     piapi_buf_reset(&line);
     piapi_buf_printf(&line, "X-Request-ID: %s", request_id);
-    list = append(list, line.data);
-    list = append(list, "Expect:");
+    append(&list, line.data, line.len);
+    append(&list, "Expect:", 7);
     /* No Accept-Encoding at all (the table drops the client's, and libcurl
      * announces none of its own): answers come uncompressed, so an error
      * body can be read for secrets. */
-    piapi_buf_dispose(&line);
-    *out = list;
+    piapi_buf_wipe(&line);  /* it held the provider key */
+    *out = list.head;
     return 0;
 
 fail:
-    piapi_buf_dispose(&line);
-    curl_slist_free_all(list);
+    piapi_buf_wipe(&line);
     *out = NULL;
     return status;
 }

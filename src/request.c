@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "piapi/arena.h"
 #include "piapi/config.h"
 #include "piapi/fcgi_conn.h"
 #include "piapi/headers.h"
@@ -62,6 +63,12 @@ struct request {
     const char *error;         /* reason for the log line */
     double ttfb;
     uint64_t bytes_in, bytes_out;
+    /* Last (request_init zeroes what comes before): owns what the request
+     * allocates, the upstream header list, its first 4 KiB inside the
+     * request itself; wiped at the request's end like the URL, which may
+     * hold the provider key. */
+    struct piapi_arena arena;
+    max_align_t arena_first[4096 / sizeof(max_align_t)];
 };
 
 struct piapi_worker *piapi_request_worker_create(const atomic_int *stopping,
@@ -287,8 +294,9 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         respond_error(q, 413, "request body too large");
         return ANSWERED;
     }
-    int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value,
-                                   q->id, &q->headers, &why);
+    size_t ncreds = q->ncreds < PIAPI_HEADERS_MAX_CREDS ? q->ncreds : PIAPI_HEADERS_MAX_CREDS;
+    int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value, q->id,
+                                   q->creds, ncreds, &q->arena, &q->headers, &why);
     if (st) {
         respond_error(q, st, why);
         return ANSWERED;
@@ -512,7 +520,8 @@ static void finish(struct request *q)
 
 static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request *r)
 {
-    memset(q, 0, sizeof *q);
+    memset(q, 0, offsetof(struct request, arena));
+    piapi_arena_init(&q->arena, q->arena_first, sizeof q->arena_first);
     q->w = w;
     q->r = r;
     q->start = piapi_now_mono();
@@ -568,8 +577,8 @@ static void request_end(struct request *q)
 
     finish(q);
     piapi_metrics_in_flight(-1);
-    curl_slist_free_all(q->headers);
-    piapi_buf_dispose(&q->url.buf);
+    piapi_arena_dispose(&q->arena);
+    piapi_buf_wipe(&q->url.buf);
     free(q);
     over(r);
 }

@@ -178,7 +178,16 @@ void piapi_buf_reserve(struct piapi_buf *b, size_t extra)
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + extra + 1)
         cap *= 2;
-    b->data = piapi_xrealloc(b->data, cap);
+    /* Not realloc: a buffer may hold a secret (an upstream URL with the
+     * key in its query), and the old copy must not stay readable in freed
+     * memory. Growth is rare, so the copy costs nothing that shows. */
+    char *data = piapi_xmalloc(cap);
+    if (b->data) {
+        memcpy(data, b->data, b->len + 1);
+        explicit_bzero(b->data, b->cap);
+        free(b->data);
+    }
+    b->data = data;
     b->cap = cap;
 }
 
@@ -228,4 +237,11 @@ void piapi_buf_dispose(struct piapi_buf *b)
     free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
+}
+
+void piapi_buf_wipe(struct piapi_buf *b)
+{
+    if (b->data)
+        explicit_bzero(b->data, b->cap);
+    piapi_buf_dispose(b);
 }

@@ -386,7 +386,7 @@ static int release_held(struct xfer *x)
     if (rc == 0)
         x->t->bytes_out += body.len;
     piapi_buf_dispose(&body);
-    piapi_buf_dispose(&x->held);
+    piapi_buf_wipe(&x->held);
     return rc;
 }
 
@@ -787,7 +787,7 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
     else if (rc != CURLE_OK)
         classify(x, rc);
 
-    piapi_buf_dispose(&x->value);
+    piapi_buf_wipe(&x->value);
     if (x->holding) {
         /* Complete: out it goes, redacted. Cut: nothing of it reached the
          * client, which gets the error instead. */
@@ -799,7 +799,7 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
     } else if (x->scanning && !t->error && v == RUNNING) {
         scan_window(x, 1);  /* the part kept back; a cut stream is poisoned */
     }
-    piapi_buf_dispose(&x->held);
+    piapi_buf_wipe(&x->held);
     piapi_buf_dispose(&x->scanned);
     piapi_secrets_dispose(&x->secrets);
     if (!x->head_sent) {

@@ -9,6 +9,7 @@
 #include "piapi/config.h"
 
 struct curl_slist;
+struct piapi_arena;
 
 #define PIAPI_HEADERS_MAX_COUNT  100
 #define PIAPI_HEADERS_MAX_BYTES  (64 * 1024)
@@ -42,17 +43,19 @@ size_t piapi_headers_presented(char **envp, struct piapi_route_secret *out, size
 
 /* Builds the upstream request header list from the FastCGI params: every
  * client header except the policy's drops (credentials, Host, hop-by-hop,
- * headers named in Connection, the injected auth header) and any header
- * whose value holds a credential the client presented (raw or
- * percent-decoded, those of PIAPI_ROUTE_SECRET_MIN bytes or more), then
- * Content-Type, the provider key for header-mode auth, X-Request-ID and an
- * empty "Expect:" (no 100-continue stalls). Returns 0 and sets *out (the
- * caller frees it with curl_slist_free_all), or the HTTP status to answer
- * (400: CR/LF/NUL in a value; 431: too many or too large headers) with a
- * client-safe *why. */
+ * headers named in Connection, Accept-Encoding, the injected auth header)
+ * and any header whose value holds one of the presented credentials
+ * `creds` (raw or percent-decoded, those of PIAPI_ROUTE_SECRET_MIN bytes
+ * or more), then Content-Type, the provider key for header-mode auth,
+ * X-Request-ID and an empty "Expect:" (no 100-continue stalls). The list
+ * lives in arena `a` (nothing to free but the arena). Returns 0 and sets
+ * *out, or the HTTP status to answer (400: CR/LF/NUL in a value; 431: too
+ * many or too large headers) with a client-safe *why. */
 int piapi_headers_forward(char **envp, const struct piapi_service *svc,
                           const char *provider_key, const char *request_id,
-                          struct curl_slist **out, const char **why);
+                          const struct piapi_route_secret *creds, size_t ncreds,
+                          struct piapi_arena *a, struct curl_slist **out,
+                          const char **why);
 
 /* The name under which an upstream response header reaches the client
  * (name itself, or a replacement, *out_len long), or NULL: not relayed. */

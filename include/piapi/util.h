@@ -47,5 +47,7 @@ void piapi_buf_printf(struct piapi_buf *b, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void piapi_buf_reset(struct piapi_buf *b);
 void piapi_buf_dispose(struct piapi_buf *b);
+/* Dispose for a buffer that held a secret: every byte it had is zeroed. */
+void piapi_buf_wipe(struct piapi_buf *b);
 
 #endif

@@ -22,6 +22,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "piapi/arena.h"
 #include "piapi/headers.h"
 #include "piapi/route.h"
 
@@ -238,7 +239,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct piapi_client_keys keys;
     piapi_headers_client_keys(envp, &keys);
     struct curl_slist *list = NULL;
-    if (piapi_headers_forward(envp, &hsvc, "sk-prov", "rid", &list, &why) == 0) {
+    struct piapi_arena arena = { 0 };
+    struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
+    size_t ncreds = piapi_headers_presented(envp, creds, PIAPI_HEADERS_MAX_CREDS);
+    if (piapi_headers_forward(envp, &hsvc, "sk-prov", "rid", creds, ncreds, &arena,
+                              &list, &why) == 0) {
         for (struct curl_slist *l = list; l; l = l->next) {
             if (strchr(l->data, '\r') || strchr(l->data, '\n'))
                 abort();
@@ -246,8 +251,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 (l->data[9] == ':' || l->data[9] == ';'))
                 abort();
         }
-        curl_slist_free_all(list);
     }
+    piapi_arena_dispose(&arena);
     free(lines);
     free(text);
     return 0;

@@ -4,7 +4,9 @@
 #include <pthread.h>
 #include <string.h>
 
+#include "piapi/arena.h"
 #include "piapi/headers.h"
+#include "piapi/route.h"
 #include "piapi/util.h"
 #include "unit.h"
 
@@ -74,11 +76,22 @@ static char *client_env[] = {
     NULL
 };
 
+/* The request's part: its credentials as presented and its arena. */
+static struct piapi_arena arena;
+
+static int forward(char **env, const struct piapi_service *svc, const char *key,
+                   const char *id, struct curl_slist **out, const char **why)
+{
+    struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
+    size_t n = piapi_headers_presented(env, creds, PIAPI_HEADERS_MAX_CREDS);
+    return piapi_headers_forward(env, svc, key, id, creds, n, &arena, out, why);
+}
+
 static void test_forward_policy(void)
 {
     struct curl_slist *l = NULL;
     const char *why = NULL;
-    CU_ASSERT_EQUAL_FATAL(piapi_headers_forward(client_env, &bearer_svc, "sk-prov",
+    CU_ASSERT_EQUAL_FATAL(forward(client_env, &bearer_svc, "sk-prov",
                                                 "rid-1", &l, &why), 0);
     CU_ASSERT(has_line(l, "Authorization: Bearer sk-prov"));
     CU_ASSERT(has_line(l, "Content-Type: application/json"));
@@ -109,24 +122,24 @@ static void test_forward_policy(void)
     }
     CU_ASSERT_EQUAL(auth, 1);
     CU_ASSERT_EQUAL(ctype, 1);
-    curl_slist_free_all(l);
+    piapi_arena_dispose(&arena);
 }
 
 static void test_forward_auth_modes(void)
 {
     struct curl_slist *l = NULL;
     const char *why;
-    CU_ASSERT_EQUAL(piapi_headers_forward(client_env, &xkey_svc, "sk-ant", "r", &l, &why), 0);
+    CU_ASSERT_EQUAL(forward(client_env, &xkey_svc, "sk-ant", "r", &l, &why), 0);
     CU_ASSERT(has_line(l, "x-api-key: sk-ant"));
     CU_ASSERT(!has_prefix_ci(l, "Authorization"));
     CU_ASSERT(!mentions(l, "member-key"));
-    curl_slist_free_all(l);
+    piapi_arena_dispose(&arena);
 
-    CU_ASSERT_EQUAL(piapi_headers_forward(client_env, &query_svc, "sk-q", "r", &l, &why), 0);
+    CU_ASSERT_EQUAL(forward(client_env, &query_svc, "sk-q", "r", &l, &why), 0);
     CU_ASSERT(!mentions(l, "sk-q"));
     CU_ASSERT(!has_prefix_ci(l, "Authorization"));
     CU_ASSERT(!has_prefix_ci(l, "x-api-key"));
-    curl_slist_free_all(l);
+    piapi_arena_dispose(&arena);
 }
 
 static void test_forward_rejects(void)
@@ -134,12 +147,12 @@ static void test_forward_rejects(void)
     struct curl_slist *l = (struct curl_slist *)1;
     const char *why = NULL;
     char *crlf[] = { "HTTP_X_EVIL=a\r\nInjected: 1", NULL };
-    CU_ASSERT_EQUAL(piapi_headers_forward(crlf, &bearer_svc, "k", "r", &l, &why), 400);
+    CU_ASSERT_EQUAL(forward(crlf, &bearer_svc, "k", "r", &l, &why), 400);
     CU_ASSERT_PTR_NULL(l);
     CU_ASSERT_PTR_NOT_NULL(why);
 
     char *lf_ctype[] = { "CONTENT_TYPE=text/plain\nX: y", NULL };
-    CU_ASSERT_EQUAL(piapi_headers_forward(lf_ctype, &bearer_svc, "k", "r", &l, &why), 400);
+    CU_ASSERT_EQUAL(forward(lf_ctype, &bearer_svc, "k", "r", &l, &why), 400);
 
     static char *many[PIAPI_HEADERS_MAX_COUNT + 2];
     static char names[PIAPI_HEADERS_MAX_COUNT + 1][32];
@@ -147,13 +160,13 @@ static void test_forward_rejects(void)
         snprintf(names[i], sizeof names[i], "HTTP_X_H%d=v", i);
         many[i] = names[i];
     }
-    CU_ASSERT_EQUAL(piapi_headers_forward(many, &bearer_svc, "k", "r", &l, &why), 431);
+    CU_ASSERT_EQUAL(forward(many, &bearer_svc, "k", "r", &l, &why), 431);
 
     static char big[PIAPI_HEADERS_MAX_BYTES + 64];
     memcpy(big, "HTTP_X_BIG=", 11);
     memset(big + 11, 'a', sizeof big - 12);
     char *huge[] = { big, NULL };
-    CU_ASSERT_EQUAL(piapi_headers_forward(huge, &bearer_svc, "k", "r", &l, &why), 431);
+    CU_ASSERT_EQUAL(forward(huge, &bearer_svc, "k", "r", &l, &why), 431);
 }
 
 static void test_response_policy(void)
@@ -513,12 +526,12 @@ static void test_forward_every_connection(void)
 {
     struct curl_slist *l = NULL;
     const char *why;
-    CU_ASSERT_EQUAL_FATAL(piapi_headers_forward(two_connection_env, &bearer_svc, "k", "r",
+    CU_ASSERT_EQUAL_FATAL(forward(two_connection_env, &bearer_svc, "k", "r",
                                                 &l, &why), 0);
     CU_ASSERT(!has_prefix_ci(l, "X-Hop-A"));
     CU_ASSERT(!has_prefix_ci(l, "X-Hop-B"));
     CU_ASSERT(has_line(l, "X-Keep: 3"));
-    curl_slist_free_all(l);
+    piapi_arena_dispose(&arena);
 }
 
 static const struct unit_case cases[] = {
