@@ -1,10 +1,11 @@
-/* The event loop: one thread that accepts FastCGI connections, serves
- * every request that arrived whole (nearly all of them: the web server
- * buffers request bodies) and drives its upstream transfer, through epoll
- * and libcurl's multi interface (one multi handle per upstream origin). It
- * also holds every idle kept connection (fastcgi_keep_conn) until its next
- * request arrives. Whatever could block it (a body still arriving, a wait
- * for a request slot) goes to the pool's threads instead. */
+/* The gateway's event loop: one thread running the general loop (ev.h)
+ * for three clients: the listening socket (pool.c accepts and serves every
+ * request that arrived whole: nearly all of them, the web server buffers
+ * request bodies), waits for a kept connection's next request
+ * (fastcgi_keep_conn), and the upstream driver (upstream.h), which runs
+ * those requests' transfers through libcurl's multi interface. Whatever
+ * could block it (a body still arriving, a wait for a request slot) goes
+ * to the pool's threads instead. */
 #ifndef PIAPI_LOOP_H
 #define PIAPI_LOOP_H
 

@@ -1,9 +1,9 @@
-/* One upstream transfer with libcurl: the request body from FastCGI
- * stdin, the response head and every body chunk back to FastCGI as soon as
- * libcurl has them.
+/* A request's upstream transfer: the request body from FastCGI stdin, the
+ * response head and every body chunk back to FastCGI as soon as libcurl
+ * has them (the transfer itself: xfer.c).
  *
  * A transfer whose body is in hand once read (up to 8 MiB: every LLM
- * request) runs on the event loop (loop.h): one thread, every such
+ * request) runs on the event loop (upstream.h): one thread, every such
  * transfer at once, one upstream connection cache per origin. A larger
  * body is streamed by the calling pool thread with its own handles. */
 #ifndef PIAPI_PROXY_H
