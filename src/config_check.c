@@ -100,7 +100,7 @@ char *cfg_msgs_take(struct msgs *m)
     return b.data;
 }
 
-/* A secret itself, or one of at least CFG_SECRET_MIN bytes inside s. */
+/* A secret itself, or one of at least PIAPI_SECRET_MIN_LEN bytes inside s. */
 static bool mentions_secret(const struct ctx *c, const char *s, size_t len)
 {
     const struct strset *set = &c->secrets;
@@ -109,7 +109,7 @@ static bool mentions_secret(const struct ctx *c, const char *s, size_t len)
         return true;
     for (size_t i = 0; set->e && i <= set->mask; i++) {
         const struct strset_ent *e = &set->e[i];
-        if (e->s && e->len >= CFG_SECRET_MIN && e->len <= len && memmem(s, len, e->s, e->len))
+        if (e->s && e->len >= PIAPI_SECRET_MIN_LEN && e->len <= len && memmem(s, len, e->s, e->len))
             return true;
     }
     return false;

@@ -27,9 +27,6 @@
 #define CFG_MAX_MESSAGES    100          /* per list; the rest are counted */
 #define CFG_PATH_LEN        256
 #define CFG_SHOW_LEN        72           /* a quoted value inside a message */
-/* Shorter secrets are looked for inside messages only as whole values,
- * and a shorter provider key is refused: it would match too much. */
-#define CFG_SECRET_MIN      4
 
 /* ---- memory (arena.h, config_mem.c) ---- */
 

@@ -495,7 +495,7 @@ static const char *external_key(struct ctx *c, const struct ynode *v,
         why = "the key it names is empty";
     else if (!why && cfg_has_space_or_ctl(src, len))
         why = "the key it names contains whitespace or control characters";
-    else if (!why && len < CFG_SECRET_MIN)
+    else if (!why && len < PIAPI_SECRET_MIN_LEN)
         why = "the key it names is shorter than 4 characters";
     else if (!why) {
         out = piapi_arena_strndup(&c->cfg->arena, src, len);
@@ -529,7 +529,7 @@ static const char *key_value(struct ctx *c, const struct ynode *v, const char *k
                           "characters");
         return NULL;
     }
-    if (v->len < CFG_SECRET_MIN) {
+    if (v->len < PIAPI_SECRET_MIN_LEN) {
         /* piapi keeps the key out of every answer by looking for it: a
          * key of a character or two would match ordinary text. */
         cfg_err(c, v, kp, "key value is shorter than 4 characters");

@@ -109,26 +109,6 @@ int piapi_headers_response_line_ok(const char *line, size_t len)
 
 /* ---- the provider key in responses ------------------------------------ */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* The byte %XX at s encodes, or -1. */
-static int pct_byte(const char *s, size_t n)
-{
-    int h, l;
-    if (n < 3 || s[0] != '%' || (h = hexval(s[1])) < 0 || (l = hexval(s[2])) < 0)
-        return -1;
-    return h * 16 + l;
-}
-
 /* How many bytes the spelling of byte c at s takes: 1 (raw), 3 (%XX)
  * or 5 (%25XX), as a bit set (bit k: k bytes). For any c but '%' at most
  * one applies. */
@@ -137,11 +117,11 @@ static unsigned spellings_at(const char *s, size_t n, unsigned char c)
     unsigned m = 0;
     if (n >= 1 && (unsigned char)s[0] == c)
         m |= 1u << 1;
-    int b = pct_byte(s, n);
+    int b = piapi_pct_byte(s, n);
     if (b == c)
         m |= 1u << 3;
-    if (b == '%' && n >= 5 && hexval(s[3]) >= 0 && hexval(s[4]) >= 0 &&
-        hexval(s[3]) * 16 + hexval(s[4]) == c)
+    if (b == '%' && n >= 5 && piapi_hex_digit(s[3]) >= 0 && piapi_hex_digit(s[4]) >= 0 &&
+        piapi_hex_digit(s[3]) * 16 + piapi_hex_digit(s[4]) == c)
         m |= 1u << 5;
     return m;
 }
@@ -332,7 +312,7 @@ static void pct_decode(const char *s, size_t n, struct piapi_buf *out)
 {
     piapi_buf_reset(out);
     for (size_t i = 0; i < n; i++) {
-        int b = pct_byte(s + i, n - i);
+        int b = piapi_pct_byte(s + i, n - i);
         if (b >= 0) {
             piapi_buf_putc(out, (char)b);
             i += 2;

@@ -6,29 +6,6 @@
 #include <string.h>
 #include <strings.h>
 
-/* Secrets of a baseUrl shorter than this are not looked for in foreign
- * text: a substring check for "2" would drop nearly every message and
- * protects nothing. */
-#define SECRET_MIN_LEN 4
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
-/* The byte a "%XY" at s spells (n bytes left), or -1 when s does not
- * start a well-formed escape. */
-static int escape_value(const char *s, size_t n)
-{
-    if (n < 3 || s[0] != '%')
-        return -1;
-    int h = hexval(s[1]), l = hexval(s[2]);
-    return h < 0 || l < 0 ? -1 : h * 16 + l;
-}
-
 /* ---- path validation -------------------------------------------------- */
 
 /* Raw bytes a path may carry: printable ASCII minus the backslash, which
@@ -103,7 +80,7 @@ static int decoded_at(const char *s, size_t n, size_t *len)
     if (n == 0)
         return -1;
     *len = s[0] == '%' ? 3 : 1;
-    return s[0] == '%' ? escape_value(s, n) : (unsigned char)s[0];
+    return s[0] == '%' ? piapi_pct_byte(s, n) : (unsigned char)s[0];
 }
 
 /* After a "%25", whether what follows decodes to "2e", "2f", "5c" or "25"
@@ -117,9 +94,9 @@ static int multi_encoded(const char *s, size_t n)
     if (a < 0)
         return 0;
     int b = decoded_at(s + la, n - la, &lb);
-    if (b < 0 || hexval((char)a) < 0 || hexval((char)b) < 0)
+    if (b < 0 || piapi_hex_digit((char)a) < 0 || piapi_hex_digit((char)b) < 0)
         return 0;
-    int v = hexval((char)a) * 16 + hexval((char)b);
+    int v = piapi_hex_digit((char)a) * 16 + piapi_hex_digit((char)b);
     return v == '.' || v == '/' || v == '\\' || v == '%';
 }
 
@@ -134,7 +111,7 @@ static const char *segment_bytes_why(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         if (c == '%') {
-            int v = escape_value(s + i, n - i);
+            int v = piapi_pct_byte(s + i, n - i);
             if (v < 0)
                 return "malformed percent-encoding in path";
             if (v < 0x20 || v == 0x7f)
@@ -164,7 +141,7 @@ static int dot_segment(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         int c = (unsigned char)s[i];
         if (c == '%') {
-            c = escape_value(s + i, n - i);
+            c = piapi_pct_byte(s + i, n - i);
             i += 2;
         }
         if (c == ';')
@@ -197,7 +174,7 @@ static const char *pieces_why(const char *s, size_t n)
                 i++;
                 continue;
             }
-            int v = escape_value(s + i, n - i);
+            int v = piapi_pct_byte(s + i, n - i);
             sep = v == '/' || v == '\\' ? '/' : v == '?' || v == '#' ? '?' : 0;
             if (!sep)
                 i += 3;
@@ -327,7 +304,7 @@ static size_t decode_once(char *s, size_t n, int form)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
-        int v = escape_value(s + i, n - i);
+        int v = piapi_pct_byte(s + i, n - i);
         if (v >= 0) {
             s[o++] = (char)v;
             i += 2;
@@ -611,7 +588,7 @@ void piapi_route_redacted(const struct piapi_route_url *url,
 
 static int has_part(const char *text, const char *s, size_t n)
 {
-    return n >= SECRET_MIN_LEN && memmem(text, strlen(text), s, n) != NULL;
+    return n >= PIAPI_SECRET_MIN_LEN && memmem(text, strlen(text), s, n) != NULL;
 }
 
 int piapi_route_mentions_secret(const struct piapi_service *svc,

@@ -89,6 +89,15 @@ int piapi_hex_digit(int c)
     return -1;
 }
 
+int piapi_pct_byte(const char *s, size_t n)
+{
+    int h, l;
+    if (n < 3 || s[0] != '%' || (h = piapi_hex_digit(s[1])) < 0 ||
+        (l = piapi_hex_digit(s[2])) < 0)
+        return -1;
+    return h * 16 + l;
+}
+
 int piapi_ct_equal(const void *a, size_t alen, const void *b, size_t blen)
 {
     const volatile unsigned char *x = a;

@@ -32,6 +32,12 @@ struct piapi_service {
     const struct piapi_provider *provider;
 };
 
+/* A provider key is at least this long (shorter ones are refused), and
+ * no shorter secret is ever looked for in text: piapi keeps secrets out
+ * of answers and logs by looking for them, and a key of a character or
+ * two would match ordinary text. */
+#define PIAPI_SECRET_MIN_LEN 4
+
 struct piapi_provider_key {
     const char *name;   /* safe to log */
     const char *value;  /* secret: never log, print or put in a metric */

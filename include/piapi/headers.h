@@ -72,7 +72,6 @@ struct piapi_secret {
 /* Secrets shorter than this are never looked for in answers: they would
  * match ordinary words (a 1-byte key would cut every header holding that
  * letter). The config refuses provider keys this short anyway. */
-#define PIAPI_SECRET_MIN_LEN 4
 
 /* Every secret of one request: the provider key and the baseUrl's
  * credentials (userinfo whole, user, password, their Basic form, query

@@ -20,6 +20,9 @@ int piapi_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out);
 
 /* 0-15 for a hex digit of either case, else -1. */
 int piapi_hex_digit(int c);
+/* The byte a "%XY" at s spells (n bytes left), or -1 when s does not
+ * start a well-formed escape. */
+int piapi_pct_byte(const char *s, size_t n);
 
 /* 1 when equal; time depends only on the lengths, never on the contents. */
 int piapi_ct_equal(const void *a, size_t alen, const void *b, size_t blen);
