@@ -465,7 +465,7 @@ static int param_dropped(const char *p, size_t n, const struct piapi_service *sv
 /* ---- the upstream URL ------------------------------------------------- */
 
 /* Where the userinfo ("user:pass@") of an absolute URL sits: *off and
- * *len (0 when none). config.c has checked the URL's form. */
+ * *len (0 when none). The config load has checked the URL's form. */
 static void find_userinfo(const char *url, size_t *off, size_t *len)
 {
     const char *scheme_end = strstr(url, "://");

@@ -1,6 +1,6 @@
 /* config.yaml → immutable, reference-counted snapshot.
  *
- * Nothing outside config.c sees a libyaml type. A snapshot never changes
+ * Nothing outside the config stages (src/config*.c) sees a libyaml type. A snapshot never changes
  * after it is built; every pointer it hands out stays valid until the
  * snapshot's last reference is released. */
 #ifndef PIAPI_CONFIG_H
