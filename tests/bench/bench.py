@@ -1415,10 +1415,10 @@ def bench():
                 phases.append((f"sse{n}", t, lambda t=t, n=n: run_sse(st, t, n)))
         for t in rot(sse_targets) if "unloaded" in want else []:
             phases.append(("unloaded", t, lambda t=t: run_sse(st, t, C["unloaded"], 1)))
-        for t in rot(tls_targets):
+        for t in rot(tls_targets) if TLS else []:
             phases.append(("tls64", t, lambda t=t: tls_counted(st, lambda: run_wrk(
                 st, t, C["conns"], C["wrk_threads"], C["duration"]))))
-        for t in rot(tls_targets):
+        for t in rot(tls_targets) if TLS else []:
             phases.append(("tlsfe", t, lambda t=t: tls_counted(
                 st, lambda: run_sse(st, t, C["unloaded"], 1))))
         for phase, t, fn in phases:
