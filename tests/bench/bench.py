@@ -775,15 +775,20 @@ def run_wrk(st, target, conns, threads, duration, record=True):
 TLS_FLUSH = 1.3
 
 
-def tls_counted(st, fn):
+def tls_counted(st, path, fn):
     """Runs a phase of the tls targets and adds what the TLS nginx logged
     during it: new TLS connections (each began with a handshake), how many
     of them resumed a session, the connections that carried requests, and
-    the protocols."""
+    the protocols; and the requests the front logged as 499 (cut off by the
+    load's stop: an HTTP/1.1 upstream connection under one is closed, and the
+    next phase opens it again)."""
+    flog = os.path.join(RUN, "front-access.log")
     st.handshakes.consume()  # flushed after the phase before
+    cut = count_lines(flog, f" {path} ", '" 499 ')
     r = fn()
-    time.sleep(TLS_FLUSH)
+    time.sleep(TLS_FLUSH)  # both logs flush every second
     h = st.handshakes.consume()
+    r["cut_off"] = count_lines(flog, f" {path} ", '" 499 ') - cut
     n = r.get("requests", r.get("n"))
     r.update({"tls_new": h["new"], "tls_resumed": h["resumed"], "tls_conns": h["conns"],
               "tls_reqs": h["requests"], "tls_protocols": h["protocols"],
@@ -1308,6 +1313,8 @@ def report_tls(results):
     add(f"TLS handshakes at c{c}, all rounds: full / resumed",
         [f"{sum(r['tls_new'] - r['tls_resumed'] for r in x)} / {sum(r['tls_resumed'] for r in x)}"
          if x else "—" for x in w64])
+    add(f"requests cut off by wrk's stop at the end of a c{c} phase (499 in the front's "
+        f"log, all rounds)", [str(sum(r["cut_off"] for r in x)) if x else "—" for x in w64])
     add(f"TLS connections carrying the requests of a c{c} phase (median)",
         [fmt(med(x, "tls_conns"), "", 0) for x in w64])
     v = [med(x, "ttfe_p50_ms") for x in fe]
@@ -1416,11 +1423,11 @@ def bench():
         for t in rot(sse_targets) if "unloaded" in want else []:
             phases.append(("unloaded", t, lambda t=t: run_sse(st, t, C["unloaded"], 1)))
         for t in rot(tls_targets) if TLS else []:
-            phases.append(("tls64", t, lambda t=t: tls_counted(st, lambda: run_wrk(
+            phases.append(("tls64", t, lambda t=t: tls_counted(st, wrk_path(t), lambda: run_wrk(
                 st, t, C["conns"], C["wrk_threads"], C["duration"]))))
         for t in rot(tls_targets) if TLS else []:
             phases.append(("tlsfe", t, lambda t=t: tls_counted(
-                st, lambda: run_sse(st, t, C["unloaded"], 1))))
+                st, sse_path(t), lambda: run_sse(st, t, C["unloaded"], 1))))
         for phase, t, fn in phases:
             st.check_alive()
             st.trim_log()
@@ -1435,7 +1442,8 @@ def bench():
                        if phase == "tls64" else
                        f"ok {r['ok']}/{r['n']}  TTFE p50 {r['ttfe_p50_ms']:.2f} ms")
                     + f"  TLS handshakes {r['tls_new']} ({r['tls_resumed']} resumed) over "
-                    f"{r['tls_conns']} connections  {r['tls_protocols']}")
+                    f"{r['tls_conns']} connections  {r['tls_protocols']}  cut off at the end "
+                    f"{r['cut_off']}")
             elif phase.startswith("wrk"):
                 log(f"round {rnd + 1} {phase:8} {t:8}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs"
                     f"  p99 {r['p99_us']:7.0f} µs  err {r['errors']}  cpu {r['cpu_total_us']:5.1f} µs/req"
