@@ -780,8 +780,8 @@ def tls_counted(st, path, fn):
     during it: new TLS connections (each began with a handshake), how many
     of them resumed a session, the connections that carried requests, and
     the protocols; and the requests the front logged as 499 (cut off by the
-    load's stop: an HTTP/1.1 upstream connection under one is closed, and the
-    next phase opens it again)."""
+    load's stop: an HTTP/1.1 upstream connection still carrying one is
+    closed, and the next phase opens a new one)."""
     flog = os.path.join(RUN, "front-access.log")
     st.handshakes.consume()  # flushed after the phase before
     cut = count_lines(flog, f" {path} ", '" 499 ')
