@@ -36,9 +36,10 @@ test)
           openssl strace libfcgi-bin"
     if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
 bench|profile)
-    # bench.py (python3) drives wrk, counts syscalls with strace and names
-    # the measured tree with git; `profile` adds perf, or callgrind without it.
-    PKGS="$PKGS python3 wrk strace git"
+    # bench.py (python3) drives wrk, counts syscalls with strace, names
+    # the measured tree with git and makes the TLS phase's test CA with
+    # openssl; `profile` adds perf, or callgrind without it.
+    PKGS="$PKGS python3 wrk strace git openssl"
     [ "$mode" = profile ] && PKGS="$PKGS linux-perf valgrind" ;;
 fuzz)
     # libFuzzer's runtime is libclang-rt-14-dev (clang only recommends it)

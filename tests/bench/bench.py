@@ -19,6 +19,15 @@ in the wrk phases, with a second table; then, once, an overload phase
 under wrk -c64, counting the requests that fail when nginx holds far more
 kept connections than piapi has request slots and threads.
 
+TLS (phase `tls`): a third nginx terminates TLS (a certificate from a
+throw-away CA made for the run) in front of the same two mocks, on an
+HTTP/1.1 port and an HTTP/2 port. nginx proxy_pass (https upstream with
+keepalive and proxy_ssl_session_reuse) and piapi (https baseUrl, the CA as
+settings.caFile) run against it under wrk -c64, and with one unloaded stream
+at a time; the TLS nginx logs every request with its connection number and
+$ssl_session_reused, from which the new TLS handshakes are counted. Own
+table (report_tls).
+
 `run.sh profile` instead records a CPU profile of piapi (perf, or callgrind
 when perf cannot sample) under the wrk -c64 load; see docs/performance.md.
 """
@@ -74,7 +83,7 @@ C = {
     "warmup": env_num("BENCH_WARMUP", 1, int),
     "log_level": os.environ.get("BENCH_LOG_LEVEL", "info"),
     "log_max_mb": env_num("BENCH_LOG_MAX_MB", 64, int),
-    "phases": os.environ.get("BENCH_PHASES", "wrk64,wrk1,sse,unloaded,kcover").split(","),
+    "phases": os.environ.get("BENCH_PHASES", "wrk64,wrk1,sse,unloaded,kcover,tls").split(","),
     "keepconn": env_num("BENCH_KEEPCONN", 1, int),
     "kc_keepalive": env_num("BENCH_KC_KEEPALIVE", 32, int),
     "kc_over_threads": env_num("BENCH_KC_OVERLOAD_THREADS", 4, int),
@@ -84,6 +93,9 @@ C = {
 C["lat_duration"] = int(env_num("BENCH_LAT_DURATION", max(2, int(C["duration"] // 2))))
 FRONT_PORT, UP_PORT, SSE_PORT, B_PORT = C["port"], C["port"] + 1, C["port"] + 2, C["port"] + 3
 KC_PORT, KCO_PORT = C["port"] + 4, C["port"] + 5
+# phase tls: the TLS-terminating nginx, HTTP/1.1 only and HTTP/2 by ALPN
+TLS1_PORT, TLS2_PORT = C["port"] + 6, C["port"] + 7
+TLS = "tls" in C["phases"]
 # The keep-conn floor needs a thread per FastCGI connection nginx can hold:
 # cached idle ones (keepalive per worker) + one per request in flight.
 _workers = os.cpu_count() if C["nginx_workers"] == "auto" else int(C["nginx_workers"])
@@ -136,6 +148,28 @@ ONCE_PATHS = {"piapi_kco": TARGET_PATHS["piapi"]} if C["keepconn"] else {}
 BACKEND = {"base": None, "floor": "floor", "piapi": "piapi", "piapi_b": "piapi_b",
            "floor_kc": "floor_kc", "piapi_kc": "piapi_kc", "piapi_kco": "piapi_kco"}
 PORTS = {"piapi_b": B_PORT, "piapi_kc": KC_PORT, "piapi_kco": KCO_PORT}
+# phase tls: proxy_pass speaks only HTTP/1.1 to an upstream, so it has one
+# target; piapi has one per listener of the TLS nginx (libcurl offers h2 by
+# ALPN, the HTTP/1.1 port does not take it).
+TLS_PATHS = {
+    "base_tls": "/base-tls/v1/chat/completions",
+    "piapi_tls1": "/piapi/tls1/chat/completions",
+    "piapi_tls2": "/piapi/tls2/chat/completions",
+} if TLS else {}
+TLS_SSE_PATHS = {
+    "base_tls": "/base-tls-sse/v1/chat/completions",
+    "piapi_tls1": "/piapi/tls1sse/chat/completions",
+    "piapi_tls2": "/piapi/tls2sse/chat/completions",
+} if TLS else {}
+BACKEND.update({"base_tls": None, "piapi_tls1": "piapi", "piapi_tls2": "piapi"})
+
+
+def wrk_path(target):
+    return TARGET_PATHS.get(target) or ONCE_PATHS.get(target) or TLS_PATHS[target]
+
+
+def sse_path(target):
+    return SSE_PATHS.get(target) or TLS_SSE_PATHS[target]
 
 
 def target_port(target):
@@ -345,6 +379,132 @@ def nginx_has(module):
     return module in out
 
 
+def make_pki(d):
+    """A throw-away CA and a server certificate it signed (the approach of
+    tests/integration/harness.py make_test_pki). SANs: IP 127.0.0.1 for
+    libcurl, which checks the URL's IP against IP SANs, and DNS localhost for
+    nginx's proxy_ssl_verify, which checks proxy_ssl_name against DNS names
+    only."""
+    os.makedirs(d)
+    p = lambda n: os.path.join(d, n)
+    write(p("srv.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+          "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for argv in (
+        ["openssl", "req", "-x509", *ec, "-keyout", p("ca.key"), "-out", p("ca.pem"),
+         "-days", "2", "-subj", "/CN=piapi bench CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["openssl", "req", *ec, "-keyout", p("srv.key"), "-out", p("srv.csr"),
+         "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", p("srv.csr"), "-CA", p("ca.pem"),
+         "-CAkey", p("ca.key"), "-CAcreateserial", "-out", p("srv.pem"), "-days", "2",
+         "-extfile", p("srv.ext")],
+    ):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"bench: {' '.join(argv[:3])} failed: {r.stderr}")
+
+
+def tls_services():
+    """piapi's services behind the TLS nginx (phase tls), and the CA."""
+    if not TLS:
+        return ""
+    svc = ""
+    for typ, port, prefix in (("tls1", TLS1_PORT, ""), ("tls1sse", TLS1_PORT, "/sse"),
+                              ("tls2", TLS2_PORT, ""), ("tls2sse", TLS2_PORT, "/sse")):
+        svc += f"""\
+      - type: {typ}
+        baseUrl: https://127.0.0.1:{port}{prefix}/v1
+        auth:
+          mode: header
+          name: Authorization
+          prefix: "Bearer "
+"""
+    # appended to the provider's services; settings follow at top level
+    return svc + f"settings:\n  caFile: {os.path.join(RUN, 'pki', 'ca.pem')}\n"
+
+
+def tls_front_upstreams():
+    """The baseline's https upstream: kept alive, sessions reused, verified."""
+    if not TLS:
+        return ""
+    return ("upstream tls_h1 {\n        server 127.0.0.1:%d;\n        keepalive 128;\n"
+            "        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }"
+            % TLS1_PORT)
+
+
+def tls_front_locations():
+    if not TLS:
+        return ""
+    out = ""
+    for loc, uri in (("/base-tls/", "/"), ("/base-tls-sse/", "/sse/")):
+        out += f"""location {loc} {{
+            proxy_pass https://tls_h1{uri};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {PROVIDER_KEY}";
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_session_reuse on;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {os.path.join(RUN, 'pki', 'ca.pem')};
+            proxy_ssl_name localhost;
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_send_timeout 600s;
+            client_max_body_size 32m;
+        }}
+        """
+    return out
+
+
+class TlsLog:
+    """The TLS nginx's access log ($connection $connection_requests
+    $ssl_session_reused $server_port $server_protocol $ssl_protocol), read
+    slice by slice. A connection number not seen before is a new TLS
+    connection, which began with a handshake: resumed when its first logged
+    request has $ssl_session_reused "r", full otherwise. (Connection numbers
+    are unique in one nginx; a connection that never carried a request is not
+    seen, and none is expected here.)"""
+
+    def __init__(self, path):
+        self.path = path
+        self.pos = 0
+        self.seen = set()
+
+    def consume(self):
+        """What the log got since the last call (wait for nginx's 1 s flush
+        first)."""
+        out = {"requests": 0, "new": 0, "resumed": 0, "conns": 0, "protocols": {}}
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return out
+        end = data.rfind(b"\n") + 1  # a line cut by the buffer waits for the next call
+        self.pos += end
+        conns = set()
+        for line in data[:end].decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) != 6:
+                continue
+            conn, _, reused, _, proto, tls = parts
+            out["requests"] += 1
+            conns.add(conn)
+            key = f"{proto} {tls}"
+            out["protocols"][key] = out["protocols"].get(key, 0) + 1
+            if conn not in self.seen:
+                self.seen.add(conn)
+                out["new"] += 1
+                out["resumed"] += reused == "r"
+        out["conns"] = len(conns)
+        if self.pos > C["log_max_mb"] << 20:  # nginx appends (O_APPEND)
+            os.truncate(self.path, 0)
+            self.pos = 0
+        return out
+
+
 class Stack:
     def __init__(self):
         self.count_mode = os.environ.get("BENCH_CONN_COUNT") or (
@@ -354,10 +514,11 @@ class Stack:
 
     def start(self):
         for p in ((FRONT_PORT, UP_PORT, SSE_PORT) + ((B_PORT,) if PIAPI_B else ())
-                  + ((KC_PORT, KCO_PORT) if C["keepconn"] else ())):
+                  + ((KC_PORT, KCO_PORT) if C["keepconn"] else ())
+                  + ((TLS1_PORT, TLS2_PORT) if TLS else ())):
             if not port_free(p):
                 sys.exit(f"bench: 127.0.0.1:{p} is in use; set BENCH_PORT to a free base "
-                         f"port (it uses BENCH_PORT..BENCH_PORT+5)")
+                         f"port (it uses BENCH_PORT..BENCH_PORT+7)")
         if os.path.isdir(RUN):
             shutil.rmtree(RUN)
         os.makedirs(os.path.join(RUN, "tmp"))
@@ -377,6 +538,13 @@ class Stack:
         self.up = Proc("upstream", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "upstream.conf")])
         self.sse = Proc("sse_server", [os.path.join(BIN, "sse_server"), str(SSE_PORT),
                                        str(C["chunks"]), str(C["interval_ms"])])
+        if TLS:
+            make_pki(os.path.join(RUN, "pki"))
+            write(os.path.join(RUN, "tls.conf"),
+                  fill("tls.conf.in", RUN=RUN, UP_PORT=UP_PORT, SSE_PORT=SSE_PORT,
+                       TLS1_PORT=TLS1_PORT, TLS2_PORT=TLS2_PORT, USER_LINE=user_line))
+            self.tls = Proc("tls", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "tls.conf")])
+            self.handshakes = TlsLog(os.path.join(RUN, "tls-access.log"))
         self.floor = Proc("floor", [os.path.join(BIN, "floor"), os.path.join(RUN, "floor.sock"),
                                     str(C["floor_threads"]), os.path.join(RUN, "response.json")])
         if C["keepconn"]:
@@ -404,7 +572,7 @@ providers:
           mode: header
           name: Authorization
           prefix: "Bearer "
-users:
+{tls_services()}users:
   - name: bench
     apiKey: {MEMBER_KEY}
     providerName: mock
@@ -447,11 +615,15 @@ users:
               fill("front.conf.in", RUN=RUN, FRONT_PORT=FRONT_PORT, UP_PORT=UP_PORT,
                    SSE_PORT=SSE_PORT, NGINX_WORKERS=C["nginx_workers"], USER_LINE=user_line,
                    EXTRA_SERVER=extra, KC_SERVERS=kc_servers,
-                   KC_KEEPALIVE=C["kc_keepalive"]))
+                   KC_KEEPALIVE=C["kc_keepalive"], TLS_UPSTREAMS=tls_front_upstreams(),
+                   TLS_LOCATIONS=tls_front_locations()))
         self.front = Proc("front", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "front.conf")])
 
         wait_port(UP_PORT, self.up)
         wait_port(SSE_PORT, self.sse)
+        if TLS:
+            wait_port(TLS1_PORT, self.tls)
+            wait_port(TLS2_PORT, self.tls)
         wait_unix(os.path.join(RUN, "floor.sock"), self.floor)
         wait_unix(os.path.join(RUN, "piapi.sock"), self.piapi)
         if PIAPI_B:
@@ -462,7 +634,8 @@ users:
             wait_unix(os.path.join(RUN, "piapi_kco.sock"), self.piapi_kco)
         wait_port(FRONT_PORT, self.front)
         for _ in range(100):
-            if children(self.front.pid) and children(self.up.pid):
+            if (children(self.front.pid) and children(self.up.pid)
+                    and (not TLS or children(self.tls.pid))):
                 break
             time.sleep(0.05)
         self.groups = {
@@ -474,6 +647,8 @@ users:
         }
         if PIAPI_B:
             self.groups["piapi_b"] = [self.piapi_b.pid]
+        if TLS:
+            self.groups["tls"] = [self.tls.pid] + children(self.tls.pid)
         if C["keepconn"]:
             self.groups["floor_kc"] = [self.floor_kc.pid]
             self.groups["piapi_kc"] = [self.piapi_kc.pid]
@@ -556,7 +731,7 @@ users:
 # ------------------------------------------------------------------ phases
 
 def run_wrk(st, target, conns, threads, duration, record=True):
-    url = f"http://127.0.0.1:{target_port(target)}{TARGET_PATHS.get(target) or ONCE_PATHS[target]}"
+    url = f"http://127.0.0.1:{target_port(target)}{wrk_path(target)}"
     be = BACKEND[target]
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", os.path.join(HERE, "post.lua"), url]
@@ -590,8 +765,35 @@ def run_wrk(st, target, conns, threads, duration, record=True):
         "front_rss_peak_kb": peak["front"],
     }
     res["csw_per_req"] = d["csw_" + be] / n if be else None
+    if "cpu_tls" in d:
+        res["cpu_tls_us"] = d["cpu_tls"] / n * 1e6
     res["cpu_total_us"] = res["cpu_front_us"] + res["cpu_backend_us"]
     return res
+
+
+# The TLS nginx's access log is flushed every second.
+TLS_FLUSH = 1.3
+
+
+def tls_counted(st, path, fn):
+    """Runs a phase of the tls targets and adds what the TLS nginx logged
+    during it: new TLS connections (each began with a handshake), how many
+    of them resumed a session, the connections that carried requests, and
+    the protocols; and the requests the front logged as 499 (cut off by the
+    load's stop: an HTTP/1.1 upstream connection still carrying one is
+    closed, and the next phase opens a new one)."""
+    flog = os.path.join(RUN, "front-access.log")
+    st.handshakes.consume()  # flushed after the phase before
+    cut = count_lines(flog, f" {path} ", '" 499 ')
+    r = fn()
+    time.sleep(TLS_FLUSH)  # both logs flush every second
+    h = st.handshakes.consume()
+    r["cut_off"] = count_lines(flog, f" {path} ", '" 499 ') - cut
+    n = r.get("requests", r.get("n"))
+    r.update({"tls_new": h["new"], "tls_resumed": h["resumed"], "tls_conns": h["conns"],
+              "tls_reqs": h["requests"], "tls_protocols": h["protocols"],
+              "tls_new_per_1000": h["new"] / max(n, 1) * 1000})
+    return r
 
 
 def scrape_metrics(port=None):
@@ -614,7 +816,7 @@ def scrape_metrics(port=None):
 def run_sse(st, target, n, concurrency=None, record=True):
     be = BACKEND[target]
     argv = [os.path.join(BIN, "sse_client"), "--port", str(target_port(target)),
-            "--path", SSE_PATHS[target], "--n", str(n), "--expect", str(C["chunks"]),
+            "--path", sse_path(target), "--n", str(n), "--expect", str(C["chunks"]),
             "--timeout", str(30 + C["chunks"] * C["interval_ms"] / 1000 * (n if concurrency == 1 else 1)),
             "--header", f"Authorization: Bearer {MEMBER_KEY}",
             "--rss", "piapi:" + ",".join(map(str, st.groups[be or "piapi"])),
@@ -682,6 +884,23 @@ def sanity(st):
         r = run_sse(st, target, 1)
         if r["ok"] != 1:
             sys.exit(f"bench: sanity: one SSE stream through {target} failed: {r}")
+    # phase tls: the same checks, and the protocol each target reaches the
+    # TLS nginx with (the HTTP/2 column must be HTTP/2).
+    for target, path in TLS_PATHS.items():
+        want = "HTTP/2.0" if target == "piapi_tls2" else "HTTP/1.1"
+        st.handshakes.consume()
+        status, got = http_req("POST", path, body=body, headers=hdr, port=target_port(target))
+        if status != 200 or got.decode() != RESPONSE:
+            sys.exit(f"bench: sanity: {target} {path} answered {status}: {got[:300]!r}\n"
+                     f"piapi log:\n{st.piapi.tail()}\nfront log:\n{st.front.tail()}\n"
+                     f"TLS nginx log:\n{st.tls.tail()}")
+        r = run_sse(st, target, 1)
+        if r["ok"] != 1:
+            sys.exit(f"bench: sanity: one SSE stream through {target} failed: {r}")
+        time.sleep(TLS_FLUSH)
+        seen = st.handshakes.consume()["protocols"]
+        if not seen or any(not k.startswith(want + " ") for k in seen):
+            sys.exit(f"bench: sanity: {target} reached the TLS nginx as {seen}, not {want}")
 
 
 # ---------------------------------------------------------------- reporting
@@ -873,6 +1092,9 @@ def report(results, idle_rss, mem, end_idle_rss, hwm, load_before, load_after, e
     table = head + "".join("| " + " | ".join(fmt(x) if not isinstance(x, str) else x for x in r)
                            + " |\n" for r in rows)
     verdicts = [r[7] for r in rows if r[7]]
+    if not any(r["phase"] in ("wrk64", "wrk1", "unloaded") or r["phase"].startswith("sse")
+               for r in results):
+        table, verdicts = "(BENCH_PHASES has none of wrk64, wrk1, sse, unloaded.)\n", []
     passed = sum(1 for v in verdicts if "PASS" in v)
     params = (f"{C['rounds']} rounds (medians shown), wrk {C['duration']:g} s at c{c} and "
               f"{C['lat_duration']:g} s at c1 with a {wb[0]['body_bytes'] if wb else '?'}-byte JSON body; "
@@ -1037,6 +1259,91 @@ def report_kc(results, over):
     return text, ok
 
 
+def report_tls(results):
+    """Phase tls: proxy_pass and piapi against the mocks behind TLS."""
+    W = lambda phase, tgt: [r for r in results if r["phase"] == phase and r["target"] == tgt]
+    cols = ("base_tls", "piapi_tls1", "piapi_tls2")
+    c = C["conns"]
+    w64 = [W("tls64", t) for t in cols]
+    fe = [W("tlsfe", t) for t in cols]
+    rows = []
+
+    def add(fig, vals, target="", ok=None):  # vals: strings, one per column
+        rows.append([fig] + list(vals) + ["", "", target,
+                                          "" if ok is None else ("**PASS**" if ok else "**FAIL**")])
+
+    def num(vals, unit="", nd=None, scale=1.0):
+        return [fmt(v * scale if v is not None else None, unit, nd) for v in vals]
+
+    def row(fig, key, rs, unit="", nd=None, scale=1.0):
+        v = [med(x, key) for x in rs]
+        rows.append([fig] + num(v, unit, nd, scale) + [ratio(v[1], v[0]), ratio(v[2], v[0]), "", ""])
+        return v
+
+    protos = []
+    for x in w64:
+        seen = {}
+        for r in x:
+            for k, n in r["tls_protocols"].items():
+                seen[k] = seen.get(k, 0) + n
+        protos.append(", ".join(k.replace(" ", " over ") for k in sorted(seen)) or "—")
+    add("protocol to the upstream (as the TLS nginx logged it)", protos)
+    row(f"req/s, wrk -t{C['wrk_threads']} -c{c}", "rps", w64)
+    errs = [sum(r["errors"] for r in x) if x else None for x in w64]
+    add(f"errors at c{c} (all rounds)", [fmt(e, "", 0) for e in errs])
+    row(f"latency p50 at c{c}", "p50_us", w64, " ms", 2, 1e-3)
+    row(f"latency p99 at c{c}", "p99_us", w64, " ms", 2, 1e-3)
+    row(f"CPU per request at c{c}: nginx front", "cpu_front_us", w64, " µs", 1)
+    v = [med(x, "cpu_backend_us") for x in w64]
+    v[0] = None
+    rows.append([f"CPU per request at c{c}: piapi"] + num(v, " µs", 1) + ["", "", "", ""])
+    row(f"CPU per request at c{c}: nginx front + piapi", "cpu_total_us", w64, " µs", 1)
+    row(f"CPU per request at c{c}: the TLS nginx (upstream side)", "cpu_tls_us", w64, " µs", 1)
+
+    # Over all rounds together, not a median (as for plain HTTP).
+    def per_1000(rs):
+        n = sum(r["requests"] for r in rs)
+        return sum(r["tls_new"] for r in rs) / n * 1000 if n else None
+    hs = [per_1000(x) for x in w64]
+    worst = [max((r["tls_new_per_1000"] for r in x), default=None) for x in w64]
+    ok = None if None in hs[1:] else max(hs[1:]) <= 2
+    add(f"new TLS handshakes per 1,000 requests, c{c} (all rounds; worst round)",
+        [fmt(h, "", 2) + (f" ({w:.2f})" if w is not None else "") for h, w in zip(hs, worst)],
+        target="≤ 2 (piapi)", ok=ok)
+    add(f"TLS handshakes at c{c}, all rounds: full / resumed",
+        [f"{sum(r['tls_new'] - r['tls_resumed'] for r in x)} / {sum(r['tls_resumed'] for r in x)}"
+         if x else "—" for x in w64])
+    add(f"requests cut off by wrk's stop at the end of a c{c} phase (499 in the front's "
+        f"log, all rounds)", [str(sum(r["cut_off"] for r in x)) if x else "—" for x in w64])
+    add(f"TLS connections carrying the requests of a c{c} phase (median)",
+        [fmt(med(x, "tls_conns"), "", 0) for x in w64])
+    v = [med(x, "ttfe_p50_ms") for x in fe]
+    rows.append([f"unloaded stream: time to first event (p50 of {C['unloaded']}, median of rounds)"]
+                + num(v, " ms", 2)
+                + [f"+{v[1] - v[0]:.2f} ms" if None not in (v[0], v[1]) else "—",
+                   f"+{v[2] - v[0]:.2f} ms" if None not in (v[0], v[2]) else "—", "", ""])
+    ok_fe = [f"{sum(r['ok'] for r in x)}/{sum(r['n'] for r in x)}" if x else "—" for x in fe]
+    add("unloaded streams completed (all rounds)", ok_fe)
+    add("new TLS handshakes during the unloaded streams (all rounds)",
+        [str(sum(r["tls_new"] for r in x)) if x else "—" for x in fe])
+    head = ("| figure | proxy_pass (HTTP/1.1 upstream: all proxy_pass speaks) "
+            "| piapi, HTTP/1.1 port | piapi, HTTP/2 port (h2 by ALPN) "
+            "| piapi h1 ÷ proxy_pass | piapi h2 ÷ proxy_pass | target | result |\n"
+            "|---|---:|---:|---:|---:|---:|---|---|\n")
+    table = head + "".join("| " + " | ".join("—" if x is None else x for x in r) + " |\n"
+                           for r in rows)
+    text = (f"\n## TLS upstream (phase tls)\n\nThe same mocks behind a TLS nginx (throw-away "
+            f"CA, TLSv1.2/1.3, session cache and tickets) on two ports: HTTP/1.1 only "
+            f"({TLS1_PORT}) and HTTP/2 offered by ALPN ({TLS2_PORT}). proxy_pass: https "
+            f"upstream, keepalive 128, proxy_ssl_session_reuse on, proxy_ssl_verify with the "
+            f"CA. piapi: https baseUrl, settings.caFile = the CA. Same rounds, interleaved; "
+            f"wrk {C['duration']:g} s at c{c}, then {C['unloaded']} unloaded streams one "
+            f"after another per target. A new TLS handshake is a connection number the TLS "
+            f"nginx had not logged before (full, or resumed when its first request has "
+            f"$ssl_session_reused = r).\n\n" + table)
+    return text, ok
+
+
 def build_state():
     """Which piapi was measured: the tree changes under the bench."""
     def git(*args):
@@ -1063,7 +1370,7 @@ def bench():
     t_start = time.monotonic()
     st = Stack()
     load_before = loadavg()
-    log(f"starting the stack in {RUN} (ports {FRONT_PORT}-{SSE_PORT}, "
+    log(f"starting the stack in {RUN} (ports {FRONT_PORT}-{TLS2_PORT if TLS else SSE_PORT}, "
         f"upstream connections counted with {st.count_mode})")
     st.start()
     sanity(st)
@@ -1084,14 +1391,22 @@ def bench():
             f"{r['rss_peak_kb']} KB ({(r['rss_peak_kb'] - idle_rss) / n:.1f} KB per stream)")
     if C["warmup"]:
         log("warm-up (not recorded)")
-        for t in TARGET_PATHS:
+        want = set(C["phases"])
+        for t in TARGET_PATHS if want & {"wrk64", "wrk1"} else []:
             run_wrk(st, t, C["conns"], C["wrk_threads"], 2)
-        for t in SSE_PATHS:
+        for t in SSE_PATHS if want & {"sse", "unloaded"} else []:
             if t != "piapi" or not mem:
                 run_sse(st, t, max(C["streams"]) if C["streams"] else 1)
+        # phase tls: the connections (and TLS sessions) a steady load keeps
+        for t in TLS_PATHS:
+            run_wrk(st, t, C["conns"], C["wrk_threads"], 2)
+            run_sse(st, t, 1)
+    if TLS:
+        time.sleep(TLS_FLUSH)
+        st.handshakes.consume()
 
     results = []
-    targets, sse_targets = list(TARGET_PATHS), list(SSE_PATHS)
+    targets, sse_targets, tls_targets = list(TARGET_PATHS), list(SSE_PATHS), list(TLS_PATHS)
     over = None
     for rnd in range(C["rounds"]):
         rot = lambda xs: xs[rnd % len(xs):] + xs[:rnd % len(xs)]
@@ -1107,6 +1422,12 @@ def bench():
                 phases.append((f"sse{n}", t, lambda t=t, n=n: run_sse(st, t, n)))
         for t in rot(sse_targets) if "unloaded" in want else []:
             phases.append(("unloaded", t, lambda t=t: run_sse(st, t, C["unloaded"], 1)))
+        for t in rot(tls_targets) if TLS else []:
+            phases.append(("tls64", t, lambda t=t: tls_counted(st, wrk_path(t), lambda: run_wrk(
+                st, t, C["conns"], C["wrk_threads"], C["duration"]))))
+        for t in rot(tls_targets) if TLS else []:
+            phases.append(("tlsfe", t, lambda t=t: tls_counted(
+                st, sse_path(t), lambda: run_sse(st, t, C["unloaded"], 1))))
         for phase, t, fn in phases:
             st.check_alive()
             st.trim_log()
@@ -1114,7 +1435,16 @@ def bench():
             r = fn()
             r["phase"], r["round"] = phase, rnd + 1
             results.append(r)
-            if phase.startswith("wrk"):
+            if phase.startswith("tls"):
+                log(f"round {rnd + 1} {phase:8} {t:10}: "
+                    + (f"{r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs  err {r['errors']}  "
+                       f"cpu {r['cpu_total_us']:5.1f} µs/req  TLS nginx {r['cpu_tls_us']:5.1f} µs/req"
+                       if phase == "tls64" else
+                       f"ok {r['ok']}/{r['n']}  TTFE p50 {r['ttfe_p50_ms']:.2f} ms")
+                    + f"  TLS handshakes {r['tls_new']} ({r['tls_resumed']} resumed) over "
+                    f"{r['tls_conns']} connections  {r['tls_protocols']}  cut off at the end "
+                    f"{r['cut_off']}")
+            elif phase.startswith("wrk"):
                 log(f"round {rnd + 1} {phase:8} {t:8}: {r['rps']:9.0f} req/s  p50 {r['p50_us']:6.0f} µs"
                     f"  p99 {r['p99_us']:7.0f} µs  err {r['errors']}  cpu {r['cpu_total_us']:5.1f} µs/req"
                     + (f"  new up conns {r['up_conns']}" if not is_floor(t) else ""))
@@ -1140,10 +1470,16 @@ def bench():
     load_after = loadavg()
     md, table, passed, total = report(results, idle_rss, mem, end_idle, hwm, load_before,
                                       load_after, time.monotonic() - t_start)
-    if C["keepconn"]:
+    if C["keepconn"] and any(r["phase"].startswith("wrk") or r["phase"] == "kcover"
+                             for r in results):
         kc_md, kc_ok = report_kc(results, over)
         md += kc_md
         log(f"keep-conn target (piapi keep-conn ≥ 0.5× proxy_pass): {'met' if kc_ok else 'missed'}")
+    if TLS:
+        tls_md, tls_ok = report_tls(results)
+        md += tls_md
+        log(f"TLS target (piapi ≤ 2 new TLS handshakes per 1,000 requests): "
+            f"{'met' if tls_ok else 'missed'}")
     if PIAPI_B:
         md += (f"\n## A/B: {PIAPI} vs {PIAPI_B}\n\nSame run, same rounds, interleaved.\n\n"
                + report_ab(results, idle))
@@ -1282,7 +1618,8 @@ def serve():
         json.dump(st.groups, f)
     log(f"serving for {secs:g} s (Ctrl-C stops): " + ", ".join(
         f"http://127.0.0.1:{FRONT_PORT}{p}" for p in list(TARGET_PATHS.values()) +
-        list(SSE_PATHS.values())) + f"; pids in {RUN}/pids.json")
+        list(SSE_PATHS.values()) + list(TLS_PATHS.values()) + list(TLS_SSE_PATHS.values()))
+        + f"; pids in {RUN}/pids.json")
     deadline = time.monotonic() + secs
     while time.monotonic() < deadline:
         st.check_alive()

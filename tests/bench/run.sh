@@ -10,8 +10,11 @@
 #   BENCH_CONNECTIONS [64]  BENCH_WRK_THREADS [2]  BENCH_STREAMS [200,1000]
 #   BENCH_UNLOADED_STREAMS [5]  BENCH_SSE_CHUNKS [50]  BENCH_SSE_INTERVAL_MS [20]
 #   BENCH_PIAPI_THREADS [1100]  BENCH_FLOOR_THREADS [8]  BENCH_NGINX_WORKERS [1]
-#   BENCH_PORT [18480] (uses PORT..PORT+5 on 127.0.0.1)  BENCH_WARMUP [1]
-#   BENCH_PHASES [wrk64,wrk1,sse,unloaded,kcover]  BENCH_SETTLE [0.5] s between phases
+#   BENCH_PORT [18480] (uses PORT..PORT+7 on 127.0.0.1)  BENCH_WARMUP [1]
+#   BENCH_PHASES [wrk64,wrk1,sse,unloaded,kcover,tls]  BENCH_SETTLE [0.5] s between phases
+#   tls: proxy_pass and piapi to the same mocks behind a TLS nginx (HTTP/1.1 and
+#     HTTP/2 ports; throw-away CA made with openssl), wrk -c CONNECTIONS for
+#     DURATION and UNLOADED streams per target, new TLS handshakes counted (own table)
 #   BENCH_KEEPCONN [1]: also the floor and piapi behind fastcgi_keep_conn (wrk
 #     phases, own table)  BENCH_KC_KEEPALIVE [32] (nginx upstream keepalive)
 #   BENCH_FLOOR_KC_THREADS [KEEPALIVE x nginx workers + CONNECTIONS]
