@@ -53,7 +53,8 @@ void *piapi_arena_alloc(struct piapi_arena *a, size_t n)
 
     if (n > SIZE_MAX / 2)
         abort();
-    n = (n + align - 1) & ~(align - 1);
+    /* Zero bytes still get a distinct, non-NULL pointer. */
+    n = n ? (n + align - 1) & ~(align - 1) : align;
     if (a->first_size - a->first_used >= n) {
         p = a->first + a->first_used;
         a->first_used += n;

@@ -40,6 +40,7 @@ static void test_first_buffer_then_blocks(void)
 static void test_no_first_buffer(void)
 {
     struct piapi_arena a = { 0 };
+    CU_ASSERT_PTR_NOT_NULL(piapi_arena_alloc(&a, 0));      /* an empty array */
     int *v = piapi_arena_array(&a, 16, sizeof *v);
     for (int i = 0; i < 16; i++)
         CU_ASSERT_EQUAL(v[i], 0);  /* zeroed */
