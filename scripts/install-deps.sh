@@ -7,6 +7,7 @@
 #   scripts/install-deps.sh bench    + what `make bench` runs (tests/bench)
 #   scripts/install-deps.sh profile  + what `tests/bench/run.sh profile` runs
 #   scripts/install-deps.sh fuzz     + what `make fuzz` runs (tests/fuzz)
+#   scripts/install-deps.sh screenshot  test + what scripts/monitoring-screenshot.sh runs
 #   scripts/install-deps.sh --list MODE   prints MODE's packages, installs nothing
 # Programs from Debian's required/essential packages (coreutils, grep, sed,
 # perl-base, util-linux, ...) are on every Debian 12 system and not listed.
@@ -25,7 +26,7 @@ PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
       libcjson-dev nginx-light curl"
 case $mode in
 run) ;;
-test)
+test|screenshot)
     # promtool (prometheus) checks the exposition; node runs the real
     # clients (Debian's nodejs only where no node is installed already).
     # openssl makes the test CA of the HTTPS upstream tests; strace watches
@@ -34,7 +35,9 @@ test)
     # run; python3-yaml reads docker-compose.yml and the k8s manifest.
     PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 python3-yaml valgrind prometheus
           openssl strace libfcgi-bin"
-    if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi ;;
+    if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi
+    # the README's dashboard picture: headless Chromium, then pngquant
+    [ "$mode" = screenshot ] && PKGS="$PKGS chromium pngquant" ;;
 bench|profile)
     # bench.py (python3) drives wrk, counts syscalls with strace, names
     # the measured tree with git and makes the TLS phase's test CA with
@@ -45,7 +48,7 @@ fuzz)
     # libFuzzer's runtime is libclang-rt-14-dev (clang only recommends it)
     PKGS="$PKGS clang libclang-rt-14-dev" ;;
 *)
-    echo "install-deps.sh: unknown mode '$mode' (run, test, bench, profile, fuzz)" >&2
+    echo "install-deps.sh: unknown mode '$mode' (run, test, bench, profile, fuzz, screenshot)" >&2
     exit 2 ;;
 esac
 [ -n "${PIAPI_EXTRA_PKGS:-}" ] && PKGS="$PKGS $PIAPI_EXTRA_PKGS"

@@ -7,12 +7,12 @@
 # page is Prometheus's, not Grafana's; the queries are the dashboard's, with
 # $__rate_interval as 30s.
 #   scripts/monitoring-screenshot.sh [OUT.png] [TRAFFIC_SECONDS]
-# Needs root for the install (chromium is not part of the test set).
+# Needs root for the install (chromium and pngquant are not in the test set).
 set -eu
 cd "$(dirname "$0")/.."
 out=${1:-docs/monitoring-dashboard.png}
 secs=${2:-150}
-PIAPI_EXTRA_PKGS="chromium pngquant" scripts/install-deps.sh test
+scripts/install-deps.sh screenshot
 make --no-print-directory
 raw=$(mktemp --suffix=.png)
 trap 'rm -f "$raw"' EXIT

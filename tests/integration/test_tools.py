@@ -54,12 +54,14 @@ TOOLS = {
     "perf": "linux-perf", "callgrind_annotate": "valgrind",
     # make fuzz
     "clang": "clang",
+    # scripts/monitoring-screenshot.sh
+    "pngquant": "pngquant",
     # base system (required / essential): checked like the rest
     "sh": "dash", "bash": "bash", "env": "coreutils", "cat": "coreutils",
     "cp": "coreutils", "mkdir": "coreutils", "rm": "coreutils", "chmod": "coreutils",
     "mktemp": "coreutils", "tee": "coreutils", "head": "coreutils", "tail": "coreutils",
     "sort": "coreutils", "seq": "coreutils", "sleep": "coreutils", "basename": "coreutils",
-    "dirname": "coreutils", "realpath": "coreutils", "id": "coreutils", "nproc": "coreutils",
+    "dirname": "coreutils", "realpath": "coreutils", "wc": "coreutils", "id": "coreutils", "nproc": "coreutils",
     "uname": "coreutils", "install": "coreutils", "ls": "coreutils", "grep": "grep", "sed": "sed", "awk": "mawk",
     "find": "findutils", "cmp": "diffutils", "setsid": "util-linux", "perl": "perl-base",
 }
@@ -72,7 +74,8 @@ MODULES = {"yaml": "python3-yaml"}
 OPTIONAL = {
     "systemd-analyze": "systemd: checks deploy/systemd/ units; not worth pulling in",
     "docker-compose": "validates docker-compose.yml; no Docker here",
-    "chromium": "the dashboard screenshot only (scripts/monitoring-screenshot.sh installs it)",
+    "chromium": "test_monitoring runs it only for scripts/monitoring-screenshot.sh, "
+                "whose install-deps.sh mode (screenshot) installs it",
 }
 
 # Programs that `node` may bring from outside Debian: install-deps.sh only
@@ -86,6 +89,7 @@ SOURCES = {
     "test": ["tests/run.sh", ".ci/run", "tests/integration/*.py", "Dockerfile"],
     "bench": ["tests/bench/run.sh", "tests/bench/bench.py"],
     "fuzz": ["tests/fuzz/run.sh"],
+    "screenshot": ["scripts/monitoring-screenshot.sh"],
 }
 # Run through a variable the scan cannot follow ("$NGINX", $CC)
 VIA_VARIABLE = {"nginx": {"run": "scripts/run.sh"}, "cc": {"bench": "tests/bench/run.sh"}}
@@ -324,7 +328,7 @@ class TestToolProvenance(unittest.TestCase):
     def setUpClass(cls):
         cls.found = scan()
         cls.lists = {m: depends_closure(mode_packages(m))
-                     for m in ("run", "test", "bench", "profile", "fuzz")}
+                     for m in ("run", "test", "bench", "profile", "fuzz", "screenshot")}
 
     def test_scan_sees_the_known_programs(self):
         # the scanner itself works: these are run by the sources today
