@@ -729,43 +729,28 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
     return RUNNING;
 }
 
+/* What the client is told when a driver ends a transfer itself; error
+ * is the metrics reason (NULL: the client's doing, not the upstream's). */
+static const struct {
+    const char *error;
+    int status;
+    const char *message;
+} refusals[] = {
+    [CLIENT_GONE]  = { "client_abort", 499, "client closed the connection" },
+    [HEAD_TIMEOUT] = { "timeout", 504, "upstream sent no response in time" },
+    [IDLE_TIMEOUT] = { "idle_timeout", 504, "upstream went silent" },
+    [SHUTDOWN]     = { "shutdown", 503, "gateway shutting down" },
+    [TOO_LARGE]    = { NULL, 413, "request body too large" },
+    [BODY_TIMEOUT] = { NULL, 408, "request body not received in time" },
+};
+
 void xfer_refuse(struct xfer *x, enum verdict v)
 {
-    struct piapi_transfer *t = x->t;
-    switch (v) {
-    case CLIENT_GONE:
-        t->error = "client_abort";
-        t->error_status = 499;
-        t->error_message = "client closed the connection";
-        break;
-    case HEAD_TIMEOUT:
-        t->error = "timeout";
-        t->error_status = 504;
-        t->error_message = "upstream sent no response in time";
-        break;
-    case IDLE_TIMEOUT:
-        t->error = "idle_timeout";
-        t->error_status = 504;
-        t->error_message = "upstream went silent";
-        break;
-    case SHUTDOWN:
-        t->error = "shutdown";
-        t->error_status = 503;
-        t->error_message = "gateway shutting down";
-        break;
-    case TOO_LARGE:
-        t->error = NULL;
-        t->error_status = 413;
-        t->error_message = "request body too large";
-        break;
-    case BODY_TIMEOUT:
-        t->error = NULL;  /* the client's doing, not the upstream's */
-        t->error_status = 408;
-        t->error_message = "request body not received in time";
-        break;
-    case RUNNING:
-        break;
-    }
+    if (v == RUNNING)
+        return;
+    x->t->error = refusals[v].error;
+    x->t->error_status = refusals[v].status;
+    x->t->error_message = refusals[v].message;
 }
 
 void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
