@@ -45,7 +45,7 @@ FROM debian:${DEBIAN_TAG}
 # (34 kB; no curl needed, and there is no HTTP listener in this container).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libfcgi0ldbl libcurl4 libyaml-0-2 libcjson1 ca-certificates libfcgi-bin \
+        libfcgi0ldbl libcurl4 libyaml-0-2 libcjson1 libsqlite3-0 ca-certificates libfcgi-bin \
  && rm -rf /var/lib/apt/lists/*
 
 # A fixed, numeric non-root user: Kubernetes' runAsNonRoot can only verify
@@ -55,6 +55,7 @@ RUN groupadd --system --gid 10001 piapi \
  && useradd --system --uid 10001 --gid piapi --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin piapi \
  && install -d -m 0755 -o piapi -g piapi /run/piapi \
+ && install -d -m 0700 -o piapi -g piapi /var/lib/piapi \
  && install -d -m 0755 /etc/piapi
 
 COPY --from=build /out/ /
@@ -62,6 +63,9 @@ COPY --from=build /out/ /
 USER 10001:10001
 # The FastCGI socket lives here, shared with the web server's container.
 VOLUME /run/piapi
+# The usage ledger (settings.usageDb: /var/lib/piapi/usage.db): a volume, so
+# usage outlives the container.
+VOLUME /var/lib/piapi
 
 # Asks piapi itself over the socket (the same /healthz nginx routes to it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

@@ -234,6 +234,19 @@ if cmp -s "$CONFIG" "$REPO/config.yaml.example"; then
     say "demo provider: $(basename "$CONFIG") is the untouched example, so its providers are a local demo provider (127.0.0.1:$demo_port, canned answers); edit it to use real providers and restart make run"
 fi
 
+# ---- usage ledger --------------------------------------------------------
+# settings.usageDb names a file in a directory piapi must be able to write
+# (the example's is /var/lib/piapi). piapi never creates directories; create
+# an absolute one here when we can, so the ledger works on a fresh machine.
+usage_db=$(sed -n 's/^[[:space:]]*usageDb:[[:space:]]*["'"'"']\{0,1\}\([^"'"'"'#[:space:]]*\).*/\1/p' "$CONFIG" | head -n 1)
+case $usage_db in
+/*) usage_dir=$(dirname "$usage_db")
+    if [ ! -d "$usage_dir" ]; then
+        mkdir -p "$usage_dir" 2>/dev/null && chmod 0700 "$usage_dir" ||
+            say "cannot create $usage_dir for settings.usageDb: usage is not recorded until it exists"
+    fi ;;
+esac
+
 # ---- processes ---------------------------------------------------------
 [ "$stopping" = 0 ] || exit 0   # stopped before anything was started
 

@@ -315,6 +315,19 @@ const struct piapi_settings *piapi_config_settings(const struct piapi_config *cf
     return &cfg->settings;
 }
 
+const struct piapi_price *piapi_config_find_price(const struct piapi_config *cfg,
+                                                  const char *model)
+{
+    size_t n = strlen(model);
+    for (size_t i = 0; i < cfg->nprices; i++) {
+        const struct piapi_price *p = &cfg->prices[i];
+        if (p->prefix ? n >= p->len && memcmp(model, p->model, p->len) == 0
+                      : n == p->len && memcmp(model, p->model, n) == 0)
+            return p;
+    }
+    return NULL;
+}
+
 const char *piapi_config_hash(const struct piapi_config *cfg)
 {
     return cfg->hash;

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "piapi/account.h"
 #include "piapi/config.h"
 #include "piapi/log.h"
 #include "piapi/metrics.h"
@@ -120,6 +121,7 @@ static void publish_if_changed(struct piapi_config *cfg, const char *path,
     } else {
         log_success(t == PIAPI_APPLY_STARTUP ? "config loaded" : "config reloaded",
                     cfg, hash, path, t);
+        piapi_account_follow(path, piapi_config_settings(cfg));
         piapi_config_publish(cfg);
     }
     piapi_config_release(cur);

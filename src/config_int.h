@@ -6,6 +6,8 @@
  *                    a schema walker calls (keys, kinds, strings, names)
  *   config_schema.c  the schema: field tables and walkers that validate
  *                    the tree and fill a snapshot
+ *   config_usage.c   the same for usage accounting: pricing:, usageDb,
+ *                    a service's usage:
  *   config.c         the snapshot: loading, lookup tables, references,
  *                    the live snapshot
  */
@@ -109,6 +111,8 @@ struct piapi_config {
     struct piapi_user *users;
     size_t nusers;
     struct piapi_settings settings;
+    struct piapi_price *prices;
+    size_t nprices;
     const struct piapi_user **user_tab;        /* open addressing, NULL = empty */
     size_t user_mask;
     const struct piapi_service **svc_tab;
@@ -154,6 +158,9 @@ struct cfg_number {
     uint64_t def, min, max;
     size_t off;
     bool wide;
+    /* when non-zero: the offset + 1 of an int set to 1 when the file gives
+     * the setting (piapi may choose another value for an unset one) */
+    size_t given;
 };
 
 /* One key of a mapping in the schema. A secret's value is never quoted in
@@ -209,5 +216,17 @@ const char *cfg_unique_name(struct ctx *c, const struct ynode *map,
 
 /* Validates the whole document into c->cfg, reporting every problem. */
 void cfg_walk_root(struct ctx *c, const struct ynode *root);
+
+/* ---- usage accounting's sections (config_usage.c) ---- */
+
+extern const struct cfg_schema cfg_pricing_schema;
+extern const struct cfg_schema cfg_service_usage_schema;
+/* `pricing:` into c->cfg->prices. */
+void cfg_walk_pricing(struct ctx *c, const struct ynode *root);
+/* A service's optional `usage:` mapping. */
+void cfg_walk_service_usage(struct ctx *c, const struct ynode *svc, const char *path,
+                            struct piapi_service *out);
+/* settings.usageDb. */
+void cfg_walk_usage_db(struct ctx *c, const struct ynode *settings);
 
 #endif

@@ -24,20 +24,24 @@
 
 /* ---------------------------------------------------------------- tables */
 
-#define SETTING(field, def, min, max)                                      \
+#define SETTING_NOTED(field, def, min, max, noted)                         \
     (&(const struct cfg_number){ def, min, max,                           \
      offsetof(struct piapi_settings, field),                           \
-        sizeof ((struct piapi_settings *)0)->field == sizeof(uint64_t) })
+        sizeof ((struct piapi_settings *)0)->field == sizeof(uint64_t), noted })
+#define SETTING(field, def, min, max) SETTING_NOTED(field, def, min, max, 0)
+#define GIVEN(flag) (offsetof(struct piapi_settings, flag) + 1)
 
 static const struct cfg_field settings_fields[] = {
     { .key = "maxBodyBytes",     .number = SETTING(max_body_bytes, 33554432, 1, 1ULL << 40) },
     { .key = "connectTimeoutMs", .number = SETTING(connect_timeout_ms, 10000, 1, 86400000) },
     { .key = "headerTimeoutMs",  .number = SETTING(header_timeout_ms, 300000, 1, 86400000) },
     { .key = "idleTimeoutMs",    .number = SETTING(idle_timeout_ms, 300000, 1, 86400000) },
-    { .key = "sseKeepaliveMs",   .number = SETTING(sse_keepalive_ms, 15000, 0, 86400000) },
+    { .key = "sseKeepaliveMs",   .number = SETTING_NOTED(sse_keepalive_ms, 15000, 0, 86400000,
+                                                        GIVEN(sse_keepalive_explicit)) },
     { .key = "bodyIdleTimeoutMs", .number = SETTING(body_idle_timeout_ms, 30000, 1, 86400000) },
     { .key = "bodyTimeoutMs",    .number = SETTING(body_timeout_ms, 300000, 1, 86400000) },
     { .key = "caFile" },
+    { .key = "usageDb" },
 };
 static const struct cfg_schema settings_schema = CFG_SCHEMA(settings_fields);
 
@@ -50,6 +54,7 @@ static const struct cfg_field service_fields[] = {
     { .key = "type" },
     { .key = "baseUrl", .secret_url = true },   /* user:pass@, ?code= */
     { .key = "auth", .items = &auth_schema },
+    { .key = "usage", .items = &cfg_service_usage_schema },
 };
 static const struct cfg_schema service_schema = CFG_SCHEMA(service_fields);
 
@@ -73,6 +78,7 @@ static const struct cfg_field root_fields[] = {
     { .key = "providers", .items = &provider_schema },
     { .key = "users", .items = &user_schema },
     { .key = "settings", .items = &settings_schema },
+    { .key = "pricing", .items = &cfg_pricing_schema },
 };
 static const struct cfg_schema root_schema = CFG_SCHEMA(root_fields);
 
@@ -142,10 +148,11 @@ static void walk_settings(struct ctx *c, const struct ynode *map)
             continue;
         }
         setting_store(s, spec, n);
-        if (spec->off == offsetof(struct piapi_settings, sse_keepalive_ms))
-            s->sse_keepalive_explicit = 1;
+        if (spec->given)
+            *(int *)((unsigned char *)s + spec->given - 1) = 1;
     }
     walk_ca_file(c, map);
+    cfg_walk_usage_db(c, map);
 }
 
 /* ------------------------------------------------------------- services */
@@ -414,6 +421,7 @@ static void walk_service(struct ctx *c, const struct ynode *svc,
     walk_service_type(c, svc, path, pi, out);
     walk_base_url(c, svc, path, out);
     walk_auth(c, svc, path, &out->auth);
+    cfg_walk_service_usage(c, svc, path, out);
 }
 
 /* ------------------------------------------------------------ providers */
@@ -835,4 +843,5 @@ void cfg_walk_root(struct ctx *c, const struct ynode *root)
     walk_settings(c, cfg_map_get(root, "settings"));
     walk_providers(c, root);
     walk_users(c, root);
+    cfg_walk_pricing(c, root);
 }

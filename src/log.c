@@ -351,21 +351,37 @@ void piapi_log_int(struct piapi_log_line *l, const char *key, int64_t val)
     line_raw(l, key, num, (size_t)n);
 }
 
-void piapi_log_double(struct piapi_log_line *l, const char *key, double val)
+/* %.3f of DBL_MAX is 313 bytes. JSON has no nan/inf, so those are
+ * null. piapi never calls setlocale(), so the point stays a point. */
+static void log_number(struct piapi_log_line *l, const char *key, const char *fmt,
+                       double val)
 {
-    /* %.3f of DBL_MAX is 313 bytes. JSON has no nan/inf, so those are
-     * null. piapi never calls setlocale(), so the point stays a point. */
     char num[400];
 
     if (!isfinite(val)) {
         line_raw(l, key, "null", 4);
         return;
     }
-    int n = snprintf(num, sizeof num, "%.3f", val);
+    int n = snprintf(num, sizeof num, fmt, val);
     if (n > 0 && (size_t)n < sizeof num)
         line_raw(l, key, num, (size_t)n);
     else
         line_raw(l, key, "null", 4);
+}
+
+void piapi_log_double(struct piapi_log_line *l, const char *key, double val)
+{
+    log_number(l, key, "%.3f", val);
+}
+
+void piapi_log_amount(struct piapi_log_line *l, const char *key, double val)
+{
+    log_number(l, key, "%.9f", val);
+}
+
+void piapi_log_bool(struct piapi_log_line *l, const char *key, int val)
+{
+    line_raw(l, key, val ? "true" : "false", val ? 4 : 5);
 }
 
 /* One write(2) per line: O_APPEND writes to a file, and pipe writes up to

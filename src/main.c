@@ -13,15 +13,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "piapi/account.h"
 #include "piapi/config.h"
 #include "piapi/config_apply.h"
 #include "piapi/config_watch.h"
 #include "piapi/keygen.h"
+#include "piapi/ledger.h"
 #include "piapi/listen.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
 #include "piapi/metrics.h"
 #include "piapi/pool.h"
+#include "piapi/usage_report.h"
 #include "piapi/util.h"
 
 struct options {
@@ -42,6 +45,9 @@ static void usage(FILE *f)
         "usage: piapi [--config FILE] [--socket PATH|HOST:PORT] [options]\n"
         "       piapi --check-config [--config FILE]\n"
         "       piapi keygen [--name NAME]   a new member key and its config lines\n"
+        "       piapi usage [--config FILE] [--since DAY] [--until DAY]\n"
+        "                   [--by user|model|service|day] [--json]\n"
+        "                                    tokens and cost from the usage ledger\n"
         "\n"
         "LLM coding-assistant gateway (FastCGI responder).\n"
         "\n"
@@ -172,6 +178,40 @@ static int check_config(const char *path)
     return rc;
 }
 
+/* `piapi usage`: the report of the ledger the config names. --config is
+ * taken here; the report parses the rest. */
+static int usage_main(int argc, char **argv)
+{
+    const char *config = "config.yaml";
+    int n = 0;
+    char **rest = piapi_xcalloc((size_t)argc + 1, sizeof *rest);
+    for (int i = 0; i < argc; i++) {
+        if ((!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) && i + 1 < argc)
+            config = argv[++i];
+        else if (!strncmp(argv[i], "--config=", 9))
+            config = argv[i] + 9;
+        else
+            rest[n++] = argv[i];
+    }
+    char *errors = NULL;
+    struct piapi_config *cfg = piapi_config_load_file(config, &errors, NULL, NULL);
+    int rc = 1;
+    if (!cfg) {
+        fprintf(stderr, "%s\n%s: configuration invalid\n", errors ? errors : "", config);
+    } else if (!piapi_config_settings(cfg)->usage_db) {
+        fprintf(stderr, "piapi usage: %s has no settings.usageDb: no usage is recorded\n",
+                config);
+    } else {
+        char *db = piapi_account_ledger_path(config, piapi_config_settings(cfg)->usage_db);
+        rc = piapi_usage_report(db, n, rest, stdout, stderr);
+        free(db);
+    }
+    piapi_config_release(cfg);
+    free(errors);
+    free(rest);
+    return rc;
+}
+
 /* Waits up to `seconds` for running requests; a second stop signal cuts
  * the wait short. Returns 1 when that happened. */
 static int drain(const sigset_t *set, unsigned seconds)
@@ -252,6 +292,8 @@ int main(int argc, char **argv)
 
     if (argc > 1 && strcmp(argv[1], "keygen") == 0)
         return piapi_keygen_main(argc - 1, argv + 1);
+    if (argc > 1 && strcmp(argv[1], "usage") == 0)
+        return usage_main(argc - 1, argv + 1);
     rc = parse_args(argc, argv, &o);
     if (rc)
         return rc > 0 ? 0 : 2;
@@ -277,6 +319,7 @@ int main(int argc, char **argv)
     raise_fd_limit(o.threads);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     piapi_metrics_init(PIAPI_VERSION);
+    piapi_metrics_set_usage_db_probe(piapi_ledger_errors);
     rc = 1;
     if (piapi_config_apply(o.config, PIAPI_APPLY_STARTUP) != 0)
         goto out;
@@ -334,6 +377,7 @@ out_watch:
     close(fd);
     piapi_listen_cleanup();
 out:
+    piapi_account_stop();
     piapi_config_publish(NULL);
     curl_global_cleanup();
     piapi_log_close();

@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_LABELS   3
+#define MAX_LABELS   4
 #define TABLE_SLOTS  4096           /* power of two */
 /* Three quarters full keeps probe chains short; the slots above the limit
  * hold the per-family "other" series, so those can always be created. */
@@ -56,6 +56,10 @@ enum family_id {
     F_RELOADS,
     F_RELOAD_TIME,
     F_CONFIG_INFO,
+    F_TOKENS,
+    F_COST,
+    F_USAGE_INCOMPLETE,
+    F_USAGE_DB_ERRORS,
     F_COUNT
 };
 
@@ -81,6 +85,8 @@ static void render_pool_saturated(struct piapi_buf *out, const struct family *f)
 static void render_reloads(struct piapi_buf *out, const struct family *f);
 static void render_reload_time(struct piapi_buf *out, const struct family *f);
 static void render_config_info(struct piapi_buf *out, const struct family *f);
+static void render_cost(struct piapi_buf *out, const struct family *f);
+static void render_usage_db_errors(struct piapi_buf *out, const struct family *f);
 
 /* The registry, in exposition order. Names and labels are contracts that
  * dashboards and alerts rely on. */
@@ -129,6 +135,19 @@ static const struct family families[F_COUNT] = {
     [F_CONFIG_INFO] = { "piapi_config_info",
         "Hash of the configuration in use, always 1.", GAUGE, 1, { "hash" },
         render_config_info },
+    [F_TOKENS] = { "piapi_tokens_total",
+        "Tokens the upstream reported, by member, service type, model and kind "
+        "(input: uncached input; output: reasoning included).", COUNTER, 4,
+        { "user", "service_type", "model", "kind" }, NULL },
+    [F_COST] = { "piapi_cost_usd_total",
+        "Cost in USD of those tokens, by the configured pricing.", COUNTER, 3,
+        { "user", "service_type", "model" }, render_cost },
+    [F_USAGE_INCOMPLETE] = { "piapi_usage_incomplete_total",
+        "Answers that ended before their final usage (cut streams).", COUNTER, 1,
+        { "service_type" }, NULL },
+    [F_USAGE_DB_ERRORS] = { "piapi_usage_db_errors_total",
+        "Usage ledger rows that could not be written (or a ledger that could not "
+        "be opened).", COUNTER, 0, {0}, render_usage_db_errors },
 };
 
 struct series {
@@ -158,6 +177,13 @@ static _Atomic uint64_t pool_saturated;
 static _Atomic uint64_t reloads_ok, reloads_failed;
 static _Atomic uint64_t reload_time_ms;
 static _Atomic(piapi_metrics_pool_probe) pool_probe;
+static _Atomic(piapi_metrics_count_probe) usage_db_probe;
+/* Model names seen in answers: the first MODELS_MAX become label values,
+ * the rest "other". Published like series: the name before the count. */
+#define MODELS_MAX 64
+#define MODEL_LEN_MAX 100
+static char *models[MODELS_MAX];
+static atomic_uint nmodels;                         /* written under create_lock */
 static pthread_mutex_t info_lock = PTHREAD_MUTEX_INITIALIZER;
 static char *config_hash;                           /* under info_lock */
 
@@ -376,6 +402,69 @@ void piapi_metrics_request(const struct piapi_metrics_request *m)
     counter_add(F_RESPONSE_BYTES, (const char *[]){ svc }, m->bytes_out);
 }
 
+/* A label value for a model an upstream named: bounded in number and
+ * in what it may contain (a model name, not arbitrary bytes). */
+static bool model_name_ok(const char *m)
+{
+    size_t n = strlen(m);
+    if (!n || n > MODEL_LEN_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)m[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              strchr("-._:/@+", c)))
+            return false;
+    }
+    return true;
+}
+
+static const char *model_label(const char *m)
+{
+    if (!m || !model_name_ok(m))
+        return OVERFLOW;
+    unsigned n = atomic_load_explicit(&nmodels, memory_order_acquire);
+    for (unsigned i = 0; i < n; i++)
+        if (strcmp(models[i], m) == 0)
+            return models[i];
+    if (n >= MODELS_MAX)
+        return OVERFLOW;
+    const char *found = NULL;
+    pthread_mutex_lock(&create_lock);
+    n = atomic_load_explicit(&nmodels, memory_order_relaxed);
+    for (unsigned i = 0; i < n && !found; i++)
+        if (strcmp(models[i], m) == 0)
+            found = models[i];
+    if (!found && n < MODELS_MAX) {
+        models[n] = piapi_xstrdup(m);
+        found = models[n];
+        atomic_store_explicit(&nmodels, n + 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&create_lock);
+    return found ? found : OVERFLOW;
+}
+
+void piapi_metrics_usage(const struct piapi_metrics_usage *u)
+{
+    const char *svc = or_unknown(u->service_type);
+    const char *user = or_unknown(u->user);
+    const char *model = model_label(u->model);
+    static const char *const kinds[] = { "input", "output", "cache_read", "cache_write" };
+    const int64_t counts[] = { u->input, u->output, u->cache_read, u->cache_write };
+
+    for (size_t i = 0; i < 4; i++)
+        if (counts[i] > 0)
+            counter_add(F_TOKENS, (const char *[]){ user, svc, model, kinds[i] },
+                        (uint64_t)counts[i]);
+    if (u->priced) {
+        /* nano-dollars: integer adds stay exact under concurrency */
+        double nano = u->cost_usd * 1e9 + 0.5;
+        counter_add(F_COST, (const char *[]){ user, svc, model },
+                    nano > 0 && nano < 1e18 ? (uint64_t)nano : 0);
+    }
+    if (!u->complete)
+        counter_add(F_USAGE_INCOMPLETE, (const char *[]){ svc }, 1);
+}
+
 void piapi_metrics_upstream_error(const char *provider, const char *reason)
 {
     static const char *const reasons[] = {
@@ -423,6 +512,11 @@ void piapi_metrics_set_pool_probe(piapi_metrics_pool_probe probe_fn)
     atomic_store_explicit(&pool_probe, probe_fn, memory_order_release);
 }
 
+void piapi_metrics_set_usage_db_probe(piapi_metrics_count_probe probe_fn)
+{
+    atomic_store_explicit(&usage_db_probe, probe_fn, memory_order_release);
+}
+
 /* Re-initialising drops every series and value: only safe while no other
  * thread records, which "before threads start" guarantees. */
 void piapi_metrics_init(const char *version)
@@ -442,6 +536,12 @@ void piapi_metrics_init(const char *version)
     atomic_store(&reloads_failed, 0);
     atomic_store(&reload_time_ms, 0);
     atomic_store(&pool_probe, NULL);
+    atomic_store(&usage_db_probe, NULL);
+    for (unsigned i = 0; i < MODELS_MAX; i++) {
+        free(models[i]);
+        models[i] = NULL;
+    }
+    atomic_store(&nmodels, 0);
     free(config_hash);
     config_hash = NULL;
     free(build_version);
@@ -628,6 +728,23 @@ static void render_config_info(struct piapi_buf *b, const struct family *f)
         piapi_buf_dispose(&labels);
     }
     pthread_mutex_unlock(&info_lock);
+}
+
+static void render_cost(struct piapi_buf *b, const struct family *f)
+{
+    for (struct series *s = atomic_load_explicit(&lists[F_COST].head, memory_order_acquire);
+         s; s = atomic_load_explicit(&s->next, memory_order_acquire)) {
+        put_sample_name(b, f->name, NULL, s->text, s->text_len, NULL);
+        put_fixed(b, atomic_load_explicit(&s->cells[0], memory_order_relaxed), 9);
+        piapi_buf_putc(b, '\n');
+    }
+}
+
+static void render_usage_db_errors(struct piapi_buf *b, const struct family *f)
+{
+    piapi_metrics_count_probe fn = atomic_load_explicit(&usage_db_probe,
+                                                        memory_order_acquire);
+    put_u64_sample(b, f->name, NULL, fn ? fn() : 0);
 }
 
 void piapi_metrics_render(struct piapi_buf *out)

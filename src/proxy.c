@@ -107,9 +107,11 @@ static void run_here(struct piapi_proxy *p, struct xfer *x)
 void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
 {
     struct xfer x;
+    struct piapi_buf rewritten = {0};
 
     xfer_init(&x, t);
     char *read_whole = xfer_read_ahead(&x, p->body);
+    xfer_prepare_usage(&x, &rewritten);
     if (x.body_failed) {
         /* Nothing went upstream: answer 408, or no one (the web server
          * dropped the request). */
@@ -121,11 +123,13 @@ void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
         xfer_refuse(&x, TOO_LARGE);
     } else if (x.whole && upstream_submit(&x) == 0) {
         free(read_whole);  /* the loop has its own copy */
+        piapi_buf_dispose(&rewritten);
         return;  /* the loop answers on this connection from now on */
     } else {
         run_here(p, &x);
     }
     free(read_whole);
+    piapi_buf_dispose(&rewritten);
     piapi_buf_dispose(&x.head);
     t->done(t);
 }

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "piapi/account.h"
 #include "piapi/arena.h"
 #include "piapi/config.h"
 #include "piapi/fcgi_conn.h"
@@ -22,6 +23,7 @@
 #include "piapi/metrics.h"
 #include "piapi/proxy.h"
 #include "piapi/route.h"
+#include "piapi/tally.h"
 #include "piapi/util.h"
 
 #define REQUEST_ID_MAX 128
@@ -55,6 +57,7 @@ struct request {
      * into the params, like keys */
     struct piapi_route_secret creds[PIAPI_HEADERS_MAX_CREDS];
     size_t ncreds;
+    size_t nseen;              /* of them in creds: at most the array's size */
     int path_has_key;          /* the path holds a presented credential: 400 */
     int path_hidden;           /* the log shows no path: it has or may have one */
     const struct piapi_service *svc;
@@ -125,9 +128,9 @@ static int request_id_sane(const char *s)
  * were looked at. The id is logged, forwarded and echoed. */
 static int id_holds_credential(const struct request *q, const char *id)
 {
-    if (q->ncreds > PIAPI_HEADERS_MAX_CREDS)
+    if (q->nseen < q->ncreds)
         return 1;
-    for (size_t i = 0; i < q->ncreds; i++)
+    for (size_t i = 0; i < q->nseen; i++)
         if (memmem(id, strlen(id), q->creds[i].s, q->creds[i].len))
             return 1;
     return 0;
@@ -147,6 +150,12 @@ static void assign_request_id(struct request *q)
 }
 
 /* ---- responses piapi writes itself ------------------------------------ */
+
+static int path_is(const char *uri, const char *path)
+{
+    size_t n = strlen(path);
+    return uri && strncmp(uri, path, n) == 0 && (uri[n] == '\0' || uri[n] == '?');
+}
 
 static void respond(struct request *q, int status, const char *ctype,
                     const char *extra_headers, const char *body, size_t len)
@@ -175,18 +184,13 @@ static void respond_error(struct request *q, int status, const char *message)
     piapi_buf_putc(&b, '\n');
     respond(q, status, "application/json",
             status == 401 ? "WWW-Authenticate: Bearer\r\n" :
+            status == 405 && path_is(q->uri, "/usage") ? "Allow: GET, HEAD\r\n" :
             status == 405 ? "Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n" :
             NULL, b.data, b.len);
     piapi_buf_dispose(&b);
 }
 
 /* ---- local endpoints -------------------------------------------------- */
-
-static int path_is(const char *uri, const char *path)
-{
-    size_t n = strlen(path);
-    return strncmp(uri, path, n) == 0 && (uri[n] == '\0' || uri[n] == '?');
-}
 
 static void serve_health(struct request *q)
 {
@@ -294,9 +298,8 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         respond_error(q, 413, "request body too large");
         return ANSWERED;
     }
-    size_t ncreds = q->ncreds < PIAPI_HEADERS_MAX_CREDS ? q->ncreds : PIAPI_HEADERS_MAX_CREDS;
     int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value, q->id,
-                                   q->creds, ncreds, &q->arena, &q->headers, &why);
+                                   q->creds, q->nseen, &q->arena, &q->headers, &why);
     if (st) {
         respond_error(q, st, why);
         return ANSWERED;
@@ -322,9 +325,53 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .provider_key = q->user->key->value,
         .key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL,
         .done = forwarded,
+        .usage_shape = strcmp(q->method, "POST") == 0
+                           ? piapi_usage_shape_of(t->rest, t->rest_len) : PIAPI_USAGE_NONE,
+        .inject_usage = q->svc->inject_stream_usage,
     };
     piapi_proxy_forward(q->w->proxy, &q->x);
     return FORWARDED;
+}
+
+/* Who the request's key says it comes from; 0 when it was answered
+ * (400 or 401) instead. */
+static int member(struct request *q)
+{
+    switch (piapi_headers_client_keys(q->r->envp, &q->keys)) {
+    case PIAPI_KEY_OK:
+        break;
+    case PIAPI_KEY_DUPLICATE:
+        respond_error(q, 400, "credential header sent more than once");
+        return 0;
+    case PIAPI_KEY_MISSING:
+        respond_error(q, 401, UNAUTHORIZED);
+        return 0;
+    }
+    q->user = authenticate(q, &q->keys);
+    if (!q->user) {
+        respond_error(q, 401, UNAUTHORIZED);
+        return 0;
+    }
+    return 1;
+}
+
+/* GET /usage: the member's own usage today and this month. */
+static void serve_usage(struct request *q)
+{
+    if (strcmp(q->method, "GET") != 0 && strcmp(q->method, "HEAD") != 0) {
+        respond_error(q, 405, "method not allowed: GET /usage");
+        return;
+    }
+    if (!q->cfg) {
+        respond_error(q, 503, "no configuration loaded");
+        return;
+    }
+    if (!member(q))
+        return;
+    struct piapi_buf b = {0};
+    piapi_account_usage_json(q->user->name, piapi_now_real(), &b);
+    respond(q, 200, "application/json", NULL, b.data, b.len);
+    piapi_buf_dispose(&b);
 }
 
 static enum outcome dispatch(struct request *q)
@@ -340,6 +387,10 @@ static enum outcome dispatch(struct request *q)
      * path is logged. */
     if (q->path_has_key) {
         respond_error(q, 400, "request path contains your API key");
+        return ANSWERED;
+    }
+    if (path_is(q->uri, "/usage")) {
+        serve_usage(q);
         return ANSWERED;
     }
     switch (piapi_route_parse(q->uri, &t, &why)) {
@@ -363,21 +414,8 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 503, "no configuration loaded");
         return ANSWERED;
     }
-    switch (piapi_headers_client_keys(q->r->envp, &q->keys)) {
-    case PIAPI_KEY_OK:
-        break;
-    case PIAPI_KEY_DUPLICATE:
-        respond_error(q, 400, "credential header sent more than once");
+    if (!member(q))
         return ANSWERED;
-    case PIAPI_KEY_MISSING:
-        respond_error(q, 401, UNAUTHORIZED);
-        return ANSWERED;
-    }
-    q->user = authenticate(q, &q->keys);
-    if (!q->user) {
-        respond_error(q, 401, UNAUTHORIZED);
-        return ANSWERED;
-    }
     q->svc = piapi_config_find_service(q->cfg, q->user->provider, t.type, t.type_len);
     if (!q->svc) {
         respond_error(q, 404, "service type not available for this key");
@@ -434,7 +472,7 @@ static void log_foreign(struct piapi_log_line *l, const char *name, const char *
 }
 
 static void log_request(struct request *q, enum piapi_log_level level,
-                        double latency)
+                        double latency, const struct piapi_account *acct)
 {
     struct piapi_log_line l;
     if (!piapi_log_begin(&l, level, "request completed"))
@@ -466,6 +504,8 @@ static void log_request(struct request *q, enum piapi_log_level level,
         log_foreign(&l, "error_detail", q->x.error_detail);
     }
     log_foreign(&l, "upstream_request_id", q->x.upstream_id);
+    if (acct)
+        piapi_account_log(acct, &l);
     piapi_log_end_batched(&l);
 }
 
@@ -493,12 +533,34 @@ static void end_fastcgi(struct request *q, struct kept_line *k)
     piapi_fcgi_end(q->r);
 }
 
+/* A forwarded request's usage, settled from its answer. */
+static void settle(struct request *q, struct piapi_account *a)
+{
+    *a = (struct piapi_account){
+        .cfg = q->cfg,
+        .request_id = q->id,
+        .user = q->user->name,
+        .service_type = q->svc->type,
+        .provider = q->user->provider->name,
+        .key_name = q->user->key->name,
+        .status = q->status,
+        .shape = q->x.usage_shape,
+        .usage = &q->x.usage,
+        .request_model = q->x.request_model,
+    };
+    piapi_account_settle(a);
+}
+
 static void finish(struct request *q)
 {
     double latency = piapi_now_mono() - q->start;
     struct kept_line k;
+    struct piapi_account acct, *a = q->logged_route ? &acct : NULL;
     scrub_foreign(q, q->x.error_detail);
     scrub_foreign(q, q->x.upstream_id);
+    /* The model names are the client's or the upstream's words too. */
+    scrub_foreign(q, q->x.usage.model);
+    scrub_foreign(q, q->x.request_model);
     end_fastcgi(q, &k);
     q->keys = (struct piapi_client_keys){ 0 };  /* they pointed into the params */
     memset(q->creds, 0, sizeof q->creds);
@@ -513,7 +575,11 @@ static void finish(struct request *q)
         .bytes_out = q->bytes_out,
     };
     piapi_metrics_request(&m);
-    log_request(q, level_for(q->status, q->error), latency);
+    if (a) {
+        settle(q, a);
+        piapi_account_record(a, piapi_now_real());
+    }
+    log_request(q, level_for(q->status, q->error), latency, a);
     piapi_config_release(q->cfg);
     q->cfg = NULL;
 }
@@ -531,13 +597,14 @@ static void request_init(struct request *q, struct piapi_worker *w, FCGX_Request
     if (!q->method)
         q->method = "";
     q->ncreds = piapi_headers_presented(r->envp, q->creds, PIAPI_HEADERS_MAX_CREDS);
+    q->nseen = q->ncreds < PIAPI_HEADERS_MAX_CREDS ? q->ncreds : PIAPI_HEADERS_MAX_CREDS;
     assign_request_id(q);
     /* Looked at before any answer or log line. More credentials than were
      * looked at (a request refused anyway) keep the path out of the log. */
-    size_t seen = q->ncreds < PIAPI_HEADERS_MAX_CREDS ? q->ncreds : PIAPI_HEADERS_MAX_CREDS;
     if (q->uri)
-        q->path_has_key = piapi_route_holds_secret(q->uri, path_len(q->uri), q->creds, seen);
-    q->path_hidden = q->path_has_key || seen < q->ncreds;
+        q->path_has_key = piapi_route_holds_secret(q->uri, path_len(q->uri), q->creds,
+                                                   q->nseen);
+    q->path_hidden = q->path_has_key || q->nseen < q->ncreds;
 }
 
 /* What serves uri here, if it is /healthz or /metrics. */
@@ -565,7 +632,7 @@ static int serve_local(struct request *q)
     serve(q);
     struct kept_line k;
     end_fastcgi(q, &k);
-    log_request(q, PIAPI_LOG_DEBUG, piapi_now_mono() - q->start);
+    log_request(q, PIAPI_LOG_DEBUG, piapi_now_mono() - q->start, NULL);
     piapi_config_release(q->cfg);
     return 1;
 }

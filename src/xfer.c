@@ -218,6 +218,26 @@ char *xfer_read_ahead(struct xfer *x, char *buf)
     return heap;
 }
 
+void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten)
+{
+    struct piapi_transfer *t = x->t;
+    struct piapi_usage_request rq;
+
+    t->request_model[0] = '\0';
+    if (!t->usage_shape || !x->whole ||
+        piapi_usage_scan_request(x->body, x->inline_len, &rq) != 0)
+        return;
+    snprintf(t->request_model, sizeof t->request_model, "%s", rq.model);
+    if (t->usage_shape != PIAPI_USAGE_CHAT || !rq.stream || rq.asked_usage ||
+        !t->inject_usage)
+        return;
+    if (piapi_usage_inject(x->body, x->inline_len, rewritten) != 0)
+        return;
+    x->body = rewritten->data;
+    x->inline_len = rewritten->len;
+    x->injected = 1;
+}
+
 /* ---- response head -------------------------------------------------- */
 
 static int parse_status_line(const char *line, size_t n)
@@ -352,6 +372,18 @@ static void head_drop(struct piapi_buf *h, const char *name)
     }
 }
 
+/* A 2xx answer of a known shape, in the clear: its usage is read as it
+ * passes (an error's body carries none, a compressed one cannot be read). */
+static void start_counting(struct xfer *x)
+{
+    int st = x->t->status;
+    if (!x->t->usage_shape || st < 200 || st > 299 || x->encoded)
+        return;
+    x->counting = 1;
+    piapi_usage_scan_init(&x->usage, x->t->usage_shape, x->event_stream,
+                          x->injected && x->event_stream);
+}
+
 static int send_head(struct xfer *x)
 {
     struct piapi_buf *h = &x->head;
@@ -470,6 +502,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     if (n <= 2) {  /* the empty line: the head is complete */
         x->head_sent = 1;
         x->at_boundary = 1;  /* before the first event is between events */
+        start_counting(x);
         x->t->ttfb = piapi_now_mono() - x->start;
         x->last_upstream = piapi_now_mono();
         if (may_echo_key(x) && x->encoded)
@@ -534,6 +567,9 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     return n;
 }
 
+static int relay(struct xfer *x, const char *data, size_t n);
+static int relay_counted(struct xfer *x, const char *data, size_t n);
+
 static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
 {
     struct xfer *x = ud;
@@ -560,14 +596,24 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
         piapi_buf_append(&x->held, data, n);
         return scan_window(x, 0) == 0 ? n : 0;
     }
-    if (!client_has_room(x, n)) {
+    if (!client_has_room(x, n + (x->counting ? piapi_usage_held(&x->usage) : 0))) {
         x->paused = 1;
         x->blocked(x);
         return CURL_WRITEFUNC_PAUSE;
     }
     x->last_upstream = piapi_now_mono();
-    if (client_put(x, data, n) != 0)
+    if (x->counting)
+        return relay_counted(x, data, n) == 0 ? n : 0;
+    if (relay(x, data, n) != 0)
         return 0;
+    return n;
+}
+
+/* Bytes of the answer that reach the client as they are. */
+static int relay(struct xfer *x, const char *data, size_t n)
+{
+    if (client_put(x, data, n) != 0)
+        return -1;
     x->t->bytes_out += n;
     if (n >= 2) {
         x->tail[0] = data[n - 2];
@@ -577,7 +623,26 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
         x->tail[1] = data[0];
     }
     x->at_boundary = x->tail[0] == '\n' && x->tail[1] == '\n';
-    return n;
+    return 0;
+}
+
+/* The scanner reads every byte; when stripping, the client gets what it
+ * hands back (whole events only) instead. */
+static int relay_counted(struct xfer *x, const char *data, size_t n)
+{
+    if (!x->usage.strip) {
+        piapi_usage_feed(&x->usage, data, n, NULL);
+        return relay(x, data, n);
+    }
+    piapi_buf_reset(&x->relay);
+    piapi_usage_feed(&x->usage, data, n, &x->relay);
+    if (!x->relay.len)
+        return 0;
+    if (client_put(x, x->relay.data, x->relay.len) != 0)
+        return -1;
+    x->t->bytes_out += x->relay.len;
+    x->at_boundary = 1;  /* only whole events come back */
+    return 0;
 }
 
 /* ---- the transfer --------------------------------------------------- */
@@ -753,6 +818,20 @@ void xfer_refuse(struct xfer *x, enum verdict v)
     x->t->error_message = refusals[v].message;
 }
 
+/* The answer ended: its usage is what was seen. A stripped stream that
+ * ended cleanly still owes the client its last bytes (an event without
+ * its blank line); a cut one is poisoned anyway. */
+static void finish_counting(struct xfer *x, int clean)
+{
+    piapi_buf_reset(&x->relay);
+    piapi_usage_finish(&x->usage, &x->relay, &x->t->usage);
+    if (clean && x->relay.len && client_put(x, x->relay.data, x->relay.len) == 0)
+        x->t->bytes_out += x->relay.len;
+    piapi_usage_scan_dispose(&x->usage);
+    piapi_buf_dispose(&x->relay);
+    x->counting = 0;
+}
+
 void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
 {
     struct piapi_transfer *t = x->t;
@@ -784,6 +863,8 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
     } else if (x->scanning && !t->error && v == RUNNING) {
         scan_window(x, 1);  /* the part kept back; a cut stream is poisoned */
     }
+    if (x->counting)
+        finish_counting(x, !t->error && v == RUNNING);
     piapi_buf_wipe(&x->held);
     piapi_buf_dispose(&x->scanned);
     piapi_secrets_dispose(&x->secrets);

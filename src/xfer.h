@@ -51,6 +51,13 @@ struct xfer {
     int cl_seen;            /* a Content-Length line came (a repeat must agree) */
     struct piapi_buf held;  /* its body so far, or the part kept back */
     struct piapi_buf scanned;    /* a window after redaction */
+    /* Usage accounting of a 2xx answer of a known API shape: the scanner
+     * reads every body byte as it passes; `strip` (piapi added
+     * include_usage to the request) has it remove the usage-only chunk,
+     * so the client relays what it hands back in `relay`. */
+    int counting, injected;
+    struct piapi_usage_scan usage;
+    struct piapi_buf relay;
 
     /* Event-loop driver only. A write to the web server must never block
      * the loop: once `unchecked` (an over-estimate of the socket memory
@@ -76,6 +83,11 @@ void xfer_init(struct xfer *x, struct piapi_transfer *t);
  * the body. On the event loop the body always fits buf (pool.c's arrival
  * check), so it never reads on there. */
 char *xfer_read_ahead(struct xfer *x, char *buf);
+/* The request body as usage accounting needs it: its model noted, and
+ * when piapi may and must ask for a streamed Chat Completions answer's
+ * usage, the body rewritten into `rewritten` (x->body points there; the
+ * caller disposes of it after the transfer). Only a body read whole. */
+void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten);
 /* Sets every option of x->easy for x->t (method, body, callbacks). */
 void xfer_setup(struct xfer *x);
 /* Sends what the client has queued; -1 once the client is gone. */

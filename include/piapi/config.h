@@ -30,6 +30,9 @@ struct piapi_service {
     const char *base_url;            /* absolute http(s) URL, as configured */
     struct piapi_auth auth;
     const struct piapi_provider *provider;
+    /* usage.injectStreamUsage (default true): a streamed Chat Completions
+     * request gets stream_options.include_usage, so its usage is known. */
+    bool inject_stream_usage;
 };
 
 /* A provider key is at least this long (shorter ones are refused), and
@@ -69,6 +72,15 @@ struct piapi_settings {
     uint32_t body_idle_timeout_ms;  /* bodyIdleTimeoutMs: no request body byte this long -> 408, default 30000 */
     uint32_t body_timeout_ms;       /* bodyTimeoutMs: request body not all read by then -> 408, default 300000 */
     const char *ca_file;            /* caFile, NULL = system store */
+    const char *usage_db;           /* usageDb: the usage ledger, NULL = none */
+};
+
+/* One `pricing:` entry, USD per million tokens. */
+struct piapi_price {
+    const char *model;   /* without the trailing '*' of a prefix pattern */
+    size_t len;
+    bool prefix;         /* "claude-sonnet-4*": any model starting so */
+    double input, output, cache_read, cache_write, cache_write_1h;
 };
 
 struct piapi_config;
@@ -110,6 +122,10 @@ piapi_config_find_service(const struct piapi_config *cfg,
                           const char *type, size_t len);
 
 const struct piapi_settings *piapi_config_settings(const struct piapi_config *cfg);
+/* The first `pricing:` entry matching model (exactly, or by its prefix),
+ * or NULL: such a model's tokens are counted without a cost. */
+const struct piapi_price *piapi_config_find_price(const struct piapi_config *cfg,
+                                                  const char *model);
 /* Short hex digest of the file's bytes (12 chars); identifies what is live. */
 const char *piapi_config_hash(const struct piapi_config *cfg);
 /* Same file and same keys read from outside it (env:, file:, credential:):

@@ -51,6 +51,8 @@ void piapi_log_str(struct piapi_log_line *l, const char *key, const char *val); 
 void piapi_log_strn(struct piapi_log_line *l, const char *key, const char *val, size_t len);
 void piapi_log_int(struct piapi_log_line *l, const char *key, int64_t val);
 void piapi_log_double(struct piapi_log_line *l, const char *key, double val);  /* 3 decimals */
+void piapi_log_amount(struct piapi_log_line *l, const char *key, double val);  /* 9 decimals: USD */
+void piapi_log_bool(struct piapi_log_line *l, const char *key, int val);
 void piapi_log_end(struct piapi_log_line *l);
 /* The same, for lines written at request rate: the line may wait up to
  * 20 ms for the writer thread's next batch instead of waking it. */

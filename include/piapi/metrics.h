@@ -32,6 +32,22 @@ struct piapi_metrics_request {
  * piapi_upstream_ttfb_seconds, piapi_user_requests_total, byte counters. */
 void piapi_metrics_request(const struct piapi_metrics_request *m);
 
+/* One answer's usage. model: the name the upstream's answer gave, NULL
+ * when none; the first 64 distinct names become label values, the rest
+ * (and names that are no model name) "other". */
+struct piapi_metrics_usage {
+    const char *user;
+    const char *service_type;
+    const char *model;
+    int64_t input, output, cache_read, cache_write;
+    double cost_usd;
+    int priced;       /* the model has a price: cost_usd counts */
+    int complete;     /* the answer's final usage was seen */
+};
+
+/* piapi_tokens_total, piapi_cost_usd_total, piapi_usage_incomplete_total. */
+void piapi_metrics_usage(const struct piapi_metrics_usage *u);
+
 /* reason: "connect", "timeout", "reset", "tls", "client_abort",
  * "idle_timeout", "protocol" (others are folded into "other"). */
 void piapi_metrics_upstream_error(const char *provider, const char *reason);
@@ -47,6 +63,10 @@ void piapi_metrics_pool_saturated(void);          /* piapi_pool_saturated_total 
 /* The pool reports its thread counts when scraped. */
 typedef void (*piapi_metrics_pool_probe)(unsigned *busy, unsigned *idle);
 void piapi_metrics_set_pool_probe(piapi_metrics_pool_probe probe);
+
+/* piapi_usage_db_errors_total is the ledger's own count, read when scraped. */
+typedef uint64_t (*piapi_metrics_count_probe)(void);
+void piapi_metrics_set_usage_db_probe(piapi_metrics_count_probe probe);
 
 /* Appends the whole exposition (text format 0.0.4) to out. */
 void piapi_metrics_render(struct piapi_buf *out);

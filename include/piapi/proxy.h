@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include "piapi/config.h"
+#include "piapi/usage.h"
 
 struct curl_slist;
 struct piapi_proxy;
@@ -42,6 +43,11 @@ struct piapi_transfer {
     const char *provider_key;
     const char *key_param;
     void (*done)(struct piapi_transfer *t);  /* called once, at the end */
+    /* The API shape whose usage the answer carries (NONE: not counted),
+     * and whether a streamed Chat Completions request may be given
+     * stream_options.include_usage (the service's usage.injectStreamUsage). */
+    enum piapi_usage_shape usage_shape;
+    int inject_usage;
 
     /* out */
     int status;            /* upstream status relayed; 0 while no head went out */
@@ -57,6 +63,10 @@ struct piapi_transfer {
     /* The provider's id of its answer (x-request-id, request-id), for the
      * log: what its support asks for. "" when it sent none. */
     char upstream_id[96];
+    /* The answer's usage (usage_shape != NONE and a 2xx answer), and the
+     * request body's top-level "model" ("" when none or not read whole). */
+    struct piapi_usage usage;
+    char request_model[128];
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls

@@ -640,8 +640,9 @@ class Stack:
             common = ["--config", self.config_path, "--log-level", log_level] + self.piapi_args
             if self.form in ("nginx", "lighttpd-socket"):
                 self.socket_path = self.tmp / "piapi.sock"
-                self.piapi = Proc("piapi", [self.bin] + common +
-                                  ["--socket", self.socket_path, "--socket-mode", "0666"],
+                self._piapi_argv = [self.bin] + common + ["--socket", self.socket_path,
+                                                          "--socket-mode", "0666"]
+                self.piapi = Proc("piapi", self._piapi_argv,
                                   stderr_path=self.tmp / "piapi.stderr", env=self.piapi_env)
                 self._wait_socket()
             elif self.form == "spawn-fcgi":
@@ -672,6 +673,18 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def restart_piapi(self, sig=signal.SIGTERM):
+        """nginx and lighttpd-socket forms: stops piapi with sig (SIGKILL:
+        no clean-up at all, as in a crash) and starts it again with the
+        same arguments; its log goes on in the same file."""
+        self.piapi.stop(timeout=10.0, sig=sig)
+        if self.socket_path.exists():
+            self.socket_path.unlink()   # a killed piapi leaves it behind
+        self.piapi = Proc("piapi", self._piapi_argv,
+                          stderr_path=self.tmp / "piapi.stderr", env=self.piapi_env)
+        self._wait_socket()
+        self._wait_ready()
 
     def _wait_socket(self):
         ok = wait_until(lambda: self.socket_path.exists() or not self.piapi.alive(), READY_TIMEOUT)

@@ -75,6 +75,12 @@ is ANSWER ("PIAPI-MOCK-ANSWER-42"), sent as several deltas when streamed:
                                     content_block_delta..., content_block_stop,
                                     message_delta, message_stop)
     POST .../messages/count_tokens  Anthropic token count {"input_tokens": n}
+    A request body's "piapi_mock" object steers the usage in these answers:
+    start_usage / delta_usage (Anthropic message_start and message_delta),
+    usage (OpenAI), final ("completed", "incomplete", "failed": the
+    Responses final event), answer_model (null: the answer names none),
+    cut: "after_start" (Anthropic: closes after message_start), interval
+    (Anthropic, Chat: seconds before each content delta).
     POST .../chat/completions       OpenAI Chat Completions; streamed as
                                     `data: {chunk}` ... `data: [DONE]` (a usage
                                     chunk when stream_options.include_usage)
@@ -115,6 +121,14 @@ GZIP_TEXT = ("piapi mock upstream: this text travels gzip-compressed and must re
              "the client byte for byte, still compressed.\n") * 20
 
 _PATTERN = bytes((i * 7 + 3) % 256 for i in range(251))
+
+
+def mock_plan(req):
+    """What a test asks of an API answer, in the request body's
+    "piapi_mock" member: usage objects to send instead of the computed
+    ones, where to cut a stream, which final event or model to use."""
+    plan = req.get("piapi_mock")
+    return plan if isinstance(plan, dict) else {}
 
 
 def big_content(n):
@@ -654,29 +668,41 @@ class Handler(BaseHTTPRequestHandler):
         model = str(req.get("model") or "claude-opus-5-5")
         mid = self.server.state.new_id("msg")
         n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
+        plan = mock_plan(req)
+        start_usage = plan.get("start_usage") or {
+            "input_tokens": n_in, "output_tokens": 1,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        delta_usage = plan.get("delta_usage") or {"output_tokens": n_out}
+        model = plan.get("answer_model", model)
         if not req.get("stream"):
-            return self.send_json(200, {
-                "id": mid, "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": ANSWER}],
-                "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": n_in, "output_tokens": n_out,
-                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}})
+            doc = {"id": mid, "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": ANSWER}],
+                   "stop_reason": "end_turn", "stop_sequence": None,
+                   "usage": dict(start_usage, **delta_usage)}
+            if model is None:
+                del doc["model"]
+            return self.send_json(200, doc)
         self.start_sse()
-        self.sse_event("message_start", {"type": "message_start", "message": {
-            "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": n_in, "output_tokens": 1,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}})
+        message = {"id": mid, "type": "message", "role": "assistant", "model": model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": start_usage}
+        if model is None:
+            del message["model"]
+        self.sse_event("message_start", {"type": "message_start", "message": message})
+        if plan.get("cut") == "after_start":
+            return self.hard_close()
         self.sse_event("content_block_start", {"type": "content_block_start", "index": 0,
                                                "content_block": {"type": "text", "text": ""}})
         self.sse_event("ping", {"type": "ping"})
         for piece in ANSWER_DELTAS:
+            if plan.get("interval"):
+                time.sleep(float(plan["interval"]))
             self.sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                    "delta": {"type": "text_delta", "text": piece}})
         self.sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
         self.sse_event("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                         "usage": {"output_tokens": n_out}})
+                                         "usage": delta_usage})
         self.sse_event("message_stop", {"type": "message_stop"})
         self.write_chunk(b"")
 
@@ -694,6 +720,7 @@ class Handler(BaseHTTPRequestHandler):
         cid, created = self.server.state.new_id("chatcmpl"), int(time.time())
         n_in, n_out = self.input_tokens(), len(ANSWER_DELTAS)
         usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        usage = mock_plan(req).get("usage", usage)
         if not req.get("stream"):
             return self.send_json(200, {
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
@@ -707,8 +734,10 @@ class Handler(BaseHTTPRequestHandler):
                     "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                  "finish_reason": finish}]}
         self.start_sse()
+        interval = float(mock_plan(req).get("interval") or 0)
         self.sse_event(None, chunk({"role": "assistant", "content": ""}))
         for piece in ANSWER_DELTAS:
+            time.sleep(interval)
             self.sse_event(None, chunk({"content": piece}))
         self.sse_event(None, chunk({}, "stop"))
         if (req.get("stream_options") or {}).get("include_usage"):
@@ -734,6 +763,9 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0},
                  "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": n_in + n_out}
+        plan = mock_plan(req)
+        usage = plan.get("usage", usage)
+        final = plan.get("final", "completed")
 
         def response(status, output, use):
             return {"id": rid, "object": "response", "created_at": created, "status": status,
@@ -744,7 +776,7 @@ class Handler(BaseHTTPRequestHandler):
                     "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
                     "usage": use, "metadata": {}, "text": {"format": {"type": "text"}}}
         if not req.get("stream"):
-            doc = response("completed", [item], usage)
+            doc = response(final, [item], usage)
             doc["output_text"] = ANSWER
             return self.send_json(200, doc)
         seq = iter(range(1 << 30))
@@ -763,7 +795,7 @@ class Handler(BaseHTTPRequestHandler):
         ev("response.output_text.done", text=ANSWER, logprobs=[], **where)
         ev("response.content_part.done", part=part, **where)
         ev("response.output_item.done", output_index=0, item=item)
-        ev("response.completed", response=response("completed", [item], usage))
+        ev("response." + final, response=response(final, [item], usage))
         self.write_chunk(b"")
 
     # Models (one shape both SDK families read) ----------------------------

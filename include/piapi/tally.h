@@ -1,0 +1,32 @@
+/* Each member's usage so far this UTC day and this UTC month, in memory:
+ * what GET /usage answers from (and what budgets will be checked
+ * against). Restored from the usage ledger at start-up, added to as
+ * each request ends; any thread may call. */
+#ifndef PIAPI_TALLY_H
+#define PIAPI_TALLY_H
+
+#include <stdint.h>
+
+struct piapi_tally {
+    uint64_t requests;
+    int64_t input, output, cache_read, cache_write;
+    double cost_usd;
+};
+
+/* Adds one request's usage, at `now` (unix seconds), to user's day and
+ * month; a new day or month starts from zero. */
+void piapi_tally_add(const char *user, double now, const struct piapi_tally *one);
+/* The totals of the day and the month that hold `now`. */
+void piapi_tally_get(const char *user, double now, struct piapi_tally *day,
+                     struct piapi_tally *month);
+/* Replaces user's totals for the period `now` is in (at start-up, from the
+ * ledger). */
+void piapi_tally_restore(const char *user, double now, const struct piapi_tally *day,
+                         const struct piapi_tally *month);
+/* The UTC midnight that starts now's day, and the first of its month. */
+double piapi_tally_day_start(double now);
+double piapi_tally_month_start(double now);
+/* Forgets everything (tests, shutdown). */
+void piapi_tally_reset(void);
+
+#endif

@@ -1,0 +1,148 @@
+/* Per-member day and month totals: a small open-addressing table keyed
+ * by member name under one mutex. A request takes it once, at its end;
+ * members are a team, not millions. */
+#include "piapi/tally.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "piapi/util.h"
+
+struct entry {
+    char *user;                 /* NULL: empty slot */
+    int64_t day, month;         /* which: days since the epoch, year*12+month */
+    struct piapi_tally today, this_month;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct entry *tab;       /* under lock */
+static size_t mask, used;
+
+static int64_t day_of(double now)
+{
+    return (int64_t)(now / 86400.0) - (now < 0);
+}
+
+static int64_t month_of(double now)
+{
+    time_t t = (time_t)now;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    return (int64_t)tm.tm_year * 12 + tm.tm_mon;
+}
+
+double piapi_tally_day_start(double now)
+{
+    return (double)day_of(now) * 86400.0;
+}
+
+double piapi_tally_month_start(double now)
+{
+    time_t t = (time_t)now;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    tm.tm_mday = 1;
+    tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+    return (double)timegm(&tm);
+}
+
+static void grow(void)
+{
+    size_t cap = tab ? (mask + 1) * 2 : 64;
+    struct entry *old = tab;
+    size_t old_cap = tab ? mask + 1 : 0;
+    tab = piapi_xcalloc(cap, sizeof *tab);
+    mask = cap - 1;
+    for (size_t i = 0; i < old_cap; i++) {
+        if (!old[i].user)
+            continue;
+        size_t s = piapi_hash(old[i].user, strlen(old[i].user)) & mask;
+        while (tab[s].user)
+            s = (s + 1) & mask;
+        tab[s] = old[i];
+    }
+    free(old);
+}
+
+/* The member's entry, made when new; under lock. */
+static struct entry *find(const char *user)
+{
+    if (!tab || (used + 1) * 4 > (mask + 1) * 3)
+        grow();
+    size_t s = piapi_hash(user, strlen(user)) & mask;
+    for (; tab[s].user; s = (s + 1) & mask)
+        if (strcmp(tab[s].user, user) == 0)
+            return &tab[s];
+    tab[s].user = piapi_xstrdup(user);
+    used++;
+    return &tab[s];
+}
+
+/* A period that has passed starts again from zero. */
+static void roll(struct entry *e, double now)
+{
+    int64_t d = day_of(now), m = month_of(now);
+    if (e->day != d) {
+        e->day = d;
+        e->today = (struct piapi_tally){0};
+    }
+    if (e->month != m) {
+        e->month = m;
+        e->this_month = (struct piapi_tally){0};
+    }
+}
+
+static void add(struct piapi_tally *to, const struct piapi_tally *one)
+{
+    to->requests += one->requests;
+    to->input += one->input;
+    to->output += one->output;
+    to->cache_read += one->cache_read;
+    to->cache_write += one->cache_write;
+    to->cost_usd += one->cost_usd;
+}
+
+void piapi_tally_add(const char *user, double now, const struct piapi_tally *one)
+{
+    pthread_mutex_lock(&lock);
+    struct entry *e = find(user);
+    roll(e, now);
+    add(&e->today, one);
+    add(&e->this_month, one);
+    pthread_mutex_unlock(&lock);
+}
+
+void piapi_tally_get(const char *user, double now, struct piapi_tally *day,
+                     struct piapi_tally *month)
+{
+    pthread_mutex_lock(&lock);
+    struct entry *e = find(user);
+    roll(e, now);
+    *day = e->today;
+    *month = e->this_month;
+    pthread_mutex_unlock(&lock);
+}
+
+void piapi_tally_restore(const char *user, double now, const struct piapi_tally *day,
+                         const struct piapi_tally *month)
+{
+    pthread_mutex_lock(&lock);
+    struct entry *e = find(user);
+    roll(e, now);
+    e->today = *day;
+    e->this_month = *month;
+    pthread_mutex_unlock(&lock);
+}
+
+void piapi_tally_reset(void)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; tab && i <= mask; i++)
+        free(tab[i].user);
+    free(tab);
+    tab = NULL;
+    mask = used = 0;
+    pthread_mutex_unlock(&lock);
+}
