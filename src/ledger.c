@@ -15,6 +15,7 @@
 #include "piapi/util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
@@ -164,6 +165,12 @@ static int db_open_writer(const char *path, sqlite3 **dbp, sqlite3_stmt **insp,
 {
     sqlite3 *db = NULL;
     sqlite3_stmt *ins = NULL;
+    /* Member names and their spending are nobody else's business: a new
+     * file is made 0640 (SQLite gives its -wal and -shm the same mode),
+     * not SQLite's 0644. Errors are SQLite's to report. */
+    int fd = open(path, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+    if (fd >= 0)
+        close(fd);
     int rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
                              SQLITE_OPEN_NOMUTEX, NULL);
     if (rc != SQLITE_OK) {
