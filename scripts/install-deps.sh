@@ -23,7 +23,7 @@ mode=${1:-run}
 # cc, make (build-essential), the -dev packages (Makefile PKGS), nginx and
 # curl (make run: the front end and its readiness probe).
 PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
-      libcjson-dev nginx-light curl"
+      libcjson-dev libsqlite3-dev nginx-light curl"
 case $mode in
 run) ;;
 test|screenshot)
