@@ -178,37 +178,29 @@ static int check_config(const char *path)
     return rc;
 }
 
-/* `piapi usage`: the report of the ledger the config names. --config is
- * taken here; the report parses the rest. */
+/* `piapi usage`: the report of the ledger the config names (the report
+ * skips --config among its options). */
 static int usage_main(int argc, char **argv)
 {
     const char *config = "config.yaml";
-    int n = 0;
-    char **rest = piapi_xcalloc((size_t)argc + 1, sizeof *rest);
-    for (int i = 0; i < argc; i++) {
+    for (int i = 1; i < argc; i++) {
         if ((!strcmp(argv[i], "--config") || !strcmp(argv[i], "-c")) && i + 1 < argc)
             config = argv[++i];
         else if (!strncmp(argv[i], "--config=", 9))
             config = argv[i] + 9;
-        else
-            rest[n++] = argv[i];
     }
     char *errors = NULL;
     struct piapi_config *cfg = piapi_config_load_file(config, &errors, NULL, NULL);
-    int rc = 1;
     if (!cfg) {
         fprintf(stderr, "%s\n%s: configuration invalid\n", errors ? errors : "", config);
-    } else if (!piapi_config_settings(cfg)->usage_db) {
-        fprintf(stderr, "piapi usage: %s has no settings.usageDb: no usage is recorded\n",
-                config);
-    } else {
-        char *db = piapi_account_ledger_path(config, piapi_config_settings(cfg)->usage_db);
-        rc = piapi_usage_report(db, n, rest, stdout, stderr);
-        free(db);
+        free(errors);
+        return 1;
     }
+    const char *db = piapi_config_settings(cfg)->usage_db;
+    char *path = db ? piapi_account_ledger_path(config, db) : NULL;
+    int rc = piapi_usage_report(path, argc, argv, stdout, stderr);
+    free(path);
     piapi_config_release(cfg);
-    free(errors);
-    free(rest);
     return rc;
 }
 
