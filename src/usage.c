@@ -454,20 +454,25 @@ static void take_model(struct piapi_usage_scan *s, struct span m)
 
 /* "usage" ws ':' ws '{' somewhere in p: the cheap test before any walk.
  * Inside a JSON string a quote is escaped, so text cannot fake it; only a
- * real key (at any depth) matches. */
+ * real key (at any depth) matches. memchr for the 'u' beats memmem's
+ * general search several times over on chunk-sized data. */
 static int may_hold_usage(const char *p, size_t n)
 {
-    const char *end = p + n;
-    const char *q = p;
+    size_t i = 1;
 
-    while ((q = memmem(q, (size_t)(end - q), "\"usage\"", 7))) {
-        size_t i = skip_ws(q, (size_t)(end - q), 7);
-        if (i < (size_t)(end - q) && q[i] == ':') {
-            i = skip_ws(q, (size_t)(end - q), i + 1);
-            if (i < (size_t)(end - q) && q[i] == '{')
+    while (i + 6 <= n) {
+        const char *u = memchr(p + i, 'u', n - i - 5);
+        if (!u)
+            return 0;
+        i = (size_t)(u - p) + 1;
+        if (u[-1] != '"' || memcmp(u + 1, "sage\"", 5) != 0)
+            continue;
+        size_t j = skip_ws(p, n, i + 5);
+        if (j < n && p[j] == ':') {
+            j = skip_ws(p, n, j + 1);
+            if (j < n && p[j] == '{')
                 return 1;
         }
-        q += 7;
     }
     return 0;
 }
@@ -599,20 +604,31 @@ enum { LS_START, LS_NAME, LS_SPACE, LS_VALUE, LS_IGNORE };
 enum { F_OTHER, F_EVENT, F_DATA };
 
 /* Event names whose data may carry usage or the model, by shape. */
+struct event_name {
+    const char *name;
+    size_t len;
+};
+#define EV(lit) { lit, sizeof(lit) - 1 }
+static const struct event_name anthropic_events[] = {
+    EV("message_start"), EV("message_delta"), { NULL, 0 }
+};
+static const struct event_name responses_events[] = {
+    EV("response.created"), EV("response.completed"),
+    EV("response.incomplete"), EV("response.failed"), { NULL, 0 }
+};
+#undef EV
+
 static int interesting_name(const struct piapi_usage_scan *s)
 {
-    static const char *const anthropic[] = { "message_start",
-                                             "message_delta", NULL };
-    static const char *const responses[] = {
-        "response.created", "response.completed", "response.incomplete",
-        "response.failed", NULL };
-    const char *const *names;
+    const struct event_name *e;
 
     if (s->shape == PIAPI_USAGE_CHAT)
         return 1;       /* chat streams name no events: look at every one */
-    names = s->shape == PIAPI_USAGE_ANTHROPIC ? anthropic : responses;
-    for (; *names; names++)
-        if (span_is((struct span){ s->ev_name, s->ev_name_len }, *names))
+    e = s->shape == PIAPI_USAGE_ANTHROPIC ? anthropic_events
+                                          : responses_events;
+    for (; e->name; e++)
+        if (e->len == s->ev_name_len
+            && memcmp(e->name, s->ev_name, e->len) == 0)
             return 1;
     return 0;
 }
@@ -670,7 +686,7 @@ static void event_named(struct piapi_usage_scan *s)
         piapi_buf_reset(&s->data);
         return;
     }
-    if (s->ev_skip && s->ev_lines > 0)
+    if (s->ev_skip && (s->ev_lines > 0 || s->ev_unread))
         s->ev_lost = 1;     /* data came under another name: it is gone */
     s->ev_skip = 0;
 }
@@ -699,6 +715,7 @@ static void reset_event(struct piapi_usage_scan *s)
     s->ev_skip = 0;
     s->ev_lost = 0;
     s->ev_pass = 0;
+    s->ev_unread = 0;
     s->ev_lines = 0;
     s->ev_name_len = 0;
     /* one huge event must not pin its memory for the rest of the stream */
@@ -772,6 +789,13 @@ static void line_start(struct piapi_usage_scan *s, const char *data,
         (*i)++;
         return;
     }
+    /* A skipped event's data is not read; only a later event: line could
+     * change its name (the last one counts), so just those are parsed. */
+    if (s->ev_skip && c != 'e') {
+        s->ev_unread = 1;
+        s->line_state = LS_IGNORE;
+        return;
+    }
     s->line_state = LS_NAME;
     s->name_len = 0;
 }
@@ -780,6 +804,18 @@ static void line_start(struct piapi_usage_scan *s, const char *data,
 static void line_name(struct piapi_usage_scan *s, const char *data, size_t n,
                       size_t *i)
 {
+    /* the usual lines, whole in this piece: no byte-wise walk */
+    if (s->name_len == 0 && n - *i >= 6) {
+        if (memcmp(data + *i, "data:", 5) == 0) {
+            memcpy(s->name, "data", 4);
+            s->name_len = 4;
+            *i += 4;
+        } else if (memcmp(data + *i, "event:", 6) == 0) {
+            memcpy(s->name, "event", 5);
+            s->name_len = 5;
+            *i += 5;
+        }
+    }
     while (*i < n) {
         char c = data[(*i)++];
         if (c == ':') {

@@ -138,6 +138,7 @@ struct piapi_usage_scan {
     unsigned ev_skip : 1;       /* its name says it holds nothing for us */
     unsigned ev_lost : 1;       /* its data was cut (cap) or skipped */
     unsigned ev_pass : 1;       /* strip: too big to hold, relayed as it comes */
+    unsigned ev_unread : 1;     /* lines were passed over while skipping */
     unsigned ev_lines;          /* data lines so far */
     unsigned char ev_name_len;
     char ev_name[32];

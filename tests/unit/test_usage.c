@@ -442,6 +442,10 @@ static void test_sse_framing(void)
         "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1000}}\n\n"
         "event: message_deltaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n"
         "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1000}}\n\n"
+        "event: ping\n"
+        "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1000}}\n"
+        "event: message_delta\n"
+        "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1000}}\n\n"
         "data\n"
         "event: message_delta\n"
         "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":6}}\n\n";
