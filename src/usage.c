@@ -449,7 +449,7 @@ static void take_model(struct piapi_usage_scan *s, struct span m)
     if (!m.p || m.p[0] != '"' || decode_string(m, buf, sizeof buf) < 0
         || !buf[0])
         return;
-    memcpy(s->model, buf, sizeof buf);
+    memcpy(s->model, buf, strlen(buf) + 1);
 }
 
 /* "usage" ws ':' ws '{' somewhere in p: the cheap test before any walk.
