@@ -939,6 +939,11 @@ static void result(const struct piapi_usage_scan *s, struct piapi_usage *u)
                                              : r[R_CACHE_5M] + r[R_CACHE_1H];
         u->cache_write_1h = r[R_CACHE_1H] < u->cache_write ? r[R_CACHE_1H]
                                                           : u->cache_write;
+        /* message_start's output_tokens is a placeholder, not what was
+         * generated: a stream cut before message_delta has no output
+         * count, and none is guessed */
+        if (!s->complete)
+            u->output = 0;
     }
 #undef HAVE
     memcpy(u->model, s->model, sizeof u->model);
@@ -960,6 +965,11 @@ void piapi_usage_finish(struct piapi_usage_scan *s, struct piapi_buf *out,
         piapi_buf_reset(&s->data);
     }
     result(s, u);
+}
+
+size_t piapi_usage_held(const struct piapi_usage_scan *s)
+{
+    return s->hold.len;
 }
 
 void piapi_usage_scan_dispose(struct piapi_usage_scan *s)

@@ -630,7 +630,7 @@ static int relay(struct xfer *x, const char *data, size_t n)
  * hands back (whole events only) instead. */
 static int relay_counted(struct xfer *x, const char *data, size_t n)
 {
-    if (!x->usage.strip) {
+    if (!(x->injected && x->event_stream)) {
         piapi_usage_feed(&x->usage, data, n, NULL);
         return relay(x, data, n);
     }

@@ -67,8 +67,8 @@ enum piapi_usage_shape piapi_usage_shape_of(const char *path, size_t len);
  *                  Anthropic message_delta's usage, Chat's usage chunk,
  *                  Responses' completed/incomplete/failed with a usage)
  * A cut stream keeps what it had said (Anthropic's message_start gives
- * input and cache counts, and output as its preliminary output_tokens,
- * usually 1: output is always the last value seen) with complete = 0.
+ * input and cache counts; its output_tokens is a placeholder, so output
+ * stays 0 until message_delta's usage) with complete = 0.
  * Numbers: a count that is not a JSON number or not an integer (1.5) is
  * ignored as if absent; negative ones count as 0, ones above
  * PIAPI_USAGE_MAX_TOKENS as that. Only events that ended (blank line) are
@@ -168,6 +168,10 @@ void piapi_usage_feed(struct piapi_usage_scan *s, const char *data, size_t n,
  * the held incomplete event goes to out unchanged. Fills u. */
 void piapi_usage_finish(struct piapi_usage_scan *s, struct piapi_buf *out,
                         struct piapi_usage *u);
+
+/* Bytes held back (stripping: the current incomplete event), which the
+ * next feed may hand back at once. */
+size_t piapi_usage_held(const struct piapi_usage_scan *s);
 
 void piapi_usage_scan_dispose(struct piapi_usage_scan *s);
 

@@ -110,7 +110,7 @@ static const struct bad_case bad[] = {
     { PROV "users: {}\n", { "t.yaml:6: users: expected a sequence, got a mapping" } },
     { PROV "users: x\n", { "t.yaml:6: users: expected a sequence, got a string" } },
     { PROV NOUSERS "extra: 1\n",
-      { "t.yaml:7: extra: unknown field (expected one of: providers, users, settings)" } },
+      { "t.yaml:7: extra: unknown field (expected one of: providers, users, settings, pricing)" } },
     { PROV NOUSERS "Users: []\n", { "t.yaml:7: Users: unknown field; did you mean 'users'?" } },
     { PROV NOUSERS "users: []\n", { "t.yaml:7: users: duplicate key (first at line 6)" } },
     { PROV NOUSERS "? [a]\n: b\n",
@@ -513,11 +513,12 @@ static void test_seed_loads(void)
     piapi_config_release(cfg);
 }
 
-/* The shipped example must be exactly the seed, and load from disk. */
+/* The shipped example starts with the seed (what follows is pricing and
+ * settings) and loads as it is. */
 static void test_example_file(void)
 {
     FILE *f = fopen("config.yaml.example", "r");
-    char buf[4096];
+    char buf[8192];
     size_t n;
 
     if (!f)
@@ -526,7 +527,44 @@ static void test_example_file(void)
     n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
     buf[n] = '\0';
-    CU_ASSERT_STRING_EQUAL(buf, SEED);
+    CU_ASSERT_NSTRING_EQUAL(buf, SEED, strlen(SEED));
+    struct piapi_config *cfg = load_ok(buf, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cfg);
+    CU_ASSERT_STRING_EQUAL(piapi_config_settings(cfg)->usage_db, "/var/lib/piapi/usage.db");
+    CU_ASSERT_PTR_NOT_NULL(piapi_config_find_price(cfg, "claude-sonnet-4-5"));
+    piapi_config_release(cfg);
+}
+
+/* First match wins; a trailing '*' is a prefix; unset cache prices are
+ * the input price, cacheWrite1h is cacheWrite's. */
+static void test_pricing(void)
+{
+    static const char yaml[] = SEED
+        "pricing:\n"
+        "  - {model: \"claude-sonnet-4-5\", input: 1, output: 2}\n"
+        "  - {model: \"claude-sonnet-4*\", input: 3, output: 15, cacheRead: 0.3, cacheWrite: 3.75}\n"
+        "  - {model: \"*\", input: 0.5, output: 0.25}\n";
+    struct piapi_config *cfg = load_ok(yaml, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cfg);
+    const struct piapi_price *p = piapi_config_find_price(cfg, "claude-sonnet-4-5");
+    CU_ASSERT_TRUE(p && p->input == 1 && p->output == 2 && p->cache_read == 1 &&
+                   p->cache_write == 1 && p->cache_write_1h == 1);
+    p = piapi_config_find_price(cfg, "claude-sonnet-4-5-20250929");
+    CU_ASSERT_TRUE(p && p->input == 3 && p->cache_read == 0.3 && p->cache_write == 3.75 &&
+                   p->cache_write_1h == 3.75);
+    p = piapi_config_find_price(cfg, "claude-sonnet-4");
+    CU_ASSERT_TRUE(p && p->input == 3);
+    p = piapi_config_find_price(cfg, "gpt-5");
+    CU_ASSERT_TRUE(p && p->input == 0.5);
+    piapi_config_release(cfg);
+
+    cfg = load_ok(SEED, NULL);
+    CU_ASSERT_PTR_NULL(piapi_config_find_price(cfg, "gpt-5"));
+    CU_ASSERT_PTR_NULL(piapi_config_settings(cfg)->usage_db);
+    const struct piapi_service *svc =
+        piapi_config_find_service(cfg, provider(cfg, "piapi-user-alice"), "cx", 2);
+    CU_ASSERT_TRUE(svc && svc->inject_stream_usage);
+    piapi_config_release(cfg);
 }
 
 static void test_default_auth(void)
@@ -1179,7 +1217,8 @@ static void test_publish_threads(void)
 static const struct unit_case cases[] = {
     { "invalid configs: one table, every rule", test_bad_table },
     { "seed loads: 2 providers, 3 services, 3 users", test_seed_loads },
-    { "config.yaml.example is the seed", test_example_file },
+    { "config.yaml.example starts with the seed", test_example_file },
+    { "pricing lookup and defaults", test_pricing },
     { "default auth name and prefix", test_default_auth },
     { "user lookup hits and misses", test_find_user },
     { "user lookup with many users", test_find_user_many },

@@ -257,6 +257,10 @@ static const struct family_meta all_families[] = {
     { "piapi_config_reloads_total", "counter" },
     { "piapi_config_last_reload_success_timestamp_seconds", "gauge" },
     { "piapi_config_info", "gauge" },
+    { "piapi_tokens_total", "counter" },
+    { "piapi_cost_usd_total", "counter" },
+    { "piapi_usage_incomplete_total", "counter" },
+    { "piapi_usage_db_errors_total", "counter" },
     { NULL, NULL }
 };
 
@@ -591,6 +595,76 @@ static void test_table_overflow(void)
     free(t);
 }
 
+static uint64_t seven(void)
+{
+    return 7;
+}
+
+static void usage(const char *user, const char *model, int64_t in, int64_t out,
+                  double cost, int priced, int complete)
+{
+    struct piapi_metrics_usage u = {
+        .user = user, .service_type = "cc", .model = model, .input = in, .output = out,
+        .cache_read = 3, .cache_write = 0, .cost_usd = cost, .priced = priced,
+        .complete = complete,
+    };
+    piapi_metrics_usage(&u);
+}
+
+/* Tokens by kind (a zero count makes no series), cost in nano-dollars
+ * rendered exactly, incomplete answers, the ledger's error count. */
+static void test_usage_exposition(void)
+{
+    piapi_metrics_init("v");
+    piapi_metrics_set_usage_db_probe(seven);
+    usage("al", "claude-sonnet-4-5", 1250, 420, 0.0273, 1, 1);
+    usage("al", "claude-sonnet-4-5", 1250, 420, 0.0273, 1, 1);
+    usage("al", "mystery", 5, 0, 0, 0, 0);
+    char *t = render();
+    static const char *const present[] = {
+        "piapi_tokens_total{user=\"al\",service_type=\"cc\",model=\"claude-sonnet-4-5\",kind=\"input\"} 2500\n",
+        "piapi_tokens_total{user=\"al\",service_type=\"cc\",model=\"claude-sonnet-4-5\",kind=\"output\"} 840\n",
+        "piapi_tokens_total{user=\"al\",service_type=\"cc\",model=\"claude-sonnet-4-5\",kind=\"cache_read\"} 6\n",
+        "piapi_tokens_total{user=\"al\",service_type=\"cc\",model=\"mystery\",kind=\"input\"} 5\n",
+        "piapi_cost_usd_total{user=\"al\",service_type=\"cc\",model=\"claude-sonnet-4-5\"} 0.054600000\n",
+        "piapi_usage_incomplete_total{service_type=\"cc\"} 1\n",
+        "piapi_usage_db_errors_total 7\n",
+        NULL
+    };
+    for (size_t i = 0; present[i]; i++) {
+        if (!strstr(t, present[i]))
+            fprintf(stderr, "\n  missing '%s'\n", present[i]);
+        CU_ASSERT_PTR_NOT_NULL(strstr(t, present[i]));
+    }
+    CU_ASSERT_PTR_NULL(strstr(t, "kind=\"cache_write\""));
+    CU_ASSERT_PTR_NULL(strstr(t, "piapi_cost_usd_total{user=\"al\",service_type=\"cc\",model=\"mystery\"}"));
+    free(t);
+}
+
+/* Model names come from upstream answers: the first 64 valid ones become
+ * label values, the rest and anything odd is "other". */
+static void test_model_labels_bounded(void)
+{
+    char name[32];
+    piapi_metrics_init("v");
+    for (int i = 0; i < 100; i++) {
+        snprintf(name, sizeof name, "model-%d", i);
+        usage("al", name, 1, 0, 0, 0, 1);
+    }
+    usage("al", "bad\"name", 1, 0, 0, 0, 1);
+    usage("al", NULL, 1, 0, 0, 0, 1);
+    char *t = render();
+    size_t models = 0;
+    for (const char *p = t; (p = strstr(p, ",kind=\"input\"} ")); p++)
+        models++;
+    CU_ASSERT_EQUAL(models, 65);  /* 64 names and "other" */
+    CU_ASSERT_PTR_NOT_NULL(strstr(t, "model=\"model-63\",kind=\"input\"} 1\n"));
+    CU_ASSERT_PTR_NULL(strstr(t, "model=\"model-64\""));
+    CU_ASSERT_PTR_NOT_NULL(strstr(t, "model=\"other\",kind=\"input\"} 38\n"));
+    CU_ASSERT_PTR_NULL(strstr(t, "bad"));
+    free(t);
+}
+
 static const struct unit_case tests[] = {
     { "exact exposition", test_exact_exposition },
     { "bucket boundaries", test_bucket_boundaries },
@@ -602,6 +676,8 @@ static const struct unit_case tests[] = {
     { "render 500 series", test_render_500_series },
     { "promtool check metrics", test_promtool },
     { "table overflow folds into other", test_table_overflow },
+    { "usage exposition", test_usage_exposition },
+    { "model labels bounded", test_model_labels_bounded },
     { NULL, NULL }
 };
 

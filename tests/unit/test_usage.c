@@ -282,7 +282,7 @@ static const struct answer_case answer_cases[] = {
         anthropic_sse_short_delta,
         { 12, 15, 1024, 2048, 512, "claude-sonnet-4-5-20250929", 1, 1 }),
     ANS("anthropic sse cut", ANTHROPIC, 1, anthropic_sse_cut,
-        { 12, 1, 1024, 2048, 512, "claude-sonnet-4-5-20250929", 1, 0 }),
+        { 12, 0, 1024, 2048, 512, "claude-sonnet-4-5-20250929", 1, 0 }),
     ANS("anthropic sse unnamed", ANTHROPIC, 1, anthropic_sse_unnamed,
         { 5, 9, 0, 0, 0, "claude-haiku-4-5", 1, 1 }),
     ANS("anthropic json", ANTHROPIC, 0, anthropic_json,
