@@ -233,10 +233,12 @@ static int walk_span(struct span v, const char *const *keys, size_t nkeys,
 
 /* ---- shape by path --------------------------------------------------- */
 
+/* Whether the path's last segments are `suffix`: the whole path, or after
+ * a '/' (the path may be a service's rest, which has no leading '/'). */
 static int ends_with(const char *p, size_t n, const char *suffix)
 {
     size_t k = strlen(suffix);
-    return n >= k && memcmp(p + n - k, suffix, k) == 0;
+    return n >= k && memcmp(p + n - k, suffix, k) == 0 && (n == k || p[n - k - 1] == '/');
 }
 
 enum piapi_usage_shape piapi_usage_shape_of(const char *path, size_t len)
@@ -246,11 +248,11 @@ enum piapi_usage_shape piapi_usage_shape_of(const char *path, size_t len)
         len = (size_t)(q - path);
     if (len > 1 && path[len - 1] == '/')
         len--;
-    if (ends_with(path, len, "/messages"))
+    if (ends_with(path, len, "messages"))
         return PIAPI_USAGE_ANTHROPIC;
-    if (ends_with(path, len, "/chat/completions"))
+    if (ends_with(path, len, "chat/completions"))
         return PIAPI_USAGE_CHAT;
-    if (ends_with(path, len, "/responses"))
+    if (ends_with(path, len, "responses"))
         return PIAPI_USAGE_RESPONSES;
     return PIAPI_USAGE_NONE;
 }

@@ -659,6 +659,12 @@ static void test_shape_of(void)
         { "/v1/models", PIAPI_USAGE_NONE },
         { "", PIAPI_USAGE_NONE },
         { "/", PIAPI_USAGE_NONE },
+        /* a service's rest: no leading '/' */
+        { "messages", PIAPI_USAGE_ANTHROPIC },
+        { "chat/completions", PIAPI_USAGE_CHAT },
+        { "responses", PIAPI_USAGE_RESPONSES },
+        { "xresponses", PIAPI_USAGE_NONE },
+        { "v1/chat/completions", PIAPI_USAGE_CHAT },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         enum piapi_usage_shape got =
