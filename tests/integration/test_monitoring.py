@@ -42,7 +42,8 @@ RULE_TESTS = MON / "alerts.tests.yml"
 DASHBOARD = MON / "grafana-dashboard.json"
 
 ALERTS = ("PiapiDown", "PiapiConfigReloadFailing", "PiapiHigh5xxRatio",
-          "PiapiUpstreamErrors", "PiapiUpstreamTTFBHigh", "PiapiPoolSaturated")
+          "PiapiUpstreamErrors", "PiapiUpstreamTTFBHigh", "PiapiPoolSaturated",
+          "PiapiUsageLedgerErrors")
 GRAFANA_VARS = {"$__rate_interval": "30s", "$__range": "30s", "$instance": ".*"}
 
 ALICE = "piapi-user-alice-m0nT7rQ2xW"     # openai: cx
@@ -79,6 +80,8 @@ def mon_config(stack, broken=False):
             {"name": "bob", "apiKey": BOB, "providerName": "anthropic", "providerKeyName": "main"},
             {"name": "dave", "apiKey": DAVE, "providerName": "dead", "providerKeyName": "only"},
         ],
+        # every model the mock names is priced: the cost panels have data
+        "pricing": [{"model": "*", "input": "1.5", "output": "6"}],
         "settings": {"connectTimeoutMs": 2000, "headerTimeoutMs": 5000},
     }
     if broken:
@@ -550,6 +553,7 @@ class TestLivePrometheus(unittest.TestCase):
         self.assertEqual(states.get("PiapiUpstreamErrors"), "pending", states)
         self.assertNotIn("PiapiDown", states)
         self.assertNotIn("PiapiUpstreamTTFBHigh", states)
+        self.assertNotIn("PiapiUsageLedgerErrors", states)
 
     def test_05_a_typo_would_show(self):
         """The check above is not vacuous: a misspelt metric has no data."""
