@@ -871,9 +871,9 @@ static void sse_feed(struct piapi_usage_scan *s, const char *data, size_t n,
     }
     if (!s->strip)
         return;
-    /* the incomplete event waits, unless it grew too big to hold: then it
-     * passes as it comes and counts for nothing */
-    if (!s->ev_pass && s->hold.len + (n - start) > PIAPI_USAGE_MAX_BODY) {
+    /* the incomplete event waits, unless it grew too big to be a usage
+     * chunk: then it passes as it comes and counts for nothing */
+    if (!s->ev_pass && s->hold.len + (n - start) > PIAPI_USAGE_MAX_HOLD) {
         s->ev_pass = 1;
         data_cap_exceeded(s);
         piapi_buf_append(out, s->hold.data, s->hold.len);

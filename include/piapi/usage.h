@@ -29,6 +29,10 @@
  * up on (it then simply does not count). A hostile upstream cannot make
  * the scanner's buffers grow past this. */
 #define PIAPI_USAGE_MAX_BODY (8u << 20)
+/* Stripping holds back at most this much of one event: a usage chunk is
+ * well under 1 KiB, and what is held is what the client waits for (and
+ * what the end of a stream writes at once). */
+#define PIAPI_USAGE_MAX_HOLD (64u << 10)
 /* A usage object larger than this is not parsed (real ones are < 1 KiB;
  * the limit keeps cJSON from building a huge tree out of one). */
 #define PIAPI_USAGE_MAX_OBJECT (64u << 10)

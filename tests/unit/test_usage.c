@@ -603,7 +603,7 @@ static void test_caps(void)
         }
         piapi_usage_finish(&s, &out, &u);
         piapi_usage_scan_dispose(&s);
-        CU_ASSERT(maxhold <= 2 * (size_t)PIAPI_USAGE_MAX_BODY);
+        CU_ASSERT(maxhold <= 2 * (size_t)PIAPI_USAGE_MAX_HOLD);
         CU_ASSERT_EQUAL(u.input, 3);
         CU_ASSERT_EQUAL(u.output, 2);
         /* the big event passed whole; the small usage chunk was removed */
