@@ -238,12 +238,12 @@ fi
 # settings.usageDb names a file in a directory piapi must be able to write
 # (the example's is /var/lib/piapi). piapi never creates directories; create
 # an absolute one here when we can, so the ledger works on a fresh machine.
-usage_db=$(sed -n 's/^[[:space:]]*usageDb:[[:space:]]*["'"'"']\{0,1\}\([^"'"'"'#[:space:]]*\).*/\1/p' "$CONFIG" | head -n 1)
+usage_db=$(awk '$1 == "usageDb:" { gsub(/["\047]/, "", $2); print $2; exit }' "$CONFIG")
 case $usage_db in
 /*) usage_dir=$(dirname "$usage_db")
     if [ ! -d "$usage_dir" ]; then
         mkdir -p "$usage_dir" 2>/dev/null && chmod 0700 "$usage_dir" ||
-            say "cannot create $usage_dir for settings.usageDb: usage is not recorded until it exists"
+            say "settings.usageDb: cannot create $usage_dir; no usage is recorded until it exists"
     fi ;;
 esac
 
