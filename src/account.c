@@ -125,15 +125,15 @@ void piapi_account_record(const struct piapi_account *a, double now)
         piapi_metrics_usage(&m);
     }
     record_ledger(a, now);
-    struct piapi_tally one = {
+    struct piapi_usage_totals one = {
         .requests = 1, .input = u->input, .output = u->output,
         .cache_read = u->cache_read, .cache_write = u->cache_write,
-        .cost_usd = a->cost_usd,
+        .cache_write_1h = u->cache_write_1h, .cost_usd = a->cost_usd,
     };
     piapi_tally_add(a->user, now, &one);
 }
 
-static void put_period(struct piapi_buf *b, const char *name, const struct piapi_tally *t)
+static void put_period(struct piapi_buf *b, const char *name, const struct piapi_usage_totals *t)
 {
     piapi_buf_printf(b, "\"%s\":{\"requests\":%llu,\"input_tokens\":%lld,"
                         "\"output_tokens\":%lld,\"cache_read_tokens\":%lld,"
@@ -145,7 +145,7 @@ static void put_period(struct piapi_buf *b, const char *name, const struct piapi
 
 void piapi_account_usage_json(const char *user, double now, struct piapi_buf *out)
 {
-    struct piapi_tally day, month;
+    struct piapi_usage_totals day, month;
     piapi_tally_get(user, now, &day, &month);
     piapi_buf_puts(out, "{\"user\":");
     piapi_json_string(out, user, strlen(user));
@@ -177,15 +177,12 @@ struct restore {
 static void restore_one(void *ud, const char *user, const struct piapi_usage_totals *t)
 {
     const struct restore *r = ud;
-    struct piapi_tally got = {
-        .requests = t->requests, .input = t->input, .output = t->output,
-        .cache_read = t->cache_read, .cache_write = t->cache_write, .cost_usd = t->cost_usd,
-    }, day, month;
+    struct piapi_usage_totals day, month;
     piapi_tally_get(user, r->now, &day, &month);
     if (r->month)
-        piapi_tally_restore(user, r->now, &day, &got);
+        piapi_tally_restore(user, r->now, &day, t);
     else
-        piapi_tally_restore(user, r->now, &got, &month);
+        piapi_tally_restore(user, r->now, t, &month);
 }
 
 /* The members' day and month so far, from what the ledger holds. */

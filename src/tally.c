@@ -13,7 +13,7 @@
 struct entry {
     char *user;                 /* NULL: empty slot */
     int64_t day, month;         /* which: days since the epoch, year*12+month */
-    struct piapi_tally today, this_month;
+    struct piapi_usage_totals today, this_month;
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -86,25 +86,26 @@ static void roll(struct entry *e, double now)
     int64_t d = day_of(now), m = month_of(now);
     if (e->day != d) {
         e->day = d;
-        e->today = (struct piapi_tally){0};
+        e->today = (struct piapi_usage_totals){0};
     }
     if (e->month != m) {
         e->month = m;
-        e->this_month = (struct piapi_tally){0};
+        e->this_month = (struct piapi_usage_totals){0};
     }
 }
 
-static void add(struct piapi_tally *to, const struct piapi_tally *one)
+static void add(struct piapi_usage_totals *to, const struct piapi_usage_totals *one)
 {
     to->requests += one->requests;
     to->input += one->input;
     to->output += one->output;
     to->cache_read += one->cache_read;
     to->cache_write += one->cache_write;
+    to->cache_write_1h += one->cache_write_1h;
     to->cost_usd += one->cost_usd;
 }
 
-void piapi_tally_add(const char *user, double now, const struct piapi_tally *one)
+void piapi_tally_add(const char *user, double now, const struct piapi_usage_totals *one)
 {
     pthread_mutex_lock(&lock);
     struct entry *e = find(user);
@@ -114,8 +115,8 @@ void piapi_tally_add(const char *user, double now, const struct piapi_tally *one
     pthread_mutex_unlock(&lock);
 }
 
-void piapi_tally_get(const char *user, double now, struct piapi_tally *day,
-                     struct piapi_tally *month)
+void piapi_tally_get(const char *user, double now, struct piapi_usage_totals *day,
+                     struct piapi_usage_totals *month)
 {
     pthread_mutex_lock(&lock);
     struct entry *e = find(user);
@@ -125,8 +126,8 @@ void piapi_tally_get(const char *user, double now, struct piapi_tally *day,
     pthread_mutex_unlock(&lock);
 }
 
-void piapi_tally_restore(const char *user, double now, const struct piapi_tally *day,
-                         const struct piapi_tally *month)
+void piapi_tally_restore(const char *user, double now, const struct piapi_usage_totals *day,
+                         const struct piapi_usage_totals *month)
 {
     pthread_mutex_lock(&lock);
     struct entry *e = find(user);

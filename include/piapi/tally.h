@@ -5,24 +5,18 @@
 #ifndef PIAPI_TALLY_H
 #define PIAPI_TALLY_H
 
-#include <stdint.h>
-
-struct piapi_tally {
-    uint64_t requests;
-    int64_t input, output, cache_read, cache_write;
-    double cost_usd;
-};
+#include "piapi/ledger.h"
 
 /* Adds one request's usage, at `now` (unix seconds), to user's day and
  * month; a new day or month starts from zero. */
-void piapi_tally_add(const char *user, double now, const struct piapi_tally *one);
+void piapi_tally_add(const char *user, double now, const struct piapi_usage_totals *one);
 /* The totals of the day and the month that hold `now`. */
-void piapi_tally_get(const char *user, double now, struct piapi_tally *day,
-                     struct piapi_tally *month);
+void piapi_tally_get(const char *user, double now, struct piapi_usage_totals *day,
+                     struct piapi_usage_totals *month);
 /* Replaces user's totals for the period `now` is in (at start-up, from the
  * ledger). */
-void piapi_tally_restore(const char *user, double now, const struct piapi_tally *day,
-                         const struct piapi_tally *month);
+void piapi_tally_restore(const char *user, double now, const struct piapi_usage_totals *day,
+                         const struct piapi_usage_totals *month);
 /* The UTC midnight that starts now's day, and the first of its month. */
 double piapi_tally_day_start(double now);
 double piapi_tally_month_start(double now);
