@@ -10,7 +10,7 @@
  * logged once per outage and retried at most every RETRY_OPEN_S while its
  * rows are dropped; a failed batch is rolled back and its rows counted as
  * lost. Everything lost is counted in piapi_ledger_errors(). */
-#include "piapi/ledger.h"
+#include "ledger_int.h"
 #include "piapi/log.h"
 #include "piapi/util.h"
 
@@ -602,9 +602,33 @@ uint64_t piapi_ledger_errors(void)
 /* ---- reading ---------------------------------------------------------------- */
 
 static const char sum_sql[] =
-    "SELECT user, COUNT(*), SUM(input), SUM(output), SUM(cache_read),"
-    " SUM(cache_write), SUM(cache_write_1h), TOTAL(cost_usd)"
+    "SELECT user, " LEDGER_SUM_COLUMNS
     " FROM requests WHERE ts >= ?1 GROUP BY user ORDER BY user";
+
+void ledger_read_totals(sqlite3_stmt *st, int col, struct piapi_usage_totals *t)
+{
+    *t = (struct piapi_usage_totals){
+        .requests = (uint64_t)sqlite3_column_int64(st, col),
+        .input = sqlite3_column_int64(st, col + 1),
+        .output = sqlite3_column_int64(st, col + 2),
+        .cache_read = sqlite3_column_int64(st, col + 3),
+        .cache_write = sqlite3_column_int64(st, col + 4),
+        .cache_write_1h = sqlite3_column_int64(st, col + 5),
+        .cost_usd = sqlite3_column_double(st, col + 6),
+    };
+}
+
+void piapi_usage_totals_add(struct piapi_usage_totals *to,
+                            const struct piapi_usage_totals *one)
+{
+    to->requests += one->requests;
+    to->input += one->input;
+    to->output += one->output;
+    to->cache_read += one->cache_read;
+    to->cache_write += one->cache_write;
+    to->cache_write_1h += one->cache_write_1h;
+    to->cost_usd += one->cost_usd;
+}
 
 static int sum_rows(sqlite3 *db, double since,
                     void (*cb)(void *, const char *, const struct piapi_usage_totals *),
@@ -616,15 +640,8 @@ static int sum_rows(sqlite3 *db, double since,
     if (rc == SQLITE_OK)
         rc = sqlite3_bind_double(st, 1, since);
     while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        struct piapi_usage_totals t = {
-            .requests = (uint64_t)sqlite3_column_int64(st, 1),
-            .input = sqlite3_column_int64(st, 2),
-            .output = sqlite3_column_int64(st, 3),
-            .cache_read = sqlite3_column_int64(st, 4),
-            .cache_write = sqlite3_column_int64(st, 5),
-            .cache_write_1h = sqlite3_column_int64(st, 6),
-            .cost_usd = sqlite3_column_double(st, 7),
-        };
+        struct piapi_usage_totals t;
+        ledger_read_totals(st, 1, &t);
         const char *user = (const char *)sqlite3_column_text(st, 0);
         cb(ud, user ? user : "", &t);
         rc = SQLITE_OK;

@@ -94,24 +94,13 @@ static void roll(struct entry *e, double now)
     }
 }
 
-static void add(struct piapi_usage_totals *to, const struct piapi_usage_totals *one)
-{
-    to->requests += one->requests;
-    to->input += one->input;
-    to->output += one->output;
-    to->cache_read += one->cache_read;
-    to->cache_write += one->cache_write;
-    to->cache_write_1h += one->cache_write_1h;
-    to->cost_usd += one->cost_usd;
-}
-
 void piapi_tally_add(const char *user, double now, const struct piapi_usage_totals *one)
 {
     pthread_mutex_lock(&lock);
     struct entry *e = find(user);
     roll(e, now);
-    add(&e->today, one);
-    add(&e->this_month, one);
+    piapi_usage_totals_add(&e->today, one);
+    piapi_usage_totals_add(&e->this_month, one);
     pthread_mutex_unlock(&lock);
 }
 

@@ -3,9 +3,6 @@
  * the numbers are one consistent snapshot even while piapi commits. Sums
  * are exact integers; unpriced rows add 0 to the cost and are counted. */
 #include "piapi/usage_report.h"
-#include "piapi/json.h"
-#include "piapi/ledger.h"
-#include "piapi/util.h"
 
 #include <errno.h>
 #include <float.h>
@@ -15,6 +12,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "ledger_int.h"
+#include "piapi/json.h"
+#include "piapi/util.h"
 
 #define BUSY_TIMEOUT_MS 5000
 #define DAY_S 86400.0
@@ -38,9 +39,8 @@ struct opts {
 };
 
 struct sums {
-    uint64_t requests, incomplete, unpriced;
-    int64_t input, output, cache_read, cache_write, cache_write_1h;
-    double cost_usd;
+    struct piapi_usage_totals t;
+    uint64_t incomplete, unpriced;
 };
 
 struct group {
@@ -178,15 +178,9 @@ static int parse_args(int argc, char **argv, struct opts *o, FILE *err)
 
 static void sums_add(struct sums *to, const struct sums *s)
 {
-    to->requests += s->requests;
+    piapi_usage_totals_add(&to->t, &s->t);
     to->incomplete += s->incomplete;
     to->unpriced += s->unpriced;
-    to->input += s->input;
-    to->output += s->output;
-    to->cache_read += s->cache_read;
-    to->cache_write += s->cache_write;
-    to->cache_write_1h += s->cache_write_1h;
-    to->cost_usd += s->cost_usd;
 }
 
 static void report_add(struct report *r, const char *name, const struct sums *s)
@@ -214,9 +208,7 @@ static int query(sqlite3 *db, const struct opts *o, struct report *r)
     sqlite3_stmt *st = NULL;
 
     piapi_buf_printf(&sql,
-        "SELECT %s, COUNT(*), SUM(input), SUM(output), SUM(cache_read),"
-        " SUM(cache_write), SUM(cache_write_1h), TOTAL(cost_usd),"
-        " SUM(complete = 0), SUM(cost_usd IS NULL)"
+        "SELECT %s, " LEDGER_SUM_COLUMNS ", SUM(complete = 0), SUM(cost_usd IS NULL)"
         " FROM requests WHERE ts >= ?1 AND ts < ?2 GROUP BY 1 ORDER BY 1", o->by->expr);
     int rc = sqlite3_prepare_v2(db, sql.data, -1, &st, NULL);
     piapi_buf_dispose(&sql);
@@ -226,16 +218,10 @@ static int query(sqlite3 *db, const struct opts *o, struct report *r)
         rc = sqlite3_bind_double(st, 2, o->to);
     while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         struct sums s = {
-            .requests = (uint64_t)sqlite3_column_int64(st, 1),
-            .input = sqlite3_column_int64(st, 2),
-            .output = sqlite3_column_int64(st, 3),
-            .cache_read = sqlite3_column_int64(st, 4),
-            .cache_write = sqlite3_column_int64(st, 5),
-            .cache_write_1h = sqlite3_column_int64(st, 6),
-            .cost_usd = sqlite3_column_double(st, 7),
             .incomplete = (uint64_t)sqlite3_column_int64(st, 8),
             .unpriced = (uint64_t)sqlite3_column_int64(st, 9),
         };
+        ledger_read_totals(st, 1, &s.t);
         const char *name = (const char *)sqlite3_column_text(st, 0);
         report_add(r, name ? name : "", &s);
         rc = SQLITE_OK;
@@ -311,13 +297,13 @@ static char *cell_name(const char *name)
 
 static void cell_numbers(char cells[][32], const struct sums *s)
 {
-    snprintf(cells[1], 32, "%" PRIu64, s->requests);
-    snprintf(cells[2], 32, "%" PRId64, s->input);
-    snprintf(cells[3], 32, "%" PRId64, s->output);
-    snprintf(cells[4], 32, "%" PRId64, s->cache_read);
-    snprintf(cells[5], 32, "%" PRId64, s->cache_write);
-    snprintf(cells[6], 32, "%" PRId64, s->cache_write_1h);
-    snprintf(cells[7], 32, "%.6f", s->cost_usd);
+    snprintf(cells[1], 32, "%" PRIu64, s->t.requests);
+    snprintf(cells[2], 32, "%" PRId64, s->t.input);
+    snprintf(cells[3], 32, "%" PRId64, s->t.output);
+    snprintf(cells[4], 32, "%" PRId64, s->t.cache_read);
+    snprintf(cells[5], 32, "%" PRId64, s->t.cache_write);
+    snprintf(cells[6], 32, "%" PRId64, s->t.cache_write_1h);
+    snprintf(cells[7], 32, "%.6f", s->t.cost_usd);
     snprintf(cells[8], 32, "%" PRIu64, s->incomplete);
 }
 
@@ -382,8 +368,8 @@ static void json_sums(struct piapi_buf *b, const struct sums *s)
         "\"requests\":%" PRIu64 ",\"input\":%" PRId64 ",\"output\":%" PRId64
         ",\"cache_read\":%" PRId64 ",\"cache_write\":%" PRId64 ",\"cache_write_1h\":%" PRId64
         ",\"cost_usd\":%.6f,\"incomplete\":%" PRIu64 ",\"unpriced\":%" PRIu64,
-        s->requests, s->input, s->output, s->cache_read, s->cache_write, s->cache_write_1h,
-        s->cost_usd, s->incomplete, s->unpriced);
+        s->t.requests, s->t.input, s->t.output, s->t.cache_read, s->t.cache_write, s->t.cache_write_1h,
+        s->t.cost_usd, s->incomplete, s->unpriced);
 }
 
 static void json_day(struct piapi_buf *b, const char *day)

@@ -75,6 +75,10 @@ struct piapi_usage_totals {
     double cost_usd;              /* unpriced rows count 0 */
 };
 
+/* to += one, field by field. */
+void piapi_usage_totals_add(struct piapi_usage_totals *to,
+                            const struct piapi_usage_totals *one);
+
 /* Per-member totals of the rows with ts >= since, read on a connection of
  * its own (blocking; meant for start-up, to restore today's and this
  * month's numbers). cb runs once per member, in name order; user is valid
