@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -157,6 +158,22 @@ fail:
     return -1;
 }
 
+int piapi_ledger_check_path(const char *path)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0)
+        return errno == ENOENT ? 0 : -1;
+    if (S_ISREG(sb.st_mode))
+        return 0;
+    errno = S_ISDIR(sb.st_mode) ? EISDIR : EINVAL;
+    return -1;
+}
+
+static void path_error(char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s", errno == EINVAL ? "not a regular file" : strerror(errno));
+}
+
 /* WAL: readers (piapi usage) never block the writer nor it them.
  * synchronous=NORMAL: a commit is safe from a crash of the process without
  * an fsync; only a power loss can take the last commits. */
@@ -165,6 +182,10 @@ static int db_open_writer(const char *path, sqlite3 **dbp, sqlite3_stmt **insp,
 {
     sqlite3 *db = NULL;
     sqlite3_stmt *ins = NULL;
+    if (piapi_ledger_check_path(path) != 0) {
+        path_error(err, errlen);
+        return -1;
+    }
     /* Member names and their spending are nobody else's business: a new
      * file is made 0640 (SQLite gives its -wal and -shm the same mode),
      * not SQLite's 0644. Errors are SQLite's to report. */
@@ -663,6 +684,10 @@ int piapi_ledger_sum_by_user(const char *path, double since,
 
     if (access(path, F_OK) != 0 && errno == ENOENT)
         return 0;
+    if (piapi_ledger_check_path(path) != 0) {
+        path_error(err, sizeof err);
+        goto fail;
+    }
     rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc != SQLITE_OK) {
         db_error(db, rc, err, sizeof err);

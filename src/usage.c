@@ -125,18 +125,22 @@ static int span_is_empty_array(struct span v)
     return i == v.n - 1 && v.p[i] == ']';
 }
 
-/* Decodes the JSON string token t (quotes included) into dst (cap >= 1),
- * truncated to cap - 1 bytes. Tokens without a backslash are copied as
- * they are; others go through cJSON, which only ever sees this token. */
+/* Decodes the JSON string token t (quotes included) into dst (cap >= 1).
+ * -1 with dst untouched when it does not fit in cap - 1 bytes: a name cut
+ * short could end in the first bytes of a key, which the caller's check
+ * for whole keys would miss (no model name is that long). Tokens without
+ * a backslash are copied as they are; others go through cJSON, which only
+ * ever sees this token. */
 static int decode_string(struct span t, char *dst, size_t cap)
 {
     const char *raw = t.p + 1;
     size_t rlen = t.n - 2;
 
     if (!memchr(raw, '\\', rlen)) {
-        size_t k = rlen < cap - 1 ? rlen : cap - 1;
-        memcpy(dst, raw, k);
-        dst[k] = '\0';
+        if (rlen >= cap)
+            return -1;
+        memcpy(dst, raw, rlen);
+        dst[rlen] = '\0';
         return 0;
     }
     if (t.n > 4096)
@@ -148,9 +152,11 @@ static int decode_string(struct span t, char *dst, size_t cap)
         return -1;
     }
     size_t k = strlen(s);
-    k = k < cap - 1 ? k : cap - 1;
-    memcpy(dst, s, k);
-    dst[k] = '\0';
+    if (k >= cap) {
+        cJSON_Delete(v);
+        return -1;
+    }
+    memcpy(dst, s, k + 1);
     cJSON_Delete(v);
     return 0;
 }

@@ -246,6 +246,11 @@ static int read_ledger(const char *path, const struct opts *o, struct report *r,
                 path, strerror(errno));
         return 1;
     }
+    if (piapi_ledger_check_path(path) != 0) {
+        fprintf(err, "piapi usage: %s: %s (settings.usageDb)\n", path,
+                errno == EINVAL ? "not a regular file" : strerror(errno));
+        return 1;
+    }
     rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL);
     if (rc == SQLITE_OK) {
         sqlite3_busy_timeout(db, BUSY_TIMEOUT_MS);

@@ -820,11 +820,16 @@ void xfer_refuse(struct xfer *x, enum verdict v)
 
 /* The answer ended: its usage is what was seen. A stripped stream that
  * ended cleanly still owes the client its last bytes (an event without
- * its blank line); a cut one is poisoned anyway. */
+ * its blank line); a cut one is poisoned anyway. A cut answer is never
+ * complete, whatever usage it carried before the cut: Anthropic may send
+ * more than one (cumulative) message_delta, and what the client got was
+ * not the whole answer. */
 static void finish_counting(struct xfer *x, int clean)
 {
     piapi_buf_reset(&x->relay);
     piapi_usage_finish(&x->usage, &x->relay, &x->t->usage);
+    if (!clean)
+        x->t->usage.complete = 0;
     if (clean && x->relay.len && client_put(x, x->relay.data, x->relay.len) == 0)
         x->t->bytes_out += x->relay.len;
     piapi_usage_scan_dispose(&x->usage);

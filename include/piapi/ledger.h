@@ -90,4 +90,11 @@ int piapi_ledger_sum_by_user(const char *path, double since,
                                         const struct piapi_usage_totals *t),
                              void *ud);
 
+/* Whether path may be opened as a database: 0 when it does not exist or
+ * is a regular file (through symlinks), else -1 with errno set (EISDIR,
+ * or EINVAL for a FIFO, socket or device). SQLite would block forever
+ * opening a FIFO with no writer, hanging start-up, a reload or
+ * `piapi usage`; it is refused before SQLite sees it. */
+int piapi_ledger_check_path(const char *path);
+
 #endif

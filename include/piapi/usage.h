@@ -65,7 +65,9 @@ enum piapi_usage_shape piapi_usage_shape_of(const char *path, size_t len);
  *                  it, else 0
  *   output         output tokens, reasoning included
  *   model          the model the answer names ("" when none; the caller
- *                  falls back to the request's), truncated to 127 bytes
+ *                  falls back to the request's); one longer than 127
+ *                  bytes is none (cut short it could end in a key's
+ *                  first bytes)
  *   found          at least one count was read
  *   complete       the final usage arrived (JSON: a usage object; SSE:
  *                  Anthropic message_delta's usage, Chat's usage chunk,
@@ -88,8 +90,8 @@ struct piapi_usage {
     int complete;
 };
 
-/* The request body's top level: "model" (a string, decoded, truncated to
- * 127 bytes), "stream": true, whether "stream_options" is present (any
+/* The request body's top level: "model" (a string, decoded; "" when longer
+ * than 127 bytes), "stream": true, whether "stream_options" is present (any
  * value) and whether it is an object whose include_usage is true. With a
  * key given twice the last one counts, as in the providers' parsers. */
 struct piapi_usage_request {

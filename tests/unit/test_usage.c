@@ -734,7 +734,8 @@ static void test_scan_request(void)
         CU_ASSERT_EQUAL(rq.has_stream_options, cases[i].has_opts);
     }
 
-    /* a long model name is cut, a big body is walked */
+    /* a model name too long to keep whole is none (cut short it could
+     * end in a key's first bytes), a big body is walked */
     struct piapi_buf b = {0};
     piapi_buf_puts(&b, "{\"messages\":[");
     for (int i = 0; i < 100000; i++)
@@ -745,9 +746,43 @@ static void test_scan_request(void)
     piapi_buf_puts(&b, "\",\"stream\":true}");
     struct piapi_usage_request rq;
     CU_ASSERT_EQUAL(piapi_usage_scan_request(b.data, b.len, &rq), 0);
-    CU_ASSERT_EQUAL(strlen(rq.model), 127);
+    CU_ASSERT_STRING_EQUAL(rq.model, "");
     CU_ASSERT_EQUAL(rq.stream, 1);
     piapi_buf_dispose(&b);
+}
+
+/* A model name longer than its 127 bytes is dropped, not cut: its kept
+ * part could end in the first bytes of a key, which the check for whole
+ * keys in the log and ledger would not see. Both the request's and the
+ * answer's, escaped or not. */
+static void test_long_model(void)
+{
+    char m127[128], body[512];
+    memset(m127, 'm', 127);
+    m127[127] = '\0';
+    struct piapi_usage_request rq;
+
+    snprintf(body, sizeof body, "{\"model\":\"%s\"}", m127);
+    CU_ASSERT_EQUAL(piapi_usage_scan_request(body, strlen(body), &rq), 0);
+    CU_ASSERT_STRING_EQUAL(rq.model, m127);
+    snprintf(body, sizeof body, "{\"model\":\"%sx\"}", m127);
+    CU_ASSERT_EQUAL(piapi_usage_scan_request(body, strlen(body), &rq), 0);
+    CU_ASSERT_STRING_EQUAL(rq.model, "");
+    snprintf(body, sizeof body, "{\"model\":\"%s\\u0078\"}", m127);
+    CU_ASSERT_EQUAL(piapi_usage_scan_request(body, strlen(body), &rq), 0);
+    CU_ASSERT_STRING_EQUAL(rq.model, "");
+
+    struct piapi_usage_scan s;
+    struct piapi_usage u;
+    snprintf(body, sizeof body, "{\"model\":\"%ssk-xyz\",\"usage\":{\"input_tokens\":3,"
+             "\"output_tokens\":4}}", m127);
+    piapi_usage_scan_init(&s, PIAPI_USAGE_ANTHROPIC, 0, 0);
+    piapi_usage_feed(&s, body, strlen(body), NULL);
+    piapi_usage_finish(&s, NULL, &u);
+    piapi_usage_scan_dispose(&s);
+    CU_ASSERT_STRING_EQUAL(u.model, "");
+    CU_ASSERT_EQUAL(u.input, 3);
+    CU_ASSERT_EQUAL(u.complete, 1);
 }
 
 static void test_inject(void)
@@ -820,6 +855,7 @@ static const struct unit_case cases[] = {
     { "caps", test_caps },
     { "shape of path", test_shape_of },
     { "request scan", test_scan_request },
+    { "long model name dropped", test_long_model },
     { "inject include_usage", test_inject },
     { NULL, NULL }
 };
