@@ -19,6 +19,7 @@
 #include "piapi/config_watch.h"
 #include "piapi/keygen.h"
 #include "piapi/ledger.h"
+#include "piapi/limits.h"
 #include "piapi/listen.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
@@ -312,6 +313,7 @@ int main(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     piapi_metrics_init(PIAPI_VERSION);
     piapi_metrics_set_usage_db_probe(piapi_ledger_errors);
+    piapi_metrics_set_extra_probe(piapi_limits_render_metrics);
     rc = 1;
     if (piapi_config_apply(o.config, PIAPI_APPLY_STARTUP) != 0)
         goto out;
