@@ -304,6 +304,48 @@ class TestBudgets(LimitsStack, unittest.TestCase):
         self.assertEqual(self.upstream_saw("month-1"), 0)
 
 
+class TestReload(unittest.TestCase):
+    """A reload changes limits for new requests."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.stack = harness.Stack("nginx", cls.config, name="limits-reload").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stack.stop()
+
+    @staticmethod
+    def config(stack, rpm=1, models=None):
+        cfg = limits_config(stack)
+        cfg["limits"] = {"requestsPerMinute": rpm}
+        if models is not None:
+            cfg["users"][0]["models"] = models
+        return cfg
+
+    def reload(self, **kw):
+        def successes():
+            m = Metrics(self.stack.request("GET", "/metrics").body.decode())
+            return m.get("piapi_config_reloads_total", result="success")
+        before = successes()
+        harness.write_config(self.stack.config_path, self.config(self.stack, **kw))
+        self.assertTrue(harness.wait_until(lambda: successes() > before, 5.0, 0.05))
+
+    def test_limits_follow_the_config(self):
+        post = lambda m: self.stack.request("POST", "/piapi/cx/chat/completions", auth("rpm"),
+                                            body=chat(m))
+        self.assertEqual(post("r-0").status, 200)
+        self.assertEqual(post("r-1").status, 429)
+        self.reload(rpm=3)      # the window remembers r-0: two more
+        self.assertEqual(post("r-2").status, 200)
+        self.assertEqual(post("r-3").status, 200)
+        self.assertEqual(post("r-4").status, 429)
+        self.reload(rpm=0, models=["claude-*"])
+        r = post("r-5")
+        self.assertEqual(r.status, 403, r.body)
+        self.assertIn("gpt-5-mini", r.json()["error"]["message"])
+
+
 class TestLimitsConfig(unittest.TestCase):
 
     def check(self, text):
