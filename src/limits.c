@@ -511,6 +511,9 @@ void piapi_limits_usage_json(const struct piapi_user *u, double now, struct piap
     const struct piapi_limits *l = &u->limits;
     struct piapi_tally day, month;
     uint32_t recent = 0, in_flight = 0;
+    if (!l->concurrent && !l->per_minute && !l->tokens_per_day && !l->daily_usd &&
+        !l->monthly_usd && !u->models)
+        return;  /* a member without limits: nothing to show */
     piapi_tally_get(u->name, now, &day, &month);
     pthread_mutex_lock(&lim.lock);
     struct member *m = member_get(u->name);

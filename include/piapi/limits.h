@@ -83,7 +83,8 @@ int piapi_limits_model(const struct piapi_user *u, const char *model,
                        struct piapi_limits_refusal *r);
 
 /* For GET /usage: u's limits and what is left of each, a JSON member
- * `"limits":{...}` appended to out (with a leading comma). */
+ * `"limits":{...}` appended to out (with a leading comma); nothing for a
+ * member without any limit. */
 void piapi_limits_usage_json(const struct piapi_user *u, double now, struct piapi_buf *out);
 
 /* Counts a refusal (piapi_limited_total); the model's is counted by the
