@@ -14,6 +14,7 @@
 #include "piapi/ev.h"
 #include "piapi/json.h"
 #include "piapi/loop.h"
+#include "piapi/redis.h"
 #include "piapi/tally.h"
 
 #define WINDOW_S 60.0
@@ -95,6 +96,7 @@ struct waiter {
     struct member *m;
     piapi_limits_resume resume;     /* NULL: a pool thread waits on `cond` */
     void *arg;
+    struct piapi_limits_slot *slot; /* filled when granted */
     pthread_cond_t *cond;
     enum wstate state;              /* under the lock */
     int dead;                       /* resumed; loop thread only */
@@ -279,6 +281,8 @@ static void end_wait(struct waiter *w, enum piapi_limits_verdict v)
     piapi_ev_timer_stop(ev, &w->timer);
     w->grave = lim.grave;
     lim.grave = w;
+    if (v == PIAPI_LIMITS_ADMITTED)
+        w->slot->held = 1;
     w->resume(w->arg, v, v == PIAPI_LIMITS_REFUSED ? &w->ref : NULL);
 }
 
@@ -363,7 +367,8 @@ static void enqueue(struct member *m, struct waiter *w)
 
 /* Under the lock, on the loop: parked until resume. -1: the fd cannot be
  * watched (the request is refused as if its wait had ended). */
-static int park(struct member *m, int fd, piapi_limits_resume resume, void *arg)
+static int park(struct member *m, int fd, piapi_limits_resume resume, void *arg,
+                struct piapi_limits_slot *slot)
 {
     struct piapi_ev *ev = piapi_loop_ev();
     struct waiter *w = piapi_xcalloc(1, sizeof *w);
@@ -372,6 +377,7 @@ static int park(struct member *m, int fd, piapi_limits_resume resume, void *arg)
     w->post.fn = handed_over;
     w->resume = resume;
     w->arg = arg;
+    w->slot = slot;
     if (!lim.hooked) {
         lim.round_end.fn = free_grave;
         piapi_ev_hook_add(ev, &lim.round_end);
@@ -423,12 +429,12 @@ static enum piapi_limits_verdict wait_here(struct member *m,
     return PIAPI_LIMITS_REFUSED;
 }
 
-enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double now,
-                                             int fd, piapi_limits_resume resume,
-                                             void *arg, struct piapi_limits_refusal *r)
+/* This instance's own state: the window, the slots, the queue. */
+static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double now, int fd,
+                                             piapi_limits_resume resume, void *arg,
+                                             struct piapi_limits_slot *slot,
+                                             struct piapi_limits_refusal *r)
 {
-    if (check_periods(u, now, r) != 0)
-        return PIAPI_LIMITS_REFUSED;
     enum piapi_limits_verdict v = PIAPI_LIMITS_ADMITTED;
     pthread_mutex_lock(&lim.lock);
     struct member *m = member_get(u->name);
@@ -444,17 +450,324 @@ enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double 
         v = PIAPI_LIMITS_REFUSED;
     } else if (!piapi_loop_on_thread()) {
         v = wait_here(m, r);
-    } else if (park(m, fd, resume, arg) == 0) {
+    } else if (park(m, fd, resume, arg, slot) == 0) {
         v = PIAPI_LIMITS_QUEUED;
     } else {
         refuse_concurrency(m, r);
         v = PIAPI_LIMITS_REFUSED;
     }
     pthread_mutex_unlock(&lim.lock);
+    if (v == PIAPI_LIMITS_ADMITTED)
+        slot->held = 1;
     return v;
 }
 
-void piapi_limits_release(const char *user)
+/* ---- shared through Redis ------------------------------------------------ */
+
+/* With settings.redis, requests per minute and concurrency are decided by
+ * Redis, atomically in one script per attempt (on the loop, the request
+ * parked meanwhile): the window is a sorted set of admission times per
+ * member, the slots a sorted set of leases scored by their expiry, which
+ * this instance pushes forward every LEASE_REFRESH_S while it holds them;
+ * a crashed instance's leases expire by themselves within LEASE_TTL_MS.
+ * A member at concurrentRequests polls every RETRY_MS until queueMs (no
+ * FIFO across instances). Redis unreachable, erring or slower than 50 ms:
+ * this instance's local state decides (fail open). Token and money limits
+ * stay on the local tally (restored from the ledger). A request on a pool
+ * thread uses the local state. */
+#define LEASE_TTL_MS 5000
+#define LEASE_REFRESH_S 1.5
+#define RETRY_MS 50
+
+static const char ADMIT_LUA[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local rpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local ttl = tonumber(ARGV[4])\n"
+    "if conc > 0 then\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)\n"
+    "  if redis.call('ZCARD', KEYS[2]) >= conc then return {2, 0} end\n"
+    "end\n"
+    "if rpm > 0 then\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)\n"
+    "  if redis.call('ZCARD', KEYS[1]) >= rpm then\n"
+    "    local o = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
+    "    return {1, tonumber(o[2]) + 60000 - now}\n"
+    "  end\n"
+    "  redis.call('ZADD', KEYS[1], now, ARGV[3])\n"
+    "  redis.call('PEXPIRE', KEYS[1], 60000)\n"
+    "end\n"
+    "if conc > 0 then\n"
+    "  redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])\n"
+    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "end\n"
+    "return {0, 0}\n";
+
+static const char RELEASE_LUA[] = "return redis.call('ZREM', KEYS[1], ARGV[1])\n";
+
+static const char REFRESH_LUA[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+    "return n\n";
+
+/* A lease this instance holds (loop thread only). */
+struct lease {
+    char key[160];
+    char id[48];
+    struct lease *next;
+};
+
+struct attempt {
+    struct piapi_ev_io io;          /* first: a hang-up while waiting */
+    struct piapi_ev_timer retry;
+    const struct piapi_user *u;     /* the request's snapshot holds it */
+    double now, give_up;            /* real; monotonic */
+    int fd;
+    piapi_limits_resume resume;
+    void *arg;
+    struct piapi_limits_slot *slot;
+    int pending;                    /* a script call is out */
+    int gone;                       /* the client left: end at the reply */
+    int dead;
+    struct attempt *grave;
+    struct piapi_limits_refusal ref;
+};
+
+static struct {
+    struct lease *leases;
+    struct piapi_ev_timer refresh;
+    uint64_t seq;
+    char instance[17];
+    struct attempt *grave;
+    struct piapi_ev_hook round_end;
+    int hooked;
+} sh;
+
+static void free_attempts(struct piapi_ev_hook *h)
+{
+    (void)h;
+    while (sh.grave) {
+        struct attempt *a = sh.grave;
+        sh.grave = a->grave;
+        free(a);
+    }
+}
+
+static void key_of(char *out, size_t n, const char *kind, const char *user)
+{
+    snprintf(out, n, "piapi:%s:%s", kind, user);
+}
+
+static void lease_refresh(struct piapi_ev_timer *t)
+{
+    char ttl[16];
+    snprintf(ttl, sizeof ttl, "%d", LEASE_TTL_MS);
+    for (struct lease *l = sh.leases; l; l = l->next) {
+        const char *argv[] = { l->key, l->id, ttl };
+        piapi_redis_eval_nowait(REFRESH_LUA, 1, 3, argv);
+    }
+    if (sh.leases)
+        piapi_ev_timer_set(piapi_loop_ev(), t, piapi_now_mono() + LEASE_REFRESH_S);
+}
+
+static void lease_hold(const char *user, const char *id)
+{
+    struct lease *l = piapi_xcalloc(1, sizeof *l);
+    key_of(l->key, sizeof l->key, "lease", user);
+    snprintf(l->id, sizeof l->id, "%s", id);
+    l->next = sh.leases;
+    sh.leases = l;
+    sh.refresh.cb = lease_refresh;
+    if (!sh.refresh.slot)
+        piapi_ev_timer_set(piapi_loop_ev(), &sh.refresh, piapi_now_mono() + LEASE_REFRESH_S);
+}
+
+/* On the loop: the lease goes back (whether Redis is up or not: a lease
+ * not returned expires). */
+static void lease_return(const char *user, const char *id)
+{
+    char key[160];
+    key_of(key, sizeof key, "lease", user);
+    for (struct lease **p = &sh.leases; *p; p = &(*p)->next)
+        if (strcmp((*p)->id, id) == 0 && strcmp((*p)->key, key) == 0) {
+            struct lease *l = *p;
+            *p = l->next;
+            free(l);
+            break;
+        }
+    const char *argv[] = { key, id };
+    piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv);
+}
+
+struct returned {
+    char user[128];
+    char id[48];
+};
+
+static void return_posted(void *arg)
+{
+    struct returned *r = arg;
+    lease_return(r->user, r->id);
+    free(r);
+}
+
+static void attempt_end(struct attempt *a, enum piapi_limits_verdict v)
+{
+    struct piapi_ev *ev = piapi_loop_ev();
+    a->dead = 1;
+    piapi_ev_io_stop(ev, &a->io);
+    piapi_ev_timer_stop(ev, &a->retry);
+    a->grave = sh.grave;
+    sh.grave = a;
+    a->resume(a->arg, v, v == PIAPI_LIMITS_REFUSED ? &a->ref : NULL);
+}
+
+/* Redis could not say: this instance decides, as without Redis. */
+static void fall_back(struct attempt *a)
+{
+    enum piapi_limits_verdict v = admit_local(a->u, a->now, a->fd, a->resume, a->arg,
+                                              a->slot, &a->ref);
+    if (v == PIAPI_LIMITS_QUEUED) {  /* the local queue resumes it */
+        a->dead = 1;
+        piapi_ev_io_stop(piapi_loop_ev(), &a->io);
+        piapi_ev_timer_stop(piapi_loop_ev(), &a->retry);
+        a->grave = sh.grave;
+        sh.grave = a;
+        return;
+    }
+    attempt_end(a, v);
+}
+
+static void try_shared(struct attempt *a);
+
+static void on_admit_reply(void *arg, const struct redisReply *reply)
+{
+    struct attempt *a = arg;
+    a->pending = 0;
+    long long verdict = piapi_redis_int(reply, 0, -1);
+    if (a->gone) {
+        if (verdict == 0)
+            lease_return(a->u->name, a->slot->lease);
+        a->slot->lease[0] = '\0';
+        attempt_end(a, PIAPI_LIMITS_GONE);
+        return;
+    }
+    switch (verdict) {
+    case 0:
+        pthread_mutex_lock(&lim.lock);
+        member_get(a->u->name)->in_flight++;
+        pthread_mutex_unlock(&lim.lock);
+        a->slot->held = 1;
+        if (a->u->limits.concurrent)
+            lease_hold(a->u->name, a->slot->lease);
+        else
+            a->slot->lease[0] = '\0';
+        attempt_end(a, PIAPI_LIMITS_ADMITTED);
+        return;
+    case 1:
+        refuse(&a->ref, PIAPI_LIMIT_PER_MINUTE, piapi_redis_int(reply, 1, 1000) / 1000.0,
+               "rate limit reached: %u requests per minute (requestsPerMinute)",
+               a->u->limits.per_minute);
+        attempt_end(a, PIAPI_LIMITS_REFUSED);
+        return;
+    case 2:
+        if (piapi_now_mono() + RETRY_MS / 1000.0 < a->give_up) {
+            piapi_ev_timer_set(piapi_loop_ev(), &a->retry,
+                               piapi_now_mono() + RETRY_MS / 1000.0);
+            return;
+        }
+        refuse(&a->ref, PIAPI_LIMIT_CONCURRENCY, 1,
+               "concurrency limit reached: %u requests in flight (concurrentRequests)",
+               a->u->limits.concurrent);
+        attempt_end(a, PIAPI_LIMITS_REFUSED);
+        return;
+    default:
+        a->slot->lease[0] = '\0';
+        fall_back(a);
+    }
+}
+
+static void try_shared(struct attempt *a)
+{
+    char rpm[16], conc[16], ttl[16], kw[160], kl[160];
+    snprintf(rpm, sizeof rpm, "%u", a->u->limits.per_minute);
+    snprintf(conc, sizeof conc, "%u", a->u->limits.concurrent);
+    snprintf(ttl, sizeof ttl, "%d", LEASE_TTL_MS);
+    snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
+             (unsigned long long)++sh.seq);
+    key_of(kw, sizeof kw, "rpm", a->u->name);
+    key_of(kl, sizeof kl, "lease", a->u->name);
+    const char *argv[] = { kw, kl, rpm, conc, a->slot->lease, ttl };
+    a->pending = 1;
+    piapi_redis_eval(ADMIT_LUA, 2, 6, argv, on_admit_reply, a);
+}
+
+static void on_retry(struct piapi_ev_timer *t)
+{
+    struct attempt *a = (struct attempt *)((char *)t - offsetof(struct attempt, retry));
+    try_shared(a);
+}
+
+static void on_attempt_hangup(struct piapi_ev_io *io, uint32_t events)
+{
+    struct attempt *a = (struct attempt *)io;
+    (void)events;
+    if (a->dead)
+        return;
+    piapi_ev_io_stop(piapi_loop_ev(), &a->io);
+    if (a->pending) {
+        a->gone = 1;  /* the reply ends it (and returns a lease it got) */
+        return;
+    }
+    a->slot->lease[0] = '\0';
+    attempt_end(a, PIAPI_LIMITS_GONE);
+}
+
+static enum piapi_limits_verdict admit_shared(const struct piapi_user *u, double now, int fd,
+                                              piapi_limits_resume resume, void *arg,
+                                              struct piapi_limits_slot *slot)
+{
+    struct piapi_ev *ev = piapi_loop_ev();
+    if (!sh.instance[0]) {
+        uint64_t id = piapi_hash(&slot, sizeof slot) ^ (uint64_t)(piapi_now_real() * 1e6);
+        snprintf(sh.instance, sizeof sh.instance, "%016llx", (unsigned long long)id);
+    }
+    if (!sh.hooked) {
+        sh.round_end.fn = free_attempts;
+        piapi_ev_hook_add(ev, &sh.round_end);
+        sh.hooked = 1;
+    }
+    struct attempt *a = piapi_xcalloc(1, sizeof *a);
+    *a = (struct attempt){
+        .io = { .cb = on_attempt_hangup, .fd = fd },
+        .retry = { .cb = on_retry },
+        .u = u, .now = now, .fd = fd, .resume = resume, .arg = arg, .slot = slot,
+        .give_up = piapi_now_mono() + u->limits.queue_ms / 1000.0,
+    };
+    if (fd >= 0)
+        piapi_ev_io_arm(ev, &a->io, EPOLLRDHUP);
+    try_shared(a);
+    return PIAPI_LIMITS_QUEUED;  /* even when answered already: resume said so */
+}
+
+enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double now,
+                                             const char *redis, int fd,
+                                             piapi_limits_resume resume, void *arg,
+                                             struct piapi_limits_slot *slot,
+                                             struct piapi_limits_refusal *r)
+{
+    if (check_periods(u, now, r) != 0)
+        return PIAPI_LIMITS_REFUSED;
+    int on_loop = piapi_loop_on_thread();
+    if (on_loop && piapi_redis_want(redis) &&
+        (u->limits.per_minute || u->limits.concurrent) && resume)
+        return admit_shared(u, now, fd, resume, arg, slot);
+    return admit_local(u, now, fd, resume, arg, slot, r);
+}
+
+void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
 {
     pthread_mutex_lock(&lim.lock);
     struct member *m = member_get(user);
@@ -462,6 +775,30 @@ void piapi_limits_release(const char *user)
         m->in_flight--;
     hand_over(m, piapi_now_real());
     pthread_mutex_unlock(&lim.lock);
+    slot->held = 0;
+    if (!slot->lease[0])
+        return;
+    if (piapi_loop_on_thread()) {
+        lease_return(user, slot->lease);
+    } else {
+        struct returned *rt = piapi_xcalloc(1, sizeof *rt);
+        snprintf(rt->user, sizeof rt->user, "%s", user);
+        snprintf(rt->id, sizeof rt->id, "%s", slot->lease);
+        if (piapi_loop_post(return_posted, rt) != 0)
+            free(rt);  /* stopping: the lease expires */
+    }
+    slot->lease[0] = '\0';
+}
+
+void piapi_limits_stop(void)
+{
+    while (sh.leases) {
+        struct lease *l = sh.leases;
+        sh.leases = l->next;
+        free(l);
+    }
+    piapi_ev_timer_stop(piapi_loop_ev(), &sh.refresh);
+    piapi_redis_stop();
 }
 
 /* ---- the model allow-list ----------------------------------------------- */
@@ -631,6 +968,11 @@ void piapi_limits_render_metrics(struct piapi_buf *b)
                      (unsigned long long)lim.wait_count, lim.wait_sum,
                      (unsigned long long)lim.wait_count);
     pthread_mutex_unlock(&lim.lock);
+    put_head(b, "piapi_redis_errors_total",
+             "Redis failures (unreachable, slower than 50 ms, errors): local limits used.",
+             "counter");
+    piapi_buf_printf(b, "piapi_redis_errors_total %llu\n",
+                     (unsigned long long)piapi_redis_errors());
 }
 
 void piapi_limits_reset(void)

@@ -276,6 +276,12 @@ static int open_socket(const struct options *o)
     return fd;
 }
 
+static void stop_limits(void *arg)
+{
+    (void)arg;
+    piapi_limits_stop();
+}
+
 int main(int argc, char **argv)
 {
     struct options o;
@@ -361,6 +367,7 @@ int main(int argc, char **argv)
         piapi_log_msg(PIAPI_LOG_WARN, "grace period over: aborting running requests",
                       NULL, NULL);
     piapi_pool_abort();
+    piapi_loop_post(stop_limits, NULL);  /* leases and Redis, on the loop */
     piapi_loop_stop();
     piapi_pool_join();
     rc = 0;

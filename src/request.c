@@ -21,8 +21,10 @@
 #include "piapi/json.h"
 #include "piapi/limits.h"
 #include "piapi/log.h"
+#include "piapi/loop.h"
 #include "piapi/metrics.h"
 #include "piapi/proxy.h"
+#include "piapi/redis.h"
 #include "piapi/route.h"
 #include "piapi/tally.h"
 #include "piapi/util.h"
@@ -70,7 +72,7 @@ struct request {
     /* Per-member limits: the one that refused the request (its log line's
      * `limit`), and whether it holds a slot to give back at its end. */
     struct piapi_limits_refusal refusal;
-    int holds_slot;
+    struct piapi_limits_slot slot;
     /* Last (request_init zeroes what comes before): owns what the request
      * allocates, the upstream header list, its first 4 KiB inside the
      * request itself; wiped at the request's end like the URL, which may
@@ -221,6 +223,17 @@ static void serve_health(struct request *q)
     }
     if (!q->cfg) {
         respond_error(q, 503, "no configuration loaded");
+        return;
+    }
+    /* Redis down is no reason to fail: limits fall back to this instance. */
+    int redis, up;
+    if (piapi_loop_on_thread())  /* connects once the config names one */
+        piapi_redis_want(piapi_config_settings(q->cfg)->redis);
+    piapi_redis_state(&redis, &up);
+    if (redis && !up) {
+        static const char text[] = "ok\nredis: unreachable; limits are local to this "
+                                   "instance until it is back\n";
+        respond(q, 200, "text/plain; charset=utf-8", NULL, text, sizeof text - 1);
         return;
     }
     respond(q, 200, "text/plain; charset=utf-8", NULL, "ok\n", 3);
@@ -438,7 +451,6 @@ static void resumed(void *arg, enum piapi_limits_verdict v,
     struct piapi_route_target t;
     const char *why;
     if (v == PIAPI_LIMITS_ADMITTED) {
-        q->holds_slot = 1;
         if (piapi_route_parse(q->uri, &t, &why) == PIAPI_ROUTE_OK &&
             forward(q, &t, &q->keys) == FORWARDED)
             return;
@@ -455,10 +467,9 @@ static void resumed(void *arg, enum piapi_limits_verdict v,
  * upstream (the model's: once the body is read, admit_model). */
 static enum outcome admit(struct request *q, const struct piapi_route_target *t)
 {
-    switch (piapi_limits_admit(q->user, piapi_now_real(), piapi_fcgi_fd(q->r), resumed, q,
-                               &q->refusal)) {
+    switch (piapi_limits_admit(q->user, piapi_now_real(), piapi_config_settings(q->cfg)->redis,
+                               piapi_fcgi_fd(q->r), resumed, q, &q->slot, &q->refusal)) {
     case PIAPI_LIMITS_ADMITTED:
-        q->holds_slot = 1;
         return forward(q, t, &q->keys);
     case PIAPI_LIMITS_QUEUED:
         return FORWARDED;  /* resumed() ends it */
@@ -678,8 +689,8 @@ static void finish(struct request *q)
         piapi_account_record(a, piapi_now_real());
     }
     log_request(q, level_for(q->status, q->error), latency, a);
-    if (q->holds_slot)
-        piapi_limits_release(q->user->name);
+    if (q->slot.held)
+        piapi_limits_release(q->user->name, &q->slot);
     piapi_config_release(q->cfg);
     q->cfg = NULL;
 }

@@ -63,19 +63,32 @@ enum piapi_limits_verdict {
     PIAPI_LIMITS_GONE           /* (resume only) the client left while queued */
 };
 
+/* What an admitted request holds: its slot, and with Redis its lease
+ * there ("" when admitted by this instance alone). Zeroed by the caller
+ * before admit(). */
+struct piapi_limits_slot {
+    int held;
+    char lease[48];
+};
+
 /* Runs on the loop's thread once a parked request's wait ends: r is the
  * refusal when v is REFUSED, else NULL. */
 typedef void (*piapi_limits_resume)(void *arg, enum piapi_limits_verdict v,
                                     const struct piapi_limits_refusal *r);
 
 /* Checks u's limits at `now` (unix seconds) for a new request. fd: its
- * FastCGI connection (watched for a hang-up while parked). QUEUED only on
- * the loop's thread. */
+ * FastCGI connection (watched for a hang-up while parked). redis: the
+ * config's settings.redis or NULL. QUEUED only on the loop's thread;
+ * *slot is filled when admitted (now or at resume) and must stay valid
+ * until then. */
 enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double now,
-                                             int fd, piapi_limits_resume resume,
-                                             void *arg, struct piapi_limits_refusal *r);
-/* An admitted request of `user` ended: its slot goes to the next waiter. */
-void piapi_limits_release(const char *user);
+                                             const char *redis, int fd,
+                                             piapi_limits_resume resume, void *arg,
+                                             struct piapi_limits_slot *slot,
+                                             struct piapi_limits_refusal *r);
+/* An admitted request of `user` ended: its slot goes to the next waiter,
+ * its lease back to Redis. */
+void piapi_limits_release(const char *user, struct piapi_limits_slot *slot);
 
 /* The model allow-list: 0 when `model` ("" or NULL: none named) may be
  * used by u, else -1 with the 403 in *r. */
@@ -95,6 +108,9 @@ void piapi_limits_count(const char *user, enum piapi_limit l);
  * piapi_user_spend_usd{user,period}, piapi_queue_wait_seconds: for
  * piapi_metrics_set_extra_probe. */
 void piapi_limits_render_metrics(struct piapi_buf *out);
+
+/* On the loop at shutdown: leases and the Redis connection go. */
+void piapi_limits_stop(void);
 
 /* Forgets every member's state (tests, shutdown); no request may be
  * waiting. */

@@ -12,6 +12,20 @@
 
 #define SPAN 60.0
 
+/* Off the loop, without Redis: a slot is only counted (no lease). */
+static enum piapi_limits_verdict admit(const struct piapi_user *u, double now,
+                                       struct piapi_limits_refusal *r)
+{
+    struct piapi_limits_slot slot = { 0 };
+    return piapi_limits_admit(u, now, NULL, -1, NULL, NULL, &slot, r);
+}
+
+static void release(const char *user)
+{
+    struct piapi_limits_slot slot = { .held = 1 };
+    piapi_limits_release(user, &slot);
+}
+
 static void test_window_allows_n_per_span(void)
 {
     struct piapi_limits_window w = { 0 };
@@ -109,18 +123,18 @@ static void test_rpm_refusal_names_reset(void)
     struct piapi_limits_refusal r;
     double t = 50000.25;
     piapi_limits_reset();
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, t, -1, NULL, NULL, &r), PIAPI_LIMITS_ADMITTED);
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, t + 20, -1, NULL, NULL, &r), PIAPI_LIMITS_ADMITTED);
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, t + 30, -1, NULL, NULL, &r), PIAPI_LIMITS_REFUSED);
+    CU_ASSERT_EQUAL(admit(&u, t, &r), PIAPI_LIMITS_ADMITTED);
+    CU_ASSERT_EQUAL(admit(&u, t + 20, &r), PIAPI_LIMITS_ADMITTED);
+    CU_ASSERT_EQUAL(admit(&u, t + 30, &r), PIAPI_LIMITS_REFUSED);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_PER_MINUTE);
     CU_ASSERT_EQUAL(r.status, 429);
     CU_ASSERT_EQUAL(r.retry_after, 30);
     CU_ASSERT_PTR_NOT_NULL(strstr(r.message, "requestsPerMinute"));
     CU_ASSERT_PTR_NOT_NULL(strstr(r.message, "resets in 30 s"));
     /* a refusal takes nothing: at t + 60 the first has left */
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, t + 60, -1, NULL, NULL, &r), PIAPI_LIMITS_ADMITTED);
+    CU_ASSERT_EQUAL(admit(&u, t + 60, &r), PIAPI_LIMITS_ADMITTED);
     for (int i = 0; i < 3; i++)
-        piapi_limits_release(u.name);
+        release(u.name);
     piapi_limits_reset();
 }
 
@@ -133,24 +147,24 @@ static void test_periods_from_the_tally(void)
     piapi_tally_reset();
     piapi_limits_reset();
     piapi_tally_add(u.name, now, &one);
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, now, -1, NULL, NULL, &r), PIAPI_LIMITS_ADMITTED);
+    CU_ASSERT_EQUAL(admit(&u, now, &r), PIAPI_LIMITS_ADMITTED);
     struct piapi_tally more = { .requests = 1, .cache_read = 1 };
     piapi_tally_add(u.name, now, &more);   /* 100: reached */
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, now, -1, NULL, NULL, &r), PIAPI_LIMITS_REFUSED);
+    CU_ASSERT_EQUAL(admit(&u, now, &r), PIAPI_LIMITS_REFUSED);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_TOKENS_PER_DAY);
     CU_ASSERT_EQUAL(r.retry_after, 1800);   /* until midnight UTC */
     /* a new day starts from zero */
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, now + 1800, -1, NULL, NULL, &r),
+    CU_ASSERT_EQUAL(admit(&u, now + 1800, &r),
                     PIAPI_LIMITS_ADMITTED);
 
     struct piapi_user m = { .name = "unit-month", .limits = { .monthly_usd = 1.0 } };
     struct piapi_tally cost = { .requests = 1, .cost_usd = 1.0 };
     piapi_tally_add(m.name, now, &cost);
-    CU_ASSERT_EQUAL(piapi_limits_admit(&m, now, -1, NULL, NULL, &r), PIAPI_LIMITS_REFUSED);
+    CU_ASSERT_EQUAL(admit(&m, now, &r), PIAPI_LIMITS_REFUSED);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_MONTHLY_BUDGET);
     CU_ASSERT_EQUAL(r.retry_after, 31 * 86400 - 23 * 3600 - 1800);   /* to Feb 1 */
     for (int i = 0; i < 2; i++)
-        piapi_limits_release(u.name);
+        release(u.name);
     piapi_tally_reset();
     piapi_limits_reset();
 }
@@ -165,7 +179,7 @@ struct waiter_arg {
 static void *wait_for_slot(void *p)
 {
     struct waiter_arg *a = p;
-    a->v = piapi_limits_admit(a->u, piapi_now_real(), -1, NULL, NULL, &a->r);
+    a->v = admit(a->u, piapi_now_real(), &a->r);
     return NULL;
 }
 
@@ -175,13 +189,13 @@ static void test_queue_hand_over_on_threads(void)
                             .limits = { .concurrent = 1, .queue_ms = 2000 } };
     struct piapi_limits_refusal r;
     piapi_limits_reset();
-    CU_ASSERT_EQUAL(piapi_limits_admit(&u, piapi_now_real(), -1, NULL, NULL, &r),
+    CU_ASSERT_EQUAL(admit(&u, piapi_now_real(), &r),
                     PIAPI_LIMITS_ADMITTED);
     struct waiter_arg a = { .u = &u };
     pthread_t th;
     pthread_create(&th, NULL, wait_for_slot, &a);
     usleep(100 * 1000);
-    piapi_limits_release(u.name);   /* the slot goes to the waiter */
+    release(u.name);   /* the slot goes to the waiter */
     pthread_join(th, NULL);
     CU_ASSERT_EQUAL(a.v, PIAPI_LIMITS_ADMITTED);
 
@@ -189,16 +203,16 @@ static void test_queue_hand_over_on_threads(void)
     struct piapi_user s = u;
     s.limits.queue_ms = 100;
     double t0 = piapi_now_mono();
-    CU_ASSERT_EQUAL(piapi_limits_admit(&s, piapi_now_real(), -1, NULL, NULL, &r),
+    CU_ASSERT_EQUAL(admit(&s, piapi_now_real(), &r),
                     PIAPI_LIMITS_REFUSED);
     CU_ASSERT(piapi_now_mono() - t0 >= 0.09);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_CONCURRENCY);
     CU_ASSERT_EQUAL(r.retry_after, 1);
     /* no queue at all: refused at once */
     s.limits.queue_ms = 0;
-    CU_ASSERT_EQUAL(piapi_limits_admit(&s, piapi_now_real(), -1, NULL, NULL, &r),
+    CU_ASSERT_EQUAL(admit(&s, piapi_now_real(), &r),
                     PIAPI_LIMITS_REFUSED);
-    piapi_limits_release(u.name);
+    release(u.name);
     struct piapi_buf b = { 0 };
     piapi_limits_render_metrics(&b);
     CU_ASSERT_PTR_NOT_NULL(strstr(b.data, "piapi_user_in_flight{user=\"unit-conc\"} 0\n"));
