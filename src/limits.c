@@ -627,12 +627,13 @@ static void attempt_end(struct attempt *a, enum piapi_limits_verdict v)
 /* Redis could not say: this instance decides, as without Redis. */
 static void fall_back(struct attempt *a)
 {
+    /* out of the epoll set first: a local wait watches the same fd */
+    piapi_ev_io_stop(piapi_loop_ev(), &a->io);
+    piapi_ev_timer_stop(piapi_loop_ev(), &a->retry);
     enum piapi_limits_verdict v = admit_local(a->u, a->now, a->fd, a->resume, a->arg,
                                               a->slot, &a->ref);
     if (v == PIAPI_LIMITS_QUEUED) {  /* the local queue resumes it */
         a->dead = 1;
-        piapi_ev_io_stop(piapi_loop_ev(), &a->io);
-        piapi_ev_timer_stop(piapi_loop_ev(), &a->retry);
         a->grave = sh.grave;
         sh.grave = a;
         return;
