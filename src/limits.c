@@ -479,7 +479,18 @@ static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double 
 #define LEASE_REFRESH_S 1.5
 #define RETRY_MS 50
 
+/* KEYS: window, leases, tokens of the day, USD of the day, of the month;
+ * ARGV: requestsPerMinute, concurrentRequests, lease id, lease ttl (ms),
+ * tokensPerDay, dailyBudgetUsd, monthlyBudgetUsd (0: no limit).
+ * {0}: admitted; {1, ms}: window full; {2}: slots taken; {3}, {4}, {5}:
+ * tokens, daily, monthly reached. */
 static const char ADMIT_LUA[] =
+    "local function over(k, limit)\n"
+    "  return limit > 0 and tonumber(redis.call('GET', k) or '0') >= limit\n"
+    "end\n"
+    "if over(KEYS[3], tonumber(ARGV[5])) then return {3, 0} end\n"
+    "if over(KEYS[4], tonumber(ARGV[6])) then return {4, 0} end\n"
+    "if over(KEYS[5], tonumber(ARGV[7])) then return {5, 0} end\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local rpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
@@ -502,6 +513,17 @@ static const char ADMIT_LUA[] =
     "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
     "end\n"
     "return {0, 0}\n";
+
+/* KEYS: tokens of the day, USD of the day, of the month; ARGV: tokens,
+ * USD, and when each key expires (unix seconds: a day after its period). */
+static const char SPENT_LUA[] =
+    "redis.call('INCRBY', KEYS[1], ARGV[1])\n"
+    "redis.call('INCRBYFLOAT', KEYS[2], ARGV[2])\n"
+    "redis.call('INCRBYFLOAT', KEYS[3], ARGV[2])\n"
+    "redis.call('EXPIREAT', KEYS[1], ARGV[3])\n"
+    "redis.call('EXPIREAT', KEYS[2], ARGV[3])\n"
+    "redis.call('EXPIREAT', KEYS[3], ARGV[4])\n"
+    "return 0\n";
 
 static const char RELEASE_LUA[] = "return redis.call('ZREM', KEYS[1], ARGV[1])\n";
 
@@ -558,6 +580,24 @@ static void free_attempts(struct piapi_ev_hook *h)
 static void key_of(char *out, size_t n, const char *kind, const char *user)
 {
     snprintf(out, n, "piapi:%s:%s", kind, user);
+}
+
+/* The counters of the UTC day and month `now` is in. */
+struct period_keys {
+    char tokens[192], day[192], month[192];
+};
+
+static void period_keys(struct period_keys *k, const char *user, double now)
+{
+    time_t t = (time_t)now;
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    snprintf(k->tokens, sizeof k->tokens, "piapi:tokens:%s:%04d%02d%02d", user,
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
+    snprintf(k->day, sizeof k->day, "piapi:usd:%s:%04d%02d%02d", user,
+             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
+    snprintf(k->month, sizeof k->month, "piapi:usd:%s:%04d%02d", user,
+             tm.tm_year + 1900, tm.tm_mon + 1);
 }
 
 static void lease_refresh(struct piapi_ev_timer *t)
@@ -673,6 +713,29 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
                a->u->limits.per_minute);
         attempt_end(a, PIAPI_LIMITS_REFUSED);
         return;
+    case 3:
+    case 4:
+    case 5: {
+        /* the shared totals are over: say it as this instance would */
+        static const enum piapi_limit which[] = { PIAPI_LIMIT_TOKENS_PER_DAY,
+                                                  PIAPI_LIMIT_DAILY_BUDGET,
+                                                  PIAPI_LIMIT_MONTHLY_BUDGET };
+        enum piapi_limit l = which[verdict - 3];
+        double to_day = piapi_tally_day_start(a->now) + DAY_S - a->now;
+        if (l == PIAPI_LIMIT_TOKENS_PER_DAY)
+            refuse(&a->ref, l, to_day, "token limit reached: %llu tokens per day "
+                   "(tokensPerDay), the UTC day",
+                   (unsigned long long)a->u->limits.tokens_per_day);
+        else if (l == PIAPI_LIMIT_DAILY_BUDGET)
+            refuse(&a->ref, l, to_day, "daily budget reached: %.2f USD (dailyBudgetUsd), "
+                   "the UTC day", a->u->limits.daily_usd);
+        else
+            refuse(&a->ref, l, next_month(a->now) - a->now, "monthly budget reached: "
+                   "%.2f USD (monthlyBudgetUsd), the UTC month", a->u->limits.monthly_usd);
+        a->slot->lease[0] = '\0';
+        attempt_end(a, PIAPI_LIMITS_REFUSED);
+        return;
+    }
     case 2:
         if (piapi_now_mono() + RETRY_MS / 1000.0 < a->give_up) {
             piapi_ev_timer_set(piapi_loop_ev(), &a->retry,
@@ -692,17 +755,24 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
 
 static void try_shared(struct attempt *a)
 {
-    char rpm[16], conc[16], ttl[16], kw[160], kl[160];
-    snprintf(rpm, sizeof rpm, "%u", a->u->limits.per_minute);
-    snprintf(conc, sizeof conc, "%u", a->u->limits.concurrent);
+    char rpm[16], conc[16], ttl[16], kw[160], kl[160], tok[24], dusd[32], musd[32];
+    struct period_keys pk;
+    const struct piapi_limits *l = &a->u->limits;
+    snprintf(rpm, sizeof rpm, "%u", l->per_minute);
+    snprintf(conc, sizeof conc, "%u", l->concurrent);
     snprintf(ttl, sizeof ttl, "%d", LEASE_TTL_MS);
+    snprintf(tok, sizeof tok, "%llu", (unsigned long long)l->tokens_per_day);
+    snprintf(dusd, sizeof dusd, "%.9f", l->daily_usd);
+    snprintf(musd, sizeof musd, "%.9f", l->monthly_usd);
+    period_keys(&pk, a->u->name, a->now);
     snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
              (unsigned long long)++sh.seq);
     key_of(kw, sizeof kw, "rpm", a->u->name);
     key_of(kl, sizeof kl, "lease", a->u->name);
-    const char *argv[] = { kw, kl, rpm, conc, a->slot->lease, ttl };
+    const char *argv[] = { kw, kl, pk.tokens, pk.day, pk.month,
+                           rpm, conc, a->slot->lease, ttl, tok, dusd, musd };
     a->pending = 1;
-    piapi_redis_eval(ADMIT_LUA, 2, 6, argv, on_admit_reply, a);
+    piapi_redis_eval(ADMIT_LUA, 5, 12, argv, on_admit_reply, a);
 }
 
 static void on_retry(struct piapi_ev_timer *t)
@@ -762,8 +832,10 @@ enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double 
     if (check_periods(u, now, r) != 0)
         return PIAPI_LIMITS_REFUSED;
     int on_loop = piapi_loop_on_thread();
-    if (on_loop && piapi_redis_want(redis) &&
-        (u->limits.per_minute || u->limits.concurrent) && resume)
+    const struct piapi_limits *l = &u->limits;
+    if (on_loop && piapi_redis_want(redis) && resume &&
+        (l->per_minute || l->concurrent || l->tokens_per_day || l->daily_usd ||
+         l->monthly_usd))
         return admit_shared(u, now, fd, resume, arg, slot);
     return admit_local(u, now, fd, resume, arg, slot, r);
 }
@@ -789,6 +861,43 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
             free(rt);  /* stopping: the lease expires */
     }
     slot->lease[0] = '\0';
+}
+
+struct spent {
+    char user[128];
+    double now, cost;
+    int64_t tokens;
+};
+
+static void spent_on_loop(void *arg)
+{
+    struct spent *sp = arg;
+    struct period_keys pk;
+    char tok[24], usd[32], day_end[24], month_end[24];
+    period_keys(&pk, sp->user, sp->now);
+    snprintf(tok, sizeof tok, "%lld", (long long)sp->tokens);
+    snprintf(usd, sizeof usd, "%.9f", sp->cost);
+    snprintf(day_end, sizeof day_end, "%.0f", piapi_tally_day_start(sp->now) + 2 * DAY_S);
+    snprintf(month_end, sizeof month_end, "%.0f", next_month(sp->now) + DAY_S);
+    const char *argv[] = { pk.tokens, pk.day, pk.month, tok, usd, day_end, month_end };
+    piapi_redis_eval_nowait(SPENT_LUA, 3, 7, argv);
+    free(sp);
+}
+
+void piapi_limits_spent(const char *user, const char *redis, double now, int64_t tokens,
+                        double cost)
+{
+    if (!redis || (tokens <= 0 && cost <= 0))
+        return;
+    struct spent *sp = piapi_xcalloc(1, sizeof *sp);
+    snprintf(sp->user, sizeof sp->user, "%s", user);
+    sp->now = now;
+    sp->tokens = tokens;
+    sp->cost = cost;
+    if (piapi_loop_on_thread())
+        spent_on_loop(sp);
+    else if (piapi_loop_post(spent_on_loop, sp) != 0)
+        free(sp);
 }
 
 void piapi_limits_stop(void)

@@ -685,8 +685,13 @@ static void finish(struct request *q)
     };
     piapi_metrics_request(&m);
     if (a) {
+        double now = piapi_now_real();
+        const struct piapi_usage *u = &q->x.usage;
         settle(q, a);
-        piapi_account_record(a, piapi_now_real());
+        piapi_account_record(a, now);
+        piapi_limits_spent(q->user->name, piapi_config_settings(q->cfg)->redis, now,
+                           u->input + u->output + u->cache_read + u->cache_write,
+                           a->cost_usd);
     }
     log_request(q, level_for(q->status, q->error), latency, a);
     if (q->slot.held)

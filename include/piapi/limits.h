@@ -109,6 +109,13 @@ void piapi_limits_count(const char *user, enum piapi_limit l);
  * piapi_metrics_set_extra_probe. */
 void piapi_limits_render_metrics(struct piapi_buf *out);
 
+/* A request's usage, as it ended (any thread): added to the member's
+ * shared totals of the day and month when Redis is configured (`redis`,
+ * the config's settings.redis; NULL: nothing to do). Lost for Redis,
+ * never for the local tally, while Redis is down. */
+void piapi_limits_spent(const char *user, const char *redis, double now, int64_t tokens,
+                        double cost);
+
 /* On the loop at shutdown: leases and the Redis connection go. */
 void piapi_limits_stop(void);
 

@@ -18,7 +18,7 @@ from test_observability import Metrics
 from test_limits import auth, chat, slow_stream
 
 KEY = "sk-limits-redis-9f2e4c1a"
-NAMES = ("shared", "pair", "again")
+NAMES = ("shared", "pair", "again", "budget")
 KEYS = {n: f"piapi-user-{n}-lim4x9Tq2" for n in NAMES}
 
 
@@ -39,7 +39,9 @@ def redis_config(port):
             ],
             "users": [user("shared", "openai", requestsPerMinute=4),
                       user("pair", "anthropic", concurrentRequests=2, queueMs=0),
-                      user("again", "openai", requestsPerMinute=2)],
+                      user("again", "openai", requestsPerMinute=2),
+                      user("budget", "openai", dailyBudgetUsd="2", tokensPerDay=10000000)],
+            "pricing": [{"model": "gpt-5*", "input": "1.25", "output": "10.00"}],
             "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
         }
     return config
@@ -104,6 +106,22 @@ class TestSharedLimits(unittest.TestCase):
         self.assertEqual(got.count(429), 4, got)
         self.assertEqual(got[:4], [200] * 4)
         self.assertEqual(self.errors(self.a) + self.errors(self.b), 0)
+
+    def test_1b_budget_shared(self):
+        """Each instance alone is under 2 USD (1.25 each), together over."""
+        million = {"prompt_tokens": 1000000, "completion_tokens": 0, "total_tokens": 1000000}
+        for s in (self.a, self.b):
+            r = s.request("POST", "/piapi/cx/chat/completions", auth_of("budget"),
+                          body=chat("budget-" + s.tmp.name, million), timeout=20)
+            self.assertEqual(r.status, 200, r.body)
+        time.sleep(0.2)   # B's total reaches Redis as its request ends
+        r = self.a.request("POST", "/piapi/cx/chat/completions", auth_of("budget"),
+                           body=chat("budget-over", million), timeout=20)
+        self.assertEqual(r.status, 429, r.body)
+        self.assertIn("dailyBudgetUsd", r.json()["error"]["message"])
+        self.assertGreaterEqual(int(r.header("Retry-After")), 1)
+        local = self.a.request("GET", "/usage", auth_of("budget")).json()
+        self.assertAlmostEqual(local["today"]["cost_usd"], 1.25)   # A's own tally
 
     def streams(self, stack, n, seconds, out):
         threads = []
