@@ -22,7 +22,7 @@ FROM debian:${DEBIAN_TAG} AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential pkg-config \
-        libfcgi-dev libcurl4-openssl-dev libyaml-dev libcjson-dev libsqlite3-dev \
+        libfcgi-dev libcurl4-openssl-dev libyaml-dev libcjson-dev libsqlite3-dev libhiredis-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what `make all` reads (.dockerignore keeps build/, config.yaml and
@@ -40,13 +40,13 @@ RUN make -j"$(nproc)" all \
 # ---- runtime -------------------------------------------------------------
 FROM debian:${DEBIAN_TAG}
 # libfcgi0ldbl, libcurl4, libyaml-0-2, libcjson1, libsqlite3-0 (the usage
-# ledger): what the -dev packages above link against. ca-certificates: TLS
+# ledger), libhiredis0.14 (settings.redis): what the -dev packages above link against. ca-certificates: TLS
 # to the providers. libfcgi-bin: cgi-fcgi, used by HEALTHCHECK to ask
 # /healthz over the FastCGI socket (34 kB; no curl needed, and there is no
 # HTTP listener in this container).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        libfcgi0ldbl libcurl4 libyaml-0-2 libcjson1 libsqlite3-0 ca-certificates libfcgi-bin \
+        libfcgi0ldbl libcurl4 libyaml-0-2 libcjson1 libsqlite3-0 libhiredis0.14 ca-certificates libfcgi-bin \
  && rm -rf /var/lib/apt/lists/*
 
 # A fixed, numeric non-root user: Kubernetes' runAsNonRoot can only verify

@@ -4,10 +4,10 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 BUILD    ?= build
 CC       ?= cc
-PKGS     := fcgi libcurl yaml-0.1 libcjson sqlite3
+PKGS     := fcgi libcurl yaml-0.1 libcjson sqlite3 hiredis
 
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lcurl -lyaml -lcjson -lsqlite3)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null || echo -lfcgi -lcurl -lyaml -lcjson -lsqlite3 -lhiredis)
 CUNIT_LIBS := $(shell pkg-config --libs cunit 2>/dev/null || echo -lcunit)
 
 OPT      ?= -O2

@@ -23,7 +23,7 @@ mode=${1:-run}
 # cc, make (build-essential), the -dev packages (Makefile PKGS), nginx and
 # curl (make run: the front end and its readiness probe).
 PKGS="build-essential pkg-config libfcgi-dev libcurl4-openssl-dev libyaml-dev
-      libcjson-dev libsqlite3-dev nginx-light curl"
+      libcjson-dev libsqlite3-dev libhiredis-dev nginx-light curl"
 case $mode in
 run) ;;
 test|screenshot)
@@ -32,9 +32,10 @@ test|screenshot)
     # openssl makes the test CA of the HTTPS upstream tests; strace watches
     # the event loop's syscalls (test_upstream_cache); cgi-fcgi (libfcgi-bin)
     # is the Dockerfile HEALTHCHECK and k8s liveness probe the deploy tests
-    # run; python3-yaml reads docker-compose.yml and the k8s manifest.
+    # run; python3-yaml reads docker-compose.yml and the k8s manifest;
+    # redis-server: the shared-limits tests start their own on loopback.
     PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 python3-yaml valgrind prometheus
-          openssl strace libfcgi-bin"
+          openssl strace libfcgi-bin redis-server"
     if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi
     # the README's dashboard picture: headless Chromium, then pngquant
     [ "$mode" = screenshot ] && PKGS="$PKGS chromium pngquant" ;;

@@ -8,6 +8,7 @@
  *                    the tree and fill a snapshot
  *   config_usage.c   the same for usage accounting: pricing:, usageDb,
  *                    a service's usage:
+ *   config_limits.c  limits:, a member's limits: and models:, settings.redis
  *   config.c         the snapshot: loading, lookup tables, references,
  *                    the live snapshot
  */
@@ -228,5 +229,12 @@ void cfg_walk_service_usage(struct ctx *c, const struct ynode *svc, const char *
                             struct piapi_service *out);
 /* settings.usageDb. */
 void cfg_walk_usage_db(struct ctx *c, const struct ynode *settings);
+
+/* ---- per-member limits (config_limits.c) ---- */
+
+extern const struct cfg_schema cfg_limits_schema;
+/* `limits:`, every member's `limits:` and `models:`, settings.redis; after
+ * the users were walked. */
+void cfg_walk_limits(struct ctx *c, const struct ynode *root);
 
 #endif

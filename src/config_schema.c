@@ -42,6 +42,7 @@ static const struct cfg_field settings_fields[] = {
     { .key = "bodyTimeoutMs",    .number = SETTING(body_timeout_ms, 300000, 1, 86400000) },
     { .key = "caFile" },
     { .key = "usageDb" },
+    { .key = "redis" },
 };
 static const struct cfg_schema settings_schema = CFG_SCHEMA(settings_fields);
 
@@ -71,6 +72,8 @@ static const struct cfg_field user_fields[] = {
     { .key = "apiKeyHash", .secret = true },   /* a weak key's digest can be guessed */
     { .key = "providerName" },
     { .key = "providerKeyName" },
+    { .key = "limits", .items = &cfg_limits_schema },
+    { .key = "models" },
 };
 static const struct cfg_schema user_schema = CFG_SCHEMA(user_fields);
 
@@ -79,6 +82,7 @@ static const struct cfg_field root_fields[] = {
     { .key = "users", .items = &user_schema },
     { .key = "settings", .items = &settings_schema },
     { .key = "pricing", .items = &cfg_pricing_schema },
+    { .key = "limits", .items = &cfg_limits_schema },
 };
 static const struct cfg_schema root_schema = CFG_SCHEMA(root_fields);
 
@@ -844,4 +848,5 @@ void cfg_walk_root(struct ctx *c, const struct ynode *root)
     walk_providers(c, root);
     walk_users(c, root);
     cfg_walk_pricing(c, root);
+    cfg_walk_limits(c, root);
 }

@@ -181,6 +181,16 @@ int piapi_loop_post(void (*fn)(void *arg), void *arg)
     return 0;
 }
 
+struct piapi_ev *piapi_loop_ev(void)
+{
+    return loop.ev;
+}
+
+int piapi_loop_on_thread(void)
+{
+    return on_loop_thread;
+}
+
 /* ---- the thread ------------------------------------------------------ */
 
 static void *loop_main(void *arg)

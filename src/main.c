@@ -19,6 +19,7 @@
 #include "piapi/config_watch.h"
 #include "piapi/keygen.h"
 #include "piapi/ledger.h"
+#include "piapi/limits.h"
 #include "piapi/listen.h"
 #include "piapi/log.h"
 #include "piapi/loop.h"
@@ -275,6 +276,12 @@ static int open_socket(const struct options *o)
     return fd;
 }
 
+static void stop_limits(void *arg)
+{
+    (void)arg;
+    piapi_limits_stop();
+}
+
 int main(int argc, char **argv)
 {
     struct options o;
@@ -312,6 +319,7 @@ int main(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     piapi_metrics_init(PIAPI_VERSION);
     piapi_metrics_set_usage_db_probe(piapi_ledger_errors);
+    piapi_metrics_set_extra_probe(piapi_limits_render_metrics);
     rc = 1;
     if (piapi_config_apply(o.config, PIAPI_APPLY_STARTUP) != 0)
         goto out;
@@ -359,6 +367,7 @@ int main(int argc, char **argv)
         piapi_log_msg(PIAPI_LOG_WARN, "grace period over: aborting running requests",
                       NULL, NULL);
     piapi_pool_abort();
+    piapi_loop_post(stop_limits, NULL);  /* leases and Redis, on the loop */
     piapi_loop_stop();
     piapi_pool_join();
     rc = 0;

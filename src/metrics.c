@@ -747,6 +747,13 @@ static void render_usage_db_errors(struct piapi_buf *b, const struct family *f)
     put_u64_sample(b, f->name, NULL, fn ? fn() : 0);
 }
 
+static _Atomic(piapi_metrics_render_probe) extra_probe;
+
+void piapi_metrics_set_extra_probe(piapi_metrics_render_probe probe_fn)
+{
+    atomic_store_explicit(&extra_probe, probe_fn, memory_order_release);
+}
+
 void piapi_metrics_render(struct piapi_buf *out)
 {
     piapi_buf_reserve(out, 16384);
@@ -766,4 +773,8 @@ void piapi_metrics_render(struct piapi_buf *out)
         else
             render_series(out, (enum family_id)i);
     }
+    piapi_metrics_render_probe extra = atomic_load_explicit(&extra_probe,
+                                                            memory_order_acquire);
+    if (extra)
+        extra(out);
 }

@@ -121,6 +121,8 @@ void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
         /* A body without Content-Length, over the limit already in the
          * part read ahead: refuse before anything goes upstream. */
         xfer_refuse(&x, TOO_LARGE);
+    } else if (t->admit_body && t->admit_body(t, x.whole ? x.body : NULL, x.inline_len)) {
+        /* refused by the member's model allow-list: t says how */
     } else if (x.whole && upstream_submit(&x) == 0) {
         free(read_whole);  /* the loop has its own copy */
         piapi_buf_dispose(&rewritten);

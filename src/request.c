@@ -19,9 +19,12 @@
 #include "piapi/headers.h"
 #include "piapi/http.h"
 #include "piapi/json.h"
+#include "piapi/limits.h"
 #include "piapi/log.h"
+#include "piapi/loop.h"
 #include "piapi/metrics.h"
 #include "piapi/proxy.h"
+#include "piapi/redis.h"
 #include "piapi/route.h"
 #include "piapi/tally.h"
 #include "piapi/util.h"
@@ -66,6 +69,10 @@ struct request {
     const char *error;         /* reason for the log line */
     double ttfb;
     uint64_t bytes_in, bytes_out;
+    /* Per-member limits: the one that refused the request (its log line's
+     * `limit`), and whether it holds a slot to give back at its end. */
+    struct piapi_limits_refusal refusal;
+    struct piapi_limits_slot slot;
     /* Last (request_init zeroes what comes before): owns what the request
      * allocates, the upstream header list, its first 4 KiB inside the
      * request itself; wiped at the request's end like the URL, which may
@@ -190,6 +197,22 @@ static void respond_error(struct request *q, int status, const char *message)
     piapi_buf_dispose(&b);
 }
 
+/* 429 with Retry-After, or the model's 403: the usual JSON error. */
+static void respond_limited(struct request *q, const struct piapi_limits_refusal *r)
+{
+    char extra[48];
+    struct piapi_buf b = {0};
+    if (r != &q->refusal)
+        q->refusal = *r;
+    q->error = "limited";
+    piapi_limits_count(q->user->name, r->limit);
+    piapi_json_error(&b, piapi_http_error_type(r->status), r->message);
+    piapi_buf_putc(&b, '\n');
+    snprintf(extra, sizeof extra, "Retry-After: %u\r\n", r->retry_after);
+    respond(q, r->status, "application/json", r->status == 429 ? extra : NULL, b.data, b.len);
+    piapi_buf_dispose(&b);
+}
+
 /* ---- local endpoints -------------------------------------------------- */
 
 static void serve_health(struct request *q)
@@ -200,6 +223,17 @@ static void serve_health(struct request *q)
     }
     if (!q->cfg) {
         respond_error(q, 503, "no configuration loaded");
+        return;
+    }
+    /* Redis down is no reason to fail: limits fall back to this instance. */
+    int redis, up;
+    if (piapi_loop_on_thread())  /* connects once the config names one */
+        piapi_redis_want(piapi_config_settings(q->cfg)->redis);
+    piapi_redis_state(&redis, &up);
+    if (redis && !up) {
+        static const char text[] = "ok\nredis: unreachable; limits are local to this "
+                                   "instance until it is back\n";
+        respond(q, 200, "text/plain; charset=utf-8", NULL, text, sizeof text - 1);
         return;
     }
     respond(q, 200, "text/plain; charset=utf-8", NULL, "ok\n", 3);
@@ -270,6 +304,9 @@ static void forwarded(struct piapi_transfer *x)
     if (x->status) {
         q->status = x->status;
         q->bytes_out = x->bytes_out;
+    } else if (q->refusal.limit == PIAPI_LIMIT_MODEL) {
+        q->logged_route = 0;  /* nothing went upstream, nothing to account */
+        respond_limited(q, &q->refusal);
     } else if (x->error_status == 499) {
         q->status = 499;  /* nobody to answer; nginx's convention in the log */
     } else {
@@ -282,6 +319,28 @@ static void forwarded(struct piapi_transfer *x)
  * the proxy through forwarded() (FORWARDED: already, or later on the event
  * loop's thread; q is not the caller's any more). */
 enum outcome { ANSWERED, FORWARDED };
+
+/* Once the body is read whole (or not: body NULL), before anything goes
+ * upstream: the member's model allow-list. A body too large to be read
+ * whole cannot be checked, so it is refused when there is a list. */
+static int admit_model(struct piapi_transfer *x, const char *body, size_t len)
+{
+    struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
+    struct piapi_usage_request rq;
+    if (!q->user->models)
+        return 0;
+    if (!body) {
+        q->refusal = (struct piapi_limits_refusal){ .limit = PIAPI_LIMIT_MODEL, .status = 403 };
+        snprintf(q->refusal.message, sizeof q->refusal.message,
+                 "request body too large to check its model against this key's models");
+    } else if (piapi_usage_scan_request(body, len, &rq) != 0 ||
+               piapi_limits_model(q->user, rq.model, &q->refusal) == 0) {
+        return 0;  /* not JSON, no model, or an allowed one */
+    }
+    x->error_status = 403;
+    x->error_message = q->refusal.message;
+    return -1;
+}
 
 static enum outcome forward(struct request *q, const struct piapi_route_target *t,
                    const struct piapi_client_keys *keys)
@@ -328,6 +387,7 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .usage_shape = strcmp(q->method, "POST") == 0
                            ? piapi_usage_shape_of(t->rest, t->rest_len) : PIAPI_USAGE_NONE,
         .inject_usage = q->svc->inject_stream_usage,
+        .admit_body = admit_model,
     };
     piapi_proxy_forward(q->w->proxy, &q->x);
     return FORWARDED;
@@ -369,9 +429,56 @@ static void serve_usage(struct request *q)
     if (!member(q))
         return;
     struct piapi_buf b = {0};
-    piapi_account_usage_json(q->user->name, piapi_now_real(), &b);
+    double now = piapi_now_real();
+    piapi_account_usage_json(q->user->name, now, &b);
+    /* The member's limits go inside the object: before its "}\n". */
+    if (b.len >= 2 && b.data[b.len - 2] == '}') {
+        b.len -= 2;
+        piapi_limits_usage_json(q->user, now, &b);
+        piapi_buf_puts(&b, "}\n");
+    }
     respond(q, 200, "application/json", NULL, b.data, b.len);
     piapi_buf_dispose(&b);
+}
+
+/* A parked request's wait is over (on the loop's thread): on it goes,
+ * or it is answered. Its route is parsed again from its URI, which is
+ * still the params' (they live until the request ends). */
+static void resumed(void *arg, enum piapi_limits_verdict v,
+                    const struct piapi_limits_refusal *r)
+{
+    struct request *q = arg;
+    struct piapi_route_target t;
+    const char *why;
+    if (v == PIAPI_LIMITS_ADMITTED) {
+        if (piapi_route_parse(q->uri, &t, &why) == PIAPI_ROUTE_OK &&
+            forward(q, &t, &q->keys) == FORWARDED)
+            return;
+    } else if (v == PIAPI_LIMITS_GONE) {
+        q->status = 499;  /* the client left while queued */
+        q->error = "client_abort";
+    } else {
+        respond_limited(q, r);
+    }
+    request_end(q);
+}
+
+/* The member's limits, after authentication and before anything goes
+ * upstream (the model's: once the body is read, admit_model). */
+static enum outcome admit(struct request *q, const struct piapi_route_target *t)
+{
+    switch (piapi_limits_admit(q->user, piapi_now_real(), piapi_config_settings(q->cfg)->redis,
+                               piapi_fcgi_fd(q->r), resumed, q, &q->slot, &q->refusal)) {
+    case PIAPI_LIMITS_ADMITTED:
+        return forward(q, t, &q->keys);
+    case PIAPI_LIMITS_QUEUED:
+        return FORWARDED;  /* resumed() ends it */
+    case PIAPI_LIMITS_REFUSED:
+    case PIAPI_LIMITS_GONE:
+        break;
+    }
+    respond_limited(q, &q->refusal);
+    return ANSWERED;
 }
 
 static enum outcome dispatch(struct request *q)
@@ -421,7 +528,7 @@ static enum outcome dispatch(struct request *q)
         respond_error(q, 404, "service type not available for this key");
         return ANSWERED;
     }
-    return forward(q, &t, &q->keys);
+    return admit(q, &t);
 }
 
 /* ---- finish ----------------------------------------------------------- */
@@ -499,6 +606,8 @@ static void log_request(struct request *q, enum piapi_log_level level,
         piapi_log_double(&l, "ttfb_ms", q->ttfb * 1000.0);
     piapi_log_int(&l, "bytes_in", (int64_t)q->bytes_in);
     piapi_log_int(&l, "bytes_out", (int64_t)q->bytes_out);
+    if (q->refusal.limit)
+        piapi_log_str(&l, "limit", piapi_limits_name(q->refusal.limit));
     if (q->error) {
         piapi_log_str(&l, "error", q->error);
         log_foreign(&l, "error_detail", q->x.error_detail);
@@ -576,10 +685,17 @@ static void finish(struct request *q)
     };
     piapi_metrics_request(&m);
     if (a) {
+        double now = piapi_now_real();
+        const struct piapi_usage *u = &q->x.usage;
         settle(q, a);
-        piapi_account_record(a, piapi_now_real());
+        piapi_account_record(a, now);
+        piapi_limits_spent(q->user->name, piapi_config_settings(q->cfg)->redis, now,
+                           u->input + u->output + u->cache_read + u->cache_write,
+                           a->cost_usd);
     }
     log_request(q, level_for(q->status, q->error), latency, a);
+    if (q->slot.held)
+        piapi_limits_release(q->user->name, &q->slot);
     piapi_config_release(q->cfg);
     q->cfg = NULL;
 }

@@ -54,11 +54,32 @@ struct piapi_provider {
     size_t nservices;
 };
 
+/* Per-member limits (`limits:` defaults, a member's `limits:` over them
+ * field by field); 0 = no limit. */
+struct piapi_limits {
+    uint32_t concurrent;        /* concurrentRequests */
+    uint32_t queue_ms;          /* queueMs: wait for a slot this long, then 429 */
+    uint32_t per_minute;        /* requestsPerMinute, a sliding window */
+    uint64_t tokens_per_day;    /* tokensPerDay: input + output + cache, UTC day */
+    double daily_usd;           /* dailyBudgetUsd */
+    double monthly_usd;         /* monthlyBudgetUsd, UTC calendar month */
+};
+
+/* One `models:` allow-list entry: exact, or a prefix ("gpt-5*"). */
+struct piapi_model_pattern {
+    const char *s;
+    size_t len;
+    bool prefix;
+};
+
 struct piapi_user {
     const char *name;
     unsigned char key_digest[PIAPI_SHA256_LEN];  /* of the member's key */
     const struct piapi_provider *provider;
     const struct piapi_provider_key *key;
+    struct piapi_limits limits;                 /* in effect for this member */
+    const struct piapi_model_pattern *models;   /* NULL: any model */
+    size_t nmodels;
 };
 
 /* Optional top-level `settings:` block; every field has a default. */
@@ -73,6 +94,7 @@ struct piapi_settings {
     uint32_t body_timeout_ms;       /* bodyTimeoutMs: request body not all read by then -> 408, default 300000 */
     const char *ca_file;            /* caFile, NULL = system store */
     const char *usage_db;           /* usageDb: the usage ledger, NULL = none */
+    const char *redis;              /* redis: redis://host:port/db, NULL = none */
 };
 
 /* One `pricing:` entry, USD per million tokens. */

@@ -31,6 +31,11 @@ void piapi_loop_expire_awaits(void);
  * fn will not run. */
 int piapi_loop_post(void (*fn)(void *arg), void *arg);
 
+/* The loop's ev, for modules that arm watchers and timers of their own
+ * (on the loop's thread only), and whether the caller runs there. */
+struct piapi_ev *piapi_loop_ev(void);
+int piapi_loop_on_thread(void);
+
 /* From ready(): stop watching the listening socket for ms milliseconds
  * (resource shortage), or for good with ms < 0. */
 void piapi_loop_pause(int fd, int ms);

@@ -68,6 +68,11 @@ void piapi_metrics_set_pool_probe(piapi_metrics_pool_probe probe);
 typedef uint64_t (*piapi_metrics_count_probe)(void);
 void piapi_metrics_set_usage_db_probe(piapi_metrics_count_probe probe);
 
+/* Families another module keeps and renders itself (per-member limits):
+ * appended, whole with HELP and TYPE, after piapi's own. */
+typedef void (*piapi_metrics_render_probe)(struct piapi_buf *out);
+void piapi_metrics_set_extra_probe(piapi_metrics_render_probe probe);
+
 /* Appends the whole exposition (text format 0.0.4) to out. */
 void piapi_metrics_render(struct piapi_buf *out);
 

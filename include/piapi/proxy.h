@@ -48,6 +48,10 @@ struct piapi_transfer {
      * stream_options.include_usage (the service's usage.injectStreamUsage). */
     enum piapi_usage_shape usage_shape;
     int inject_usage;
+    /* Called once the body was read (body NULL: too large to read whole),
+     * before anything goes upstream; non-zero refuses the request with
+     * error_status and error_message, which it sets. NULL: none. */
+    int (*admit_body)(struct piapi_transfer *t, const char *body, size_t len);
 
     /* out */
     int status;            /* upstream status relayed; 0 while no head went out */

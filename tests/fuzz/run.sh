@@ -10,7 +10,7 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 OUT=build/fuzz
 mkdir -p "$OUT"
 CFLAGS="-std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -fsanitize=fuzzer,address,undefined"
-LIBS="$(pkg-config --libs fcgi libcurl yaml-0.1 libcjson sqlite3) -pthread"
+LIBS="$(pkg-config --libs fcgi libcurl yaml-0.1 libcjson sqlite3 hiredis) -pthread"
 SRCS=$(ls src/*.c | grep -v '/main\.c$')
 passed=0
 failed=0

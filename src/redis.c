@@ -1,0 +1,354 @@
+/* The Redis connection on the event loop (redis.h): an adapter that lets
+ * hiredis's async context arm piapi_ev watchers (its addRead/addWrite
+ * hooks), a deadline per call, script caching by SHA, and reconnection
+ * with backoff. One connection, owned by the loop's thread. */
+#include "piapi/redis.h"
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include "piapi/ev.h"
+#include "piapi/log.h"
+#include "piapi/loop.h"
+#include "piapi/util.h"
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define CONNECT_MS 1000
+#define SCRIPTS_MAX 8
+
+/* A script's SHA on the current connection ("" until SCRIPT LOAD said). */
+struct script {
+    const char *text;
+    char sha[41];
+};
+
+struct call {
+    struct piapi_ev_timer deadline;
+    piapi_redis_done done;     /* NULL once answered (late or not) */
+    void *arg;
+    int script;                /* index, for NOSCRIPT */
+};
+
+static struct {
+    char *url;                 /* as configured; NULL: none */
+    char host[256];
+    int port, db;
+    redisAsyncContext *ac;     /* NULL: not connected */
+    int up;                    /* connected (its first write event came) */
+    struct piapi_ev_io io;
+    uint32_t want;             /* EPOLLIN | EPOLLOUT as hiredis asked */
+    struct piapi_ev_timer retry;  /* reconnect, or the connect deadline */
+    unsigned backoff_ms;
+    struct script scripts[SCRIPTS_MAX];
+    size_t nscripts;
+    atomic_uint_fast64_t errors;
+    atomic_int configured, healthy;
+} rd;
+
+static void count_error(const char *what, const char *detail)
+{
+    atomic_fetch_add_explicit(&rd.errors, 1, memory_order_relaxed);
+    piapi_log_msg(PIAPI_LOG_WARN, what, "error", detail ? detail : "");
+}
+
+uint64_t piapi_redis_errors(void)
+{
+    return atomic_load_explicit(&rd.errors, memory_order_relaxed);
+}
+
+void piapi_redis_state(int *configured, int *up)
+{
+    *configured = atomic_load(&rd.configured);
+    *up = atomic_load(&rd.healthy);
+}
+
+long long piapi_redis_int(const struct redisReply *r, size_t i, long long dflt)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements ||
+        r->element[i]->type != REDIS_REPLY_INTEGER)
+        return dflt;
+    return r->element[i]->integer;
+}
+
+/* ---- the event adapter: hiredis's hooks on piapi_ev --------------------- */
+
+static void on_io(struct piapi_ev_io *io, uint32_t events)
+{
+    (void)io;
+    if (!rd.ac)
+        return;  /* closed earlier in this round */
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+        redisAsyncHandleRead(rd.ac);
+    if (rd.ac && (events & EPOLLOUT))
+        redisAsyncHandleWrite(rd.ac);
+}
+
+static void rearm(void)
+{
+    if (rd.ac)
+        piapi_ev_io_arm(piapi_loop_ev(), &rd.io, rd.want);
+}
+
+static void add_read(void *p) { (void)p; rd.want |= EPOLLIN; rearm(); }
+static void del_read(void *p) { (void)p; rd.want &= ~(uint32_t)EPOLLIN; rearm(); }
+static void add_write(void *p) { (void)p; rd.want |= EPOLLOUT; rearm(); }
+static void del_write(void *p) { (void)p; rd.want &= ~(uint32_t)EPOLLOUT; rearm(); }
+
+static void cleanup(void *p)
+{
+    (void)p;
+    piapi_ev_io_stop(piapi_loop_ev(), &rd.io);
+    rd.want = 0;
+}
+
+/* ---- connecting ----------------------------------------------------------- */
+
+static void connect_now(void);
+
+static void schedule_retry(void)
+{
+    rd.backoff_ms = rd.backoff_ms ? rd.backoff_ms * 2 : BACKOFF_MIN_MS;
+    if (rd.backoff_ms > BACKOFF_MAX_MS)
+        rd.backoff_ms = BACKOFF_MAX_MS;
+    piapi_ev_timer_set(piapi_loop_ev(), &rd.retry, piapi_now_mono() + rd.backoff_ms / 1000.0);
+}
+
+/* The connection is gone (hiredis frees it after this callback). */
+static void lost(void)
+{
+    rd.ac = NULL;
+    rd.up = 0;
+    atomic_store(&rd.healthy, 0);
+    for (size_t i = 0; i < rd.nscripts; i++)
+        rd.scripts[i].sha[0] = '\0';
+    if (rd.url)
+        schedule_retry();
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    if (status != REDIS_OK) {
+        count_error("redis connection failed; limits are local until it is back",
+                    ac->errstr);
+        lost();
+        return;
+    }
+    piapi_ev_timer_stop(piapi_loop_ev(), &rd.retry);
+    rd.up = 1;
+    rd.backoff_ms = 0;
+    atomic_store(&rd.healthy, 1);
+    piapi_log_msg(PIAPI_LOG_INFO, "redis connected; limits shared", NULL, NULL);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    if (status != REDIS_OK)
+        count_error("redis connection lost; limits are local until it is back",
+                    ac->errstr);
+    lost();
+}
+
+static void on_retry(struct piapi_ev_timer *t)
+{
+    (void)t;
+    if (rd.ac && !rd.up) {
+        /* connect took too long: give up on this attempt (on_disconnect
+         * will not run for a context freed here) */
+        redisAsyncContext *ac = rd.ac;
+        count_error("redis connect timed out; limits are local until it is back", NULL);
+        rd.ac = NULL;
+        ac->onDisconnect = NULL;
+        redisAsyncFree(ac);
+        lost();
+        return;
+    }
+    if (!rd.ac && rd.url)
+        connect_now();
+}
+
+static void connect_now(void)
+{
+    redisAsyncContext *ac = redisAsyncConnect(rd.host, rd.port);
+    if (!ac || ac->err) {
+        count_error("redis connect failed; limits are local until it is back",
+                    ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        schedule_retry();
+        return;
+    }
+    rd.ac = ac;
+    rd.io = (struct piapi_ev_io){ .cb = on_io, .fd = ac->c.fd };
+    ac->ev.addRead = add_read;
+    ac->ev.delRead = del_read;
+    ac->ev.addWrite = add_write;
+    ac->ev.delWrite = del_write;
+    ac->ev.cleanup = cleanup;
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    /* hiredis writes it once connected; nothing else goes first */
+    redisAsyncCommand(ac, NULL, NULL, "SELECT %d", rd.db);
+    add_write(NULL);
+    piapi_ev_timer_set(piapi_loop_ev(), &rd.retry, piapi_now_mono() + CONNECT_MS / 1000.0);
+}
+
+/* redis://host:port/db, validated by the config already. */
+static int parse_url(const char *url)
+{
+    const char *host = url + strlen("redis://");
+    const char *colon = strchr(host, ':');
+    if (strncmp(url, "redis://", 8) != 0 || !colon ||
+        (size_t)(colon - host) >= sizeof rd.host)
+        return -1;
+    memcpy(rd.host, host, (size_t)(colon - host));
+    rd.host[colon - host] = '\0';
+    rd.port = atoi(colon + 1);
+    const char *slash = strchr(colon, '/');
+    rd.db = slash ? atoi(slash + 1) : 0;
+    return 0;
+}
+
+static void disconnect(void)
+{
+    piapi_ev_timer_stop(piapi_loop_ev(), &rd.retry);
+    free(rd.url);
+    rd.url = NULL;
+    atomic_store(&rd.configured, 0);
+    if (rd.ac)
+        redisAsyncDisconnect(rd.ac);  /* pending calls get NULL */
+    rd.ac = NULL;
+    rd.up = 0;
+    rd.backoff_ms = 0;
+    atomic_store(&rd.healthy, 0);
+}
+
+int piapi_redis_want(const char *url)
+{
+    if (rd.url && url && strcmp(rd.url, url) == 0)
+        return rd.up;
+    if (rd.url)
+        disconnect();
+    if (!url || parse_url(url) != 0)
+        return 0;
+    rd.url = piapi_xstrdup(url);
+    rd.retry.cb = on_retry;
+    atomic_store(&rd.configured, 1);
+    connect_now();
+    return 0;
+}
+
+void piapi_redis_stop(void)
+{
+    if (rd.url || rd.ac)
+        disconnect();
+}
+
+/* ---- calls ----------------------------------------------------------------- */
+
+static int script_index(const char *text)
+{
+    for (size_t i = 0; i < rd.nscripts; i++)
+        if (rd.scripts[i].text == text)
+            return (int)i;
+    if (rd.nscripts == SCRIPTS_MAX)
+        return -1;
+    rd.scripts[rd.nscripts].text = text;
+    rd.scripts[rd.nscripts].sha[0] = '\0';
+    return (int)rd.nscripts++;
+}
+
+static void on_loaded(redisAsyncContext *ac, void *reply, void *priv)
+{
+    redisReply *r = reply;
+    struct script *s = priv;
+    (void)ac;
+    if (r && r->type == REDIS_REPLY_STRING && r->len == 40)
+        memcpy(s->sha, r->str, 41);
+}
+
+static void answer(struct call *c, const redisReply *r)
+{
+    piapi_redis_done done = c->done;
+    c->done = NULL;
+    piapi_ev_timer_stop(piapi_loop_ev(), &c->deadline);
+    done(c->arg, r);
+}
+
+static void on_deadline(struct piapi_ev_timer *t)
+{
+    struct call *c = (struct call *)t;
+    count_error("redis slower than 50 ms; this request used local limits", NULL);
+    answer(c, NULL);  /* the struct waits for hiredis's late callback */
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
+{
+    struct call *c = priv;
+    redisReply *r = reply;
+    (void)ac;
+    if (r && r->type == REDIS_REPLY_ERROR) {
+        if (strncmp(r->str, "NOSCRIPT", 8) == 0 && c->script >= 0)
+            rd.scripts[c->script].sha[0] = '\0';
+        if (c->done)
+            count_error("redis script failed; this request used local limits", r->str);
+        r = NULL;
+    }
+    if (c->done)
+        answer(c, r);
+    free(c);
+}
+
+static int send_eval(struct call *c, const char *script, int nkeys, int argc,
+                     const char **argv)
+{
+    int si = script_index(script);
+    const char *args[16];
+    char nk[12];
+    if (argc > 13)
+        return -1;
+    snprintf(nk, sizeof nk, "%d", nkeys);
+    int sha = si >= 0 && rd.scripts[si].sha[0];
+    args[0] = sha ? "EVALSHA" : "EVAL";
+    args[1] = sha ? rd.scripts[si].sha : script;
+    args[2] = nk;
+    for (int i = 0; i < argc; i++)
+        args[3 + i] = argv[i];
+    if (!sha && si >= 0)  /* learn the SHA for the next calls */
+        redisAsyncCommand(rd.ac, on_loaded, &rd.scripts[si], "SCRIPT LOAD %s", script);
+    if (c)
+        c->script = si;
+    return redisAsyncCommandArgv(rd.ac, c ? on_reply : NULL, c, argc + 3, args, NULL);
+}
+
+void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
+                      piapi_redis_done done, void *arg)
+{
+    if (!rd.ac || !rd.up) {
+        done(arg, NULL);
+        return;
+    }
+    struct call *c = piapi_xcalloc(1, sizeof *c);
+    c->done = done;
+    c->arg = arg;
+    c->deadline.cb = on_deadline;
+    if (send_eval(c, script, nkeys, argc, argv) != REDIS_OK) {
+        free(c);
+        count_error("redis command failed; this request used local limits", NULL);
+        done(arg, NULL);
+        return;
+    }
+    piapi_ev_timer_set(piapi_loop_ev(), &c->deadline,
+                       piapi_now_mono() + PIAPI_REDIS_DEADLINE_MS / 1000.0);
+}
+
+void piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv)
+{
+    if (rd.ac && rd.up)
+        send_eval(NULL, script, nkeys, argc, argv);
+}
