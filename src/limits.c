@@ -182,7 +182,7 @@ static int check_periods(const struct piapi_user *u, double now,
     const struct piapi_limits *l = &u->limits;
     if (!l->tokens_per_day && !l->daily_usd && !l->monthly_usd)
         return 0;
-    struct piapi_tally day, month;
+    struct piapi_usage_totals day, month;
     piapi_tally_get(u->name, now, &day, &month);
     double to_day = piapi_tally_day_start(now) + DAY_S - now;
     int64_t tokens = day.input + day.output + day.cache_read + day.cache_write;
@@ -956,7 +956,7 @@ static void put_left_usd(struct piapi_buf *b, const char *name, double limit, do
 void piapi_limits_usage_json(const struct piapi_user *u, double now, struct piapi_buf *out)
 {
     const struct piapi_limits *l = &u->limits;
-    struct piapi_tally day, month;
+    struct piapi_usage_totals day, month;
     uint32_t recent = 0, in_flight = 0;
     if (!l->concurrent && !l->per_minute && !l->tokens_per_day && !l->daily_usd &&
         !l->monthly_usd && !u->models)
@@ -1049,7 +1049,7 @@ static void render_members(struct piapi_buf *b, double now)
     put_head(b, "piapi_user_spend_usd", "A member's cost this UTC day and month.", "gauge");
     for (size_t k = 0; k < BUCKETS; k++)
         for (struct member *m = lim.buckets[k]; m; m = m->next) {
-            struct piapi_tally day, month;
+            struct piapi_usage_totals day, month;
             piapi_tally_get(m->name, now, &day, &month);
             piapi_buf_puts(b, "piapi_user_spend_usd{user=\"");
             put_label(b, m->name);

@@ -143,12 +143,12 @@ static void test_periods_from_the_tally(void)
     double now = 1767225600.0 + 3600.0 * 23.5;   /* 2026-01-01 23:30 UTC */
     struct piapi_user u = { .name = "unit-day", .limits = { .tokens_per_day = 100 } };
     struct piapi_limits_refusal r;
-    struct piapi_tally one = { .requests = 1, .input = 60, .output = 39 };
+    struct piapi_usage_totals one = { .requests = 1, .input = 60, .output = 39 };
     piapi_tally_reset();
     piapi_limits_reset();
     piapi_tally_add(u.name, now, &one);
     CU_ASSERT_EQUAL(admit(&u, now, &r), PIAPI_LIMITS_ADMITTED);
-    struct piapi_tally more = { .requests = 1, .cache_read = 1 };
+    struct piapi_usage_totals more = { .requests = 1, .cache_read = 1 };
     piapi_tally_add(u.name, now, &more);   /* 100: reached */
     CU_ASSERT_EQUAL(admit(&u, now, &r), PIAPI_LIMITS_REFUSED);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_TOKENS_PER_DAY);
@@ -158,7 +158,7 @@ static void test_periods_from_the_tally(void)
                     PIAPI_LIMITS_ADMITTED);
 
     struct piapi_user m = { .name = "unit-month", .limits = { .monthly_usd = 1.0 } };
-    struct piapi_tally cost = { .requests = 1, .cost_usd = 1.0 };
+    struct piapi_usage_totals cost = { .requests = 1, .cost_usd = 1.0 };
     piapi_tally_add(m.name, now, &cost);
     CU_ASSERT_EQUAL(admit(&m, now, &r), PIAPI_LIMITS_REFUSED);
     CU_ASSERT_EQUAL(r.limit, PIAPI_LIMIT_MONTHLY_BUDGET);
