@@ -14,6 +14,7 @@
 #include "piapi/fcgi_conn.h"
 #include "piapi/headers.h"
 #include "piapi/http.h"
+#include "piapi/routes.h"
 #include "piapi/util.h"
 
 /* What one write of n bytes may cost in socket memory (kernel skb
@@ -53,6 +54,51 @@ void xfer_init(struct xfer *x, struct piapi_transfer *t)
     x->start = x->last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;
+    t->retry_after = -1;
+}
+
+void xfer_rearm(struct xfer *x)
+{
+    struct xfer k = *x;
+    struct piapi_transfer *t = x->t;
+
+    piapi_buf_wipe(&x->value);
+    piapi_buf_wipe(&x->held);
+    piapi_buf_dispose(&x->scanned);
+    piapi_secrets_dispose(&x->secrets);
+    if (x->counting)
+        piapi_usage_scan_dispose(&x->usage);
+    piapi_buf_dispose(&x->relay);
+    piapi_buf_reset(&k.head);
+    *x = (struct xfer){
+        .t = t, .easy = k.easy, .head = k.head, .body = k.body,
+        .inline_len = k.inline_len, .whole = k.whole, .start = k.start,
+        .last_write = k.last_write, .stdin_eof = k.stdin_eof,
+        .read_timeout = k.read_timeout, .keepalive_ms = k.keepalive_ms,
+        .upstream_cl = -1, .injected = k.injected, .can_fail_over = k.can_fail_over,
+        .budget = k.budget, .unchecked = k.unchecked, .blocked = k.blocked,
+        .queued = k.queued,
+    };
+    t->status = 0;
+    t->ttfb = -1;
+    t->retry_after = -1;
+    t->error = NULL;
+    t->error_status = 0;
+    t->error_message = NULL;
+    t->bytes_out = 0;
+    t->upstream_id[0] = '\0';
+    t->usage = (struct piapi_usage){0};
+}
+
+/* A status the next candidate may answer better; NULL: relay it. */
+static const char *status_outcome(int status)
+{
+    switch (status) {
+    case 429: return "status_429";
+    case 529: return "status_529";
+    case 500: case 502: case 503: case 504: return "status_5xx";
+    default: return NULL;
+    }
 }
 
 /* ---- client side ---------------------------------------------------- */
@@ -485,6 +531,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         if (!code)
             return 0;
         x->t->status = code;
+        x->t->retry_after = -1;
         x->in_block = code >= 200;
         x->event_stream = x->encoded = x->cl_seen = 0;
         x->upstream_cl = -1;
@@ -500,6 +547,13 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     if (!x->in_block)
         return n;  /* 1xx block: nothing to relay */
     if (n <= 2) {  /* the empty line: the head is complete */
+        const char *failed = status_outcome(x->t->status);
+        if (failed && x->can_fail_over && x->t->pick && x->t->pick(x->t)) {
+            /* Nothing of it reaches the client: the next candidate's
+             * answer will. Ending the transfer here closes the connection. */
+            x->failover = failed;
+            return 0;
+        }
         x->head_sent = 1;
         x->at_boundary = 1;  /* before the first event is between events */
         start_counting(x);
@@ -556,6 +610,8 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         x->event_stream = is_event_stream(v, vlen);
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
         x->encoded |= is_encoded(v, vlen);
+    } else if (name_len == 11 && strncasecmp(data, "retry-after", 11) == 0) {
+        x->t->retry_after = piapi_routes_parse_retry_after(v, vlen, piapi_now_real());
     } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
                (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
         snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s", (int)vlen, v);
@@ -751,6 +807,33 @@ static void classify(struct xfer *x, CURLcode rc)
     t->error = reason;
     t->error_status = status;
     t->error_message = msg;
+}
+
+const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc)
+{
+    if (x->head_sent || x->client_gone || x->body_failed || x->body_over_limit)
+        return NULL;
+    switch (rc) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "connect";
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+        return "tls";
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        return "reset";
+    default:
+        return NULL;
+    }
 }
 
 enum verdict xfer_timers(struct xfer *x, double now, double *next)
