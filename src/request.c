@@ -303,6 +303,8 @@ static const char *final_outcome(const struct piapi_transfer *x)
     }
     if (!x->status)
         return NULL;  /* refused before it went out: 408, 413 */
+    if (x->overloaded)
+        return "overloaded";
     if (x->status == 429)
         return "status_429";
     if (x->status == 529)

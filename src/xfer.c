@@ -32,6 +32,9 @@
  * write after the close. Unless the operator chose an interval, pings
  * this often during silence bound that to about twice this. */
 #define LIGHTTPD_PROBE_MS 500
+/* A first event longer than this is not waited for to its end: the head
+ * goes out (such an event is no error event). */
+#define FIRST_EVENT_MAX (64 * 1024)
 
 /* ---- set up ---------------------------------------------------------- */
 
@@ -69,6 +72,7 @@ void xfer_rearm(struct xfer *x)
     if (x->counting)
         piapi_usage_scan_dispose(&x->usage);
     piapi_buf_dispose(&x->relay);
+    piapi_buf_dispose(&x->first);
     piapi_buf_reset(&k.head);
     *x = (struct xfer){
         .t = t, .easy = k.easy, .head = k.head, .body = k.body,
@@ -88,6 +92,7 @@ void xfer_rearm(struct xfer *x)
     t->bytes_out = 0;
     t->upstream_id[0] = '\0';
     t->usage = (struct piapi_usage){0};
+    t->overloaded = 0;
 }
 
 /* A status the next candidate may answer better; NULL: relay it. */
@@ -524,7 +529,7 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     size_t n = size * nitems;
     struct piapi_buf *h = &x->head;
 
-    if (x->head_sent)
+    if (x->head_sent || x->head_pending)
         return n;  /* trailers: not relayed */
     if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         int code = parse_status_line(data, n);
@@ -566,6 +571,12 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
             return n;  /* the head goes out with the body, at its end */
         if (x->upstream_cl >= 0)
             piapi_buf_printf(h, "Content-Length: %lld\r\n", (long long)x->upstream_cl);
+        if (x->can_fail_over && x->t->pick && x->t->status < 300 &&
+            strcmp(x->t->method, "HEAD") != 0) {
+            x->head_sent = 0;
+            x->head_pending = 1;
+            return n;
+        }
         return send_head(x) == 0 ? n : 0;
     }
 
@@ -626,6 +637,44 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
 static int relay(struct xfer *x, const char *data, size_t n);
 static int relay_counted(struct xfer *x, const char *data, size_t n);
 
+/* The held head goes out, with what was held of the body. */
+static int release_pending(struct xfer *x)
+{
+    x->head_pending = 0;
+    x->head_sent = 1;
+    int rc = send_head(x);
+    if (rc == 0 && x->first.len)
+        rc = x->counting ? relay_counted(x, x->first.data, x->first.len)
+                         : relay(x, x->first.data, x->first.len);
+    piapi_buf_dispose(&x->first);
+    return rc;
+}
+
+static int has(const struct piapi_buf *b, const char *s)
+{
+    return memmem(b->data, b->len, s, strlen(s)) != NULL;
+}
+
+/* Anthropic's overload in the middle of a 200 stream: a first event
+ * `event: error` whose error type is overloaded_error. */
+static int first_event_overloaded(const struct piapi_buf *b)
+{
+    return (has(b, "event: error") || has(b, "event:error")) && has(b, "overloaded_error");
+}
+
+/* A held head and the first bytes: 1 when they may go out now. */
+static int first_bytes(struct xfer *x, const char *data, size_t n)
+{
+    if (!x->event_stream)
+        return 1;
+    piapi_buf_append(&x->first, data, n);
+    if (!has(&x->first, "\n\n") && !has(&x->first, "\r\n\r\n") &&
+        x->first.len < FIRST_EVENT_MAX)
+        return 0;
+    x->t->overloaded = first_event_overloaded(&x->first);
+    return 1;
+}
+
 static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
 {
     struct xfer *x = ud;
@@ -634,6 +683,20 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     if (x->withheld) {
         x->last_upstream = piapi_now_mono();
         return n;  /* piapi's error went out instead */
+    }
+    if (x->head_pending) {
+        x->last_upstream = piapi_now_mono();
+        if (!first_bytes(x, data, n))
+            return n;
+        if (x->t->overloaded && x->t->pick(x->t)) {
+            x->failover = "overloaded";
+            return 0;  /* nothing of it reached the client */
+        }
+        int held = x->first.len > 0;  /* the first event, these bytes among it */
+        if (release_pending(x) != 0)
+            return 0;
+        if (held)
+            return n;
     }
     if (x->holding) {
         x->last_upstream = piapi_now_mono();
@@ -846,7 +909,7 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return CLIENT_GONE;
     if (x->body_over_limit)
         return TOO_LARGE;
-    if (!x->head_sent) {
+    if (!x->head_sent && !x->head_pending) {
         double deadline = x->start + s->header_timeout_ms / 1000.0;
         if (now >= deadline)
             return HEAD_TIMEOUT;
@@ -861,7 +924,7 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return IDLE_TIMEOUT;
     if (deadline < *next)
         *next = deadline;
-    if (x->event_stream && !x->encoded && x->keepalive_ms) {
+    if (x->event_stream && !x->encoded && x->keepalive_ms && !x->head_pending) {
         double due = x->last_write + x->keepalive_ms / 1000.0;
         /* Comments only between events, so no event is split. */
         if (now >= due && x->at_boundary) {
@@ -935,6 +998,14 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
         classify(x, rc);
 
     piapi_buf_wipe(&x->value);
+    if (x->head_pending) {
+        /* An answer that ended before its first event was whole goes out
+         * as it came; a failed one never reached the client. */
+        if (!t->error && v == RUNNING)
+            release_pending(x);
+        x->head_pending = 0;
+    }
+    piapi_buf_dispose(&x->first);
     if (x->holding) {
         /* Complete: out it goes, redacted. Cut: nothing of it reached the
          * client, which gets the error instead. */

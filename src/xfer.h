@@ -63,6 +63,13 @@ struct xfer {
      * attempt's outcome once t->pick() chose another candidate. */
     int can_fail_over;
     const char *failover;
+    /* While another candidate could still answer, a 2xx head is held
+     * (head_pending) until the first body bytes, and an event stream's
+     * until its first event is whole (in `first`): a first event `error`
+     * of type overloaded_error fails over too. The head goes out with
+     * those bytes, so the client's first byte comes no later. */
+    int head_pending;
+    struct piapi_buf first;
 
     /* Event-loop driver only. A write to the web server must never block
      * the loop: once `unchecked` (an over-estimate of the socket memory

@@ -80,6 +80,8 @@ struct piapi_transfer {
     double retry_after;
     /* The body was streamed by the blocking driver: it could not fail over. */
     int body_streamed;
+    /* The answer's first SSE event was an overloaded_error. */
+    int overloaded;
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls

@@ -51,6 +51,8 @@ class Routes:
         "spread": ("spread", [("spread-a", None), ("spread-b", None)]),
         "big": ("failover", [("big-a", "mock_fail=529"), ("big-b", None)]),
         "rl": ("failover", [("rl-a", "mock_fail=529"), ("rl-b", None)]),
+        "ov": ("failover", [("ov-a", "mock_fail=overloaded"), ("ov-b", None)]),
+        "hold": ("failover", [("hold-a", None), ("hold-b", None)]),
     }
 
 
@@ -174,6 +176,40 @@ class RoutesNginx(unittest.TestCase):
 
     def test_tls_failure_fails_over(self):
         self.assert_failed_over("tls", "tls-a", "tls-b", "tls", a_reached=False)
+
+    def test_first_event_overloaded_fails_over(self):
+        body = b'{"model":"claude-x","stream":true,"max_tokens":16,' \
+               b'"messages":[{"role":"user","content":"hi"}]}'
+        r = self.call("ov", "/piapi/cc/v1/messages", body=body)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.header("Content-Type").split(";")[0], "text/event-stream")
+        self.assertNotIn(b"overloaded_error", r.body)
+        self.assertIn(b"event: message_start", r.body)
+        self.assertIn(mock_upstream.ANSWER_DELTAS[0].encode(), r.body)
+        self.assertEqual(len(self.reqs("ov-a")), 1)
+        self.assertEqual(len(self.reqs("ov-b")), 1)
+        self.assertEqual(self.reqs("ov-b")[0]["body"], body)
+        rec = self.line(r)
+        self.assertEqual(rec["candidates"], "ov-a/k:overloaded,ov-b/k:ok")
+        self.assertEqual(self.metrics().get("piapi_upstream_attempts_total", provider="ov-a",
+                                            key="k", outcome="overloaded"), 1)
+
+    def test_held_head_leaves_with_the_first_event(self):
+        # a healthy stream through a route that could fail over: the head
+        # waits for the first event, then both leave together, and every
+        # later event still arrives as it is sent
+        raw = self.stack.raw(harness.build_request(
+            "POST", "/piapi/cc/sse?n=3&interval=0.4", [("x-api-key", member_key("hold")),
+                                                       ("Content-Type", "application/json"),
+                                                       ("Connection", "close")],
+            b'{}'), timeout=10)
+        self.assertEqual(raw.body().count(b"data:"), 4)
+        t_head = raw.time_of(0)
+        t_first = raw.arrival_of(b'data: {"i":0}')
+        t_second = raw.arrival_of(b'data: {"i":1}')
+        self.assertGreater(t_head, 0.3)            # held until the first event
+        self.assertLess(t_first - t_head, 0.1)     # which left with it
+        self.assertGreater(t_second - t_first, 0.25)   # the rest as it comes
 
     # -- what never fails over --
 
