@@ -8,6 +8,7 @@
  *                    the tree and fill a snapshot
  *   config_usage.c   the same for usage accounting: pricing:, usageDb,
  *                    a service's usage:
+ *   config_routes.c  the same for routes: routes:, a member's services:
  *   config.c         the snapshot: loading, lookup tables, references,
  *                    the live snapshot
  */
