@@ -533,7 +533,8 @@ static enum outcome dispatch(struct request *q)
         return ANSWERED;
     q->route = piapi_config_user_route(q->user, t.type, t.type_len);
     q->target = t;
-    q->session = session_of(q);
+    if (q->route->strategy == PIAPI_STRATEGY_SPREAD)
+        q->session = session_of(q);
     aim(q, piapi_routes_pick(q->route, 0, q->session, piapi_now_mono()));
     if (!q->svc) {
         respond_error(q, 404, "service type not available for this key");
