@@ -94,9 +94,11 @@ def routes_config(stack, drop_rl_a=False):
 
 
 class RoutesNginx(unittest.TestCase):
+    FORM = "nginx"
+
     @classmethod
     def setUpClass(cls):
-        cls.stack = harness.Stack("nginx", routes_config, name="routes").start()
+        cls.stack = harness.Stack(cls.FORM, routes_config, name="routes").start()
 
     @classmethod
     def tearDownClass(cls):
@@ -390,6 +392,11 @@ users:
         self.assertIn("c.yaml:23: users[0].services.cx.route: route 'ha': candidates[0]: "
                       "provider 'a' offers no service of type 'cx'", err)
         self.assertIn("c.yaml:24: users[0].services.zz.route: unknown route 'missing'", err)
+
+
+class RoutesLighttpd(RoutesNginx):
+    """The same behind lighttpd, which streams request bodies to piapi."""
+    FORM = "lighttpd-socket"
 
 
 if __name__ == "__main__":
