@@ -96,6 +96,7 @@ static void ctx_dispose(struct ctx *c)
     cfg_strset_dispose(&c->user_names);
     cfg_strset_dispose(&c->user_keys);
     cfg_strset_dispose(&c->secrets);
+    cfg_strset_dispose(&c->route_names);
     piapi_arena_dispose(&c->tree);
 }
 

@@ -15,6 +15,7 @@
 #include "piapi/config.h"
 #include "piapi/log.h"
 #include "piapi/metrics.h"
+#include "piapi/routes.h"
 #include "piapi/util.h"
 
 static pthread_mutex_t g_apply_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -122,6 +123,8 @@ static void publish_if_changed(struct piapi_config *cfg, const char *path,
         log_success(t == PIAPI_APPLY_STARTUP ? "config loaded" : "config reloaded",
                     cfg, hash, path, t);
         piapi_account_follow(path, piapi_config_settings(cfg));
+        /* A candidate the new file no longer names loses its cooldown. */
+        piapi_routes_forget_absent(cfg);
         piapi_config_publish(cfg);
     }
     piapi_config_release(cur);

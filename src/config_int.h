@@ -9,6 +9,7 @@
  *   config_usage.c   the same for usage accounting: pricing:, usageDb,
  *                    a service's usage:
  *   config_limits.c  limits:, a member's limits: and models:, settings.redis
+ *   config_routes.c  the same for routes: routes:, a member's services:
  *   config.c         the snapshot: loading, lookup tables, references,
  *                    the live snapshot
  */
@@ -100,6 +101,8 @@ struct ctx {
     struct strset user_names;  /* name → line */
     struct strset user_keys;   /* key digest → user index */
     struct strset secrets;     /* every key value, never to be echoed */
+    struct strset route_names; /* routes: name → index */
+    const struct ynode **route_nodes;  /* routes: each one's mapping */
     size_t nodes;
 };
 
@@ -114,6 +117,8 @@ struct piapi_config {
     struct piapi_settings settings;
     struct piapi_price *prices;
     size_t nprices;
+    struct piapi_route_set *routes;            /* top-level routes: */
+    size_t nroutes;
     const struct piapi_user **user_tab;        /* open addressing, NULL = empty */
     size_t user_mask;
     const struct piapi_service **svc_tab;
@@ -236,5 +241,15 @@ extern const struct cfg_schema cfg_limits_schema;
 /* `limits:`, every member's `limits:` and `models:`, settings.redis; after
  * the users were walked. */
 void cfg_walk_limits(struct ctx *c, const struct ynode *root);
+
+/* ---- routes (config_routes.c) ---- */
+
+extern const struct cfg_schema cfg_route_schema;
+/* Top-level `routes:` into c->cfg->routes; before the users. */
+void cfg_walk_routes(struct ctx *c, const struct ynode *root);
+/* A member's default route and optional `services:`, after its
+ * providerName/providerKeyName. */
+void cfg_walk_user_services(struct ctx *c, const struct ynode *u, const char *path,
+                            struct piapi_user *out);
 
 #endif

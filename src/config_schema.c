@@ -74,6 +74,7 @@ static const struct cfg_field user_fields[] = {
     { .key = "providerKeyName" },
     { .key = "limits", .items = &cfg_limits_schema },
     { .key = "models" },
+    { .key = "services" },       /* config_routes.c */
 };
 static const struct cfg_schema user_schema = CFG_SCHEMA(user_fields);
 
@@ -83,6 +84,7 @@ static const struct cfg_field root_fields[] = {
     { .key = "settings", .items = &settings_schema },
     { .key = "pricing", .items = &cfg_pricing_schema },
     { .key = "limits", .items = &cfg_limits_schema },
+    { .key = "routes" },         /* config_routes.c */
 };
 static const struct cfg_schema root_schema = CFG_SCHEMA(root_fields);
 
@@ -739,6 +741,7 @@ static void walk_user(struct ctx *c, const struct ynode *u, size_t ui)
     out->name = cfg_unique_name(c, u, path, &c->user_names, ui, "user", "users");
     walk_user_key(c, u, path, ui, out);
     walk_user_binding(c, u, path, out);
+    cfg_walk_user_services(c, u, path, out);
 }
 
 static void walk_users(struct ctx *c, const struct ynode *root)
@@ -846,6 +849,7 @@ void cfg_walk_root(struct ctx *c, const struct ynode *root)
     cfg_check_keys(c, root, "", &root_schema);
     walk_settings(c, cfg_map_get(root, "settings"));
     walk_providers(c, root);
+    cfg_walk_routes(c, root);
     walk_users(c, root);
     cfg_walk_pricing(c, root);
     cfg_walk_limits(c, root);

@@ -172,6 +172,7 @@ static int check_config(const char *path)
         piapi_config_counts(cfg, &p, &s, &u);
         printf("%s: configuration OK (%zu providers, %zu services, %zu users, hash %s)\n",
                path, p, s, u, piapi_config_hash(cfg));
+        piapi_config_print_routes(cfg, stdout);
     }
     piapi_config_release(cfg);
     free(errors);

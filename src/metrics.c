@@ -60,6 +60,9 @@ enum family_id {
     F_COST,
     F_USAGE_INCOMPLETE,
     F_USAGE_DB_ERRORS,
+    F_ATTEMPTS,
+    F_FAILOVERS,
+    F_COOLING,
     F_COUNT
 };
 
@@ -87,6 +90,7 @@ static void render_reload_time(struct piapi_buf *out, const struct family *f);
 static void render_config_info(struct piapi_buf *out, const struct family *f);
 static void render_cost(struct piapi_buf *out, const struct family *f);
 static void render_usage_db_errors(struct piapi_buf *out, const struct family *f);
+static void render_cooling(struct piapi_buf *out, const struct family *f);
 
 /* The registry, in exposition order. Names and labels are contracts that
  * dashboards and alerts rely on. */
@@ -148,6 +152,15 @@ static const struct family families[F_COUNT] = {
     [F_USAGE_DB_ERRORS] = { "piapi_usage_db_errors_total",
         "Usage ledger rows that could not be written (or a ledger that could not "
         "be opened).", COUNTER, 0, {0}, render_usage_db_errors },
+    [F_ATTEMPTS] = { "piapi_upstream_attempts_total",
+        "Upstream attempts, by candidate (provider, key) and outcome.", COUNTER, 3,
+        { "provider", "key", "outcome" }, NULL },
+    [F_FAILOVERS] = { "piapi_failovers_total",
+        "Requests that went to more than one candidate.", COUNTER, 1,
+        { "service_type" }, NULL },
+    [F_COOLING] = { "piapi_candidate_cooling",
+        "1 while a candidate (provider, key) is skipped after a failure.", GAUGE, 2,
+        { "provider", "key" }, render_cooling },
 };
 
 struct series {
@@ -178,6 +191,7 @@ static _Atomic uint64_t reloads_ok, reloads_failed;
 static _Atomic uint64_t reload_time_ms;
 static _Atomic(piapi_metrics_pool_probe) pool_probe;
 static _Atomic(piapi_metrics_count_probe) usage_db_probe;
+static _Atomic(piapi_metrics_cooling_probe) cooling_probe;
 /* Model names seen in answers: the first MODELS_MAX become label values,
  * the rest "other". Published like series: the name before the count. */
 #define MODELS_MAX 64
@@ -479,6 +493,30 @@ void piapi_metrics_upstream_error(const char *provider, const char *reason)
     counter_add(F_UPSTREAM_ERRORS, (const char *[]){ or_unknown(provider), r }, 1);
 }
 
+void piapi_metrics_attempt(const char *provider, const char *key, const char *outcome)
+{
+    static const char *const outcomes[] = {
+        "ok", "status_429", "status_5xx", "status_529", "overloaded", "connect",
+        "timeout", "tls", "reset",
+    };
+    const char *o = "other";
+
+    for (size_t i = 0; outcome && i < sizeof outcomes / sizeof outcomes[0]; i++)
+        if (strcmp(outcome, outcomes[i]) == 0)
+            o = outcomes[i];
+    counter_add(F_ATTEMPTS, (const char *[]){ or_unknown(provider), or_unknown(key), o }, 1);
+}
+
+void piapi_metrics_failover(const char *service_type)
+{
+    counter_add(F_FAILOVERS, (const char *[]){ or_unknown(service_type) }, 1);
+}
+
+void piapi_metrics_set_cooling_probe(piapi_metrics_cooling_probe probe_fn)
+{
+    atomic_store_explicit(&cooling_probe, probe_fn, memory_order_release);
+}
+
 void piapi_metrics_config_reload(int ok, const char *hash)
 {
     atomic_fetch_add_explicit(ok ? &reloads_ok : &reloads_failed, 1,
@@ -752,6 +790,33 @@ static _Atomic(piapi_metrics_render_probe) extra_probe;
 void piapi_metrics_set_extra_probe(piapi_metrics_render_probe probe_fn)
 {
     atomic_store_explicit(&extra_probe, probe_fn, memory_order_release);
+}
+
+struct cooling_out {
+    struct piapi_buf *b;
+    const char *name;
+};
+
+static void emit_cooling(void *ud, const char *provider, const char *key, int cooling)
+{
+    struct cooling_out *o = ud;
+    struct piapi_buf labels = {0};
+    piapi_buf_puts(&labels, "provider=\"");
+    put_label_value(&labels, provider);
+    piapi_buf_puts(&labels, "\",key=\"");
+    put_label_value(&labels, key);
+    piapi_buf_putc(&labels, '"');
+    put_u64_sample(o->b, o->name, labels.data, cooling ? 1 : 0);
+    piapi_buf_dispose(&labels);
+}
+
+static void render_cooling(struct piapi_buf *b, const struct family *f)
+{
+    piapi_metrics_cooling_probe fn = atomic_load_explicit(&cooling_probe,
+                                                          memory_order_acquire);
+    struct cooling_out o = { b, f->name };
+    if (fn)
+        fn(emit_cooling, &o);
 }
 
 void piapi_metrics_render(struct piapi_buf *out)

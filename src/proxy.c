@@ -128,6 +128,9 @@ void piapi_proxy_forward(struct piapi_proxy *p, struct piapi_transfer *t)
         piapi_buf_dispose(&rewritten);
         return;  /* the loop answers on this connection from now on */
     } else {
+        /* Streamed from FastCGI as it is read: it cannot be sent again,
+         * so this request stays with its first candidate (logged). */
+        t->body_streamed = !x.whole;
         run_here(p, &x);
     }
     free(read_whole);

@@ -26,6 +26,7 @@
 #include "piapi/proxy.h"
 #include "piapi/redis.h"
 #include "piapi/route.h"
+#include "piapi/routes.h"
 #include "piapi/tally.h"
 #include "piapi/util.h"
 
@@ -40,6 +41,11 @@ struct piapi_worker {
     const atomic_int *stopping;
     const atomic_int *aborting;
     uint64_t rng[2];           /* request ids */
+};
+
+struct attempt {
+    const struct piapi_candidate *cand;
+    const char *outcome;  /* NULL: none of the candidate's doing */
 };
 
 struct request {
@@ -63,7 +69,18 @@ struct request {
     size_t nseen;              /* of them in creds: at most the array's size */
     int path_has_key;          /* the path holds a presented credential: 400 */
     int path_hidden;           /* the log shows no path: it has or may have one */
-    const struct piapi_service *svc;
+    const struct piapi_service *svc;   /* the candidate's, this attempt */
+    /* Failover (routes.h): the member's route for this service type, the
+     * candidate of this attempt and of the next, those tried, and what
+     * each attempt came to. */
+    const struct piapi_route_set *route;
+    struct piapi_route_target target;
+    const struct piapi_candidate *cand;
+    int next;
+    uint32_t tried;
+    uint64_t session;
+    unsigned nattempts;
+    struct attempt attempts[PIAPI_ROUTE_MAX_CANDIDATES];
     int status;
     int logged_route;          /* the upstream URL is worth logging */
     const char *error;         /* reason for the log line */
@@ -291,10 +308,101 @@ static int content_length(struct request *q, int64_t *out)
 
 static void request_end(struct request *q);
 
+/* ---- candidates ------------------------------------------------------- */
+
+/* An attempt's outcome for the candidate's health and the metrics; the
+ * client's doing (it left) or the request's (its body) is none. */
+static void note_attempt(struct request *q, const char *outcome, double retry_after)
+{
+    const struct piapi_candidate *c = q->cand;
+    if (q->nattempts < PIAPI_ROUTE_MAX_CANDIDATES)
+        q->attempts[q->nattempts++] = (struct attempt){ c, outcome };
+    if (!outcome)
+        return;
+    piapi_metrics_attempt(c->provider->name, c->key->name, outcome);
+    if (strcmp(outcome, "ok") == 0)
+        piapi_routes_succeeded(c->provider->name, c->key->name);
+    else
+        piapi_routes_failed(c->provider->name, c->key->name, retry_after,
+                            piapi_now_mono());
+}
+
+/* How the last attempt ended, from what the transfer reports. */
+static const char *final_outcome(const struct piapi_transfer *x)
+{
+    if (x->error) {
+        if (!strcmp(x->error, "client_abort") || !strcmp(x->error, "shutdown"))
+            return NULL;
+        return !strcmp(x->error, "idle_timeout") ? "timeout" : x->error;
+    }
+    if (!x->status)
+        return NULL;  /* refused before it went out: 408, 413 */
+    if (x->overloaded)
+        return "overloaded";
+    if (x->status == 429)
+        return "status_429";
+    if (x->status == 529)
+        return "status_529";
+    if (x->status >= 500 && x->status != 501 && x->status != 505)
+        return "status_5xx";
+    return "ok";
+}
+
+static void aim(struct request *q, int i)
+{
+    q->cand = &q->route->candidates[i];
+    q->tried |= 1u << i;
+    q->svc = piapi_config_find_service(q->cfg, q->cand->provider, q->target.type,
+                                       q->target.type_len);
+}
+
+/* The upstream request for the candidate aimed at: its URL and headers
+ * with its key, into the request's arena (the body is the same). */
+static int prepare(struct request *q, const char **why)
+{
+    int st = piapi_headers_forward(q->r->envp, q->svc, q->cand->key->value, q->id,
+                                   q->creds, q->nseen, &q->arena, &q->headers, why);
+    if (st)
+        return st;
+    /* Both credentials the client sent, not only the one that matched: a
+     * junk bearer next to a valid x-api-key must not let the key through. */
+    const struct piapi_route_secret hidden[] = {
+        { q->keys.bearer, q->keys.bearer_len },
+        { q->keys.api_key, q->keys.api_key_len },
+    };
+    piapi_route_upstream_url(&q->url, q->svc, &q->target, q->cand->key->value,
+                             hidden, sizeof hidden / sizeof hidden[0]);
+    q->x.url = q->url.buf.data;
+    q->x.headers = q->headers;
+    q->x.provider_key = q->cand->key->value;
+    q->x.key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL;
+    return 0;
+}
+
+static int pick_next(struct piapi_transfer *x)
+{
+    struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
+    q->next = piapi_routes_pick(q->route, q->tried, q->session, piapi_now_mono());
+    return q->next >= 0;
+}
+
+static int retry_next(struct piapi_transfer *x, const char *outcome, double retry_after)
+{
+    struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
+    const char *why = NULL;
+    note_attempt(q, outcome, retry_after);
+    aim(q, q->next);
+    return q->svc && prepare(q, &why) == 0;
+}
+
 /* The rest of a proxied request, wherever its transfer ended. */
 static void forwarded(struct piapi_transfer *x)
 {
     struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
+
+    note_attempt(q, final_outcome(x), x->retry_after);
+    if (q->nattempts > 1)
+        piapi_metrics_failover(q->svc->type);
 
     q->bytes_in = x->bytes_in;
     q->ttfb = x->ttfb;
@@ -357,20 +465,13 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         respond_error(q, 413, "request body too large");
         return ANSWERED;
     }
-    int st = piapi_headers_forward(q->r->envp, q->svc, q->user->key->value, q->id,
-                                   q->creds, q->nseen, &q->arena, &q->headers, &why);
+    q->target = *t;
+    (void)keys;  /* q->keys: prepare() hides both */
+    int st = prepare(q, &why);
     if (st) {
         respond_error(q, st, why);
         return ANSWERED;
     }
-    /* Both credentials the client sent, not only the one that matched: a
-     * junk bearer next to a valid x-api-key must not let the key through. */
-    const struct piapi_route_secret hidden[] = {
-        { keys->bearer, keys->bearer_len },
-        { keys->api_key, keys->api_key_len },
-    };
-    piapi_route_upstream_url(&q->url, q->svc, t, q->user->key->value,
-                             hidden, sizeof hidden / sizeof hidden[0]);
     q->logged_route = 1;
     q->x = (struct piapi_transfer){
         .fcgi = q->r,
@@ -378,10 +479,12 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .url = q->url.buf.data,
         .headers = q->headers,
         .settings = set,
+        .pick = q->route->ncandidates > 1 ? pick_next : NULL,
+        .retry = retry_next,
         .request_id = q->id,
         .content_length = cl,
         .abort_flag = q->w->aborting,
-        .provider_key = q->user->key->value,
+        .provider_key = q->cand->key->value,
         .key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL,
         .done = forwarded,
         .usage_shape = strcmp(q->method, "POST") == 0
@@ -481,6 +584,18 @@ static enum outcome admit(struct request *q, const struct piapi_route_target *t)
     return ANSWERED;
 }
 
+/* What a spread route keeps on one candidate: Claude Code's session, else
+ * the member. */
+static uint64_t session_of(struct request *q)
+{
+    int count;
+    const char *sid = piapi_headers_param(q->r->envp, "HTTP_X_CLAUDE_CODE_SESSION_ID",
+                                          &count);
+    if (sid && *sid)
+        return piapi_hash(sid, strlen(sid));
+    return piapi_hash(q->user->name, strlen(q->user->name));
+}
+
 static enum outcome dispatch(struct request *q)
 {
     struct piapi_route_target t;
@@ -523,7 +638,11 @@ static enum outcome dispatch(struct request *q)
     }
     if (!member(q))
         return ANSWERED;
-    q->svc = piapi_config_find_service(q->cfg, q->user->provider, t.type, t.type_len);
+    q->route = piapi_config_user_route(q->user, t.type, t.type_len);
+    q->target = t;
+    if (q->route->strategy == PIAPI_STRATEGY_SPREAD)
+        q->session = session_of(q);
+    aim(q, piapi_routes_pick(q->route, 0, q->session, piapi_now_mono()));
     if (!q->svc) {
         respond_error(q, 404, "service type not available for this key");
         return ANSWERED;
@@ -568,6 +687,7 @@ static void scrub_foreign(const struct request *q, char *text)
     if (mentions(text, q->keys.bearer, q->keys.bearer_len) ||
         mentions(text, q->keys.api_key, q->keys.api_key_len) ||
         strstr(text, q->user->key->value) ||
+        (q->cand && strstr(text, q->cand->key->value)) ||
         (q->svc && piapi_route_mentions_secret(q->svc, NULL, text)))
         text[0] = '\0';
 }
@@ -576,6 +696,22 @@ static void log_foreign(struct piapi_log_line *l, const char *name, const char *
 {
     if (text[0])
         piapi_log_str(l, name, text);
+}
+
+/* attempts, and candidates: "provider/key:outcome" in the order tried. */
+static void log_attempts(struct piapi_log_line *l, const struct request *q)
+{
+    struct piapi_buf b = {0};
+    piapi_log_int(l, "attempts", (int64_t)q->nattempts);
+    for (unsigned i = 0; i < q->nattempts; i++)
+        piapi_buf_printf(&b, "%s%s/%s:%s", i ? "," : "",
+                         q->attempts[i].cand->provider->name, q->attempts[i].cand->key->name,
+                         q->attempts[i].outcome ? q->attempts[i].outcome : "none");
+    piapi_log_str(l, "candidates", b.data);
+    piapi_buf_dispose(&b);
+    if (q->x.body_streamed && q->route->ncandidates > 1)
+        piapi_log_str(l, "failover", "unavailable: a body over 8 MiB is streamed "
+                      "upstream as it arrives, so it cannot be sent again");
 }
 
 static void log_request(struct request *q, enum piapi_log_level level,
@@ -592,8 +728,12 @@ static void log_request(struct request *q, enum piapi_log_level level,
         piapi_log_strn(&l, "path", q->uri, path_len(q->uri));
     piapi_log_str(&l, "user", q->user ? q->user->name : NULL);
     piapi_log_str(&l, "service_type", q->svc ? q->svc->type : NULL);
-    piapi_log_str(&l, "upstream_provider", q->user ? q->user->provider->name : NULL);
-    piapi_log_str(&l, "upstream_key", q->user ? q->user->key->name : NULL);
+    piapi_log_str(&l, "upstream_provider", q->cand ? q->cand->provider->name :
+                                           q->user ? q->user->provider->name : NULL);
+    piapi_log_str(&l, "upstream_key", q->cand ? q->cand->key->name :
+                                      q->user ? q->user->key->name : NULL);
+    if (q->nattempts)
+        log_attempts(&l, q);
     if (q->logged_route) {
         struct piapi_buf redacted = {0};
         piapi_route_redacted(&q->url, &redacted);
@@ -650,8 +790,8 @@ static void settle(struct request *q, struct piapi_account *a)
         .request_id = q->id,
         .user = q->user->name,
         .service_type = q->svc->type,
-        .provider = q->user->provider->name,
-        .key_name = q->user->key->name,
+        .provider = q->cand->provider->name,
+        .key_name = q->cand->key->name,
         .status = q->status,
         .shape = q->x.usage_shape,
         .usage = &q->x.usage,

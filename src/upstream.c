@@ -356,10 +356,51 @@ static void lower_sweep(double t)
         piapi_ev_timer_set(up.ev, &up.sweep, t);
 }
 
+static void add(struct lxfer *lx)
+{
+    struct xfer *x = &lx->x;
+    xfer_setup(x);
+    curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
+    struct origin *o = lx->o = origin_for(x->t->url);
+    o->used_at = piapi_now_mono();
+    if (o->used_at >= o->pruned_at + PRUNE_EVERY_S)
+        o->pruned_now = 1;
+    curl_multi_add_handle(o->multi, x->easy);
+}
+
+/* An attempt that failed before anything reached the client goes to the
+ * next candidate, with the same body, within the request's own timeouts
+ * (x->start stays). A client that left, a shutdown, the request's own
+ * head timeout: never. 1 when the transfer goes on. */
+static int fail_over(struct lxfer *lx, enum verdict v, CURLcode rc)
+{
+    struct xfer *x = &lx->x;
+    struct piapi_transfer *t = x->t;
+    const char *why = x->failover;
+
+    if (v != RUNNING || !x->can_fail_over || !t->pick || x->client_gone)
+        return 0;
+    if (!why) {
+        why = xfer_failed_outcome(x, rc);
+        if (!why || !t->pick(t))
+            return 0;
+    }
+    double retry_after = t->retry_after;
+    curl_multi_remove_handle(lx->o->multi, x->easy);
+    xfer_rearm(x);
+    if (!t->retry(t, why, retry_after))
+        return 0;
+    add(lx);
+    return 1;
+}
+
 static void finish(struct lxfer *lx, enum verdict v, CURLcode rc)
 {
     struct xfer *x = &lx->x;
     struct piapi_transfer *t = x->t;
+
+    if (fail_over(lx, v, rc))
+        return;
 
     /* Removing an unfinished transfer closes its connection, which is what
      * tells the upstream to stop generating. */
@@ -417,21 +458,15 @@ static void start(struct piapi_ev_post *p)
     x->budget = up.budget;
     x->blocked = on_blocked;
     x->queued = on_queued;
+    x->can_fail_over = 1;
     lx->client = (struct piapi_ev_io){ .cb = on_client, .fd = piapi_fcgi_fd(x->t->fcgi) };
-    xfer_setup(x);
-    curl_easy_setopt(x->easy, CURLOPT_PRIVATE, lx);
-    struct origin *o = lx->o = origin_for(x->t->url);
-    o->used_at = piapi_now_mono();
-    if (o->used_at >= o->pruned_at + PRUNE_EVERY_S)
-        o->pruned_now = 1;
-
     lx->prev = NULL;
     lx->next = up.running;
     if (lx->next)
         lx->next->prev = lx;
     up.running = lx;
     up.nrunning++;
-    curl_multi_add_handle(o->multi, x->easy);
+    add(lx);
     lower_sweep(x->start + SWEEP_MAX_S);
 }
 

@@ -14,6 +14,7 @@
 #include "piapi/fcgi_conn.h"
 #include "piapi/headers.h"
 #include "piapi/http.h"
+#include "piapi/routes.h"
 #include "piapi/util.h"
 
 /* What one write of n bytes may cost in socket memory (kernel skb
@@ -31,6 +32,9 @@
  * write after the close. Unless the operator chose an interval, pings
  * this often during silence bound that to about twice this. */
 #define LIGHTTPD_PROBE_MS 500
+/* A first event longer than this is not waited for to its end: the head
+ * goes out (such an event is no error event). */
+#define FIRST_EVENT_MAX (64 * 1024)
 
 /* ---- set up ---------------------------------------------------------- */
 
@@ -53,6 +57,53 @@ void xfer_init(struct xfer *x, struct piapi_transfer *t)
     x->start = x->last_write = piapi_now_mono();
     t->status = 0;
     t->ttfb = -1;
+    t->retry_after = -1;
+}
+
+void xfer_rearm(struct xfer *x)
+{
+    struct xfer k = *x;
+    struct piapi_transfer *t = x->t;
+
+    piapi_buf_wipe(&x->value);
+    piapi_buf_wipe(&x->held);
+    piapi_buf_dispose(&x->scanned);
+    piapi_secrets_dispose(&x->secrets);
+    if (x->counting)
+        piapi_usage_scan_dispose(&x->usage);
+    piapi_buf_dispose(&x->relay);
+    piapi_buf_dispose(&x->first);
+    piapi_buf_reset(&k.head);
+    *x = (struct xfer){
+        .t = t, .easy = k.easy, .head = k.head, .body = k.body,
+        .inline_len = k.inline_len, .whole = k.whole, .start = k.start,
+        .last_write = k.last_write, .stdin_eof = k.stdin_eof,
+        .read_timeout = k.read_timeout, .keepalive_ms = k.keepalive_ms,
+        .upstream_cl = -1, .injected = k.injected, .can_fail_over = k.can_fail_over,
+        .budget = k.budget, .unchecked = k.unchecked, .blocked = k.blocked,
+        .queued = k.queued,
+    };
+    t->status = 0;
+    t->ttfb = -1;
+    t->retry_after = -1;
+    t->error = NULL;
+    t->error_status = 0;
+    t->error_message = NULL;
+    t->bytes_out = 0;
+    t->upstream_id[0] = '\0';
+    t->usage = (struct piapi_usage){0};
+    t->overloaded = 0;
+}
+
+/* A status the next candidate may answer better; NULL: relay it. */
+static const char *status_outcome(int status)
+{
+    switch (status) {
+    case 429: return "status_429";
+    case 529: return "status_529";
+    case 500: case 502: case 503: case 504: return "status_5xx";
+    default: return NULL;
+    }
 }
 
 /* ---- client side ---------------------------------------------------- */
@@ -478,13 +529,14 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     size_t n = size * nitems;
     struct piapi_buf *h = &x->head;
 
-    if (x->head_sent)
+    if (x->head_sent || x->head_pending)
         return n;  /* trailers: not relayed */
     if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
         int code = parse_status_line(data, n);
         if (!code)
             return 0;
         x->t->status = code;
+        x->t->retry_after = -1;
         x->in_block = code >= 200;
         x->event_stream = x->encoded = x->cl_seen = 0;
         x->upstream_cl = -1;
@@ -500,6 +552,13 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
     if (!x->in_block)
         return n;  /* 1xx block: nothing to relay */
     if (n <= 2) {  /* the empty line: the head is complete */
+        const char *failed = status_outcome(x->t->status);
+        if (failed && x->can_fail_over && x->t->pick && x->t->pick(x->t)) {
+            /* Nothing of it reaches the client: the next candidate's
+             * answer will. Ending the transfer here closes the connection. */
+            x->failover = failed;
+            return 0;
+        }
         x->head_sent = 1;
         x->at_boundary = 1;  /* before the first event is between events */
         start_counting(x);
@@ -512,6 +571,12 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
             return n;  /* the head goes out with the body, at its end */
         if (x->upstream_cl >= 0)
             piapi_buf_printf(h, "Content-Length: %lld\r\n", (long long)x->upstream_cl);
+        if (x->can_fail_over && x->t->pick && x->t->status < 300 &&
+            strcmp(x->t->method, "HEAD") != 0) {
+            x->head_sent = 0;
+            x->head_pending = 1;
+            return n;
+        }
         return send_head(x) == 0 ? n : 0;
     }
 
@@ -556,6 +621,8 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
         x->event_stream = is_event_stream(v, vlen);
     } else if (name_len == 16 && strncasecmp(data, "content-encoding", 16) == 0) {
         x->encoded |= is_encoded(v, vlen);
+    } else if (name_len == 11 && strncasecmp(data, "retry-after", 11) == 0) {
+        x->t->retry_after = piapi_routes_parse_retry_after(v, vlen, piapi_now_real());
     } else if ((name_len == 12 && strncasecmp(data, "x-request-id", 12) == 0) ||
                (name_len == 10 && strncasecmp(data, "request-id", 10) == 0)) {
         snprintf(x->t->upstream_id, sizeof x->t->upstream_id, "%.*s", (int)vlen, v);
@@ -570,6 +637,44 @@ static size_t on_header(char *data, size_t size, size_t nitems, void *ud)
 static int relay(struct xfer *x, const char *data, size_t n);
 static int relay_counted(struct xfer *x, const char *data, size_t n);
 
+/* The held head goes out, with what was held of the body. */
+static int release_pending(struct xfer *x)
+{
+    x->head_pending = 0;
+    x->head_sent = 1;
+    int rc = send_head(x);
+    if (rc == 0 && x->first.len)
+        rc = x->counting ? relay_counted(x, x->first.data, x->first.len)
+                         : relay(x, x->first.data, x->first.len);
+    piapi_buf_dispose(&x->first);
+    return rc;
+}
+
+static int has(const struct piapi_buf *b, const char *s)
+{
+    return memmem(b->data, b->len, s, strlen(s)) != NULL;
+}
+
+/* Anthropic's overload in the middle of a 200 stream: a first event
+ * `event: error` whose error type is overloaded_error. */
+static int first_event_overloaded(const struct piapi_buf *b)
+{
+    return (has(b, "event: error") || has(b, "event:error")) && has(b, "overloaded_error");
+}
+
+/* A held head and the first bytes: 1 when they may go out now. */
+static int first_bytes(struct xfer *x, const char *data, size_t n)
+{
+    if (!x->event_stream)
+        return 1;
+    piapi_buf_append(&x->first, data, n);
+    if (!has(&x->first, "\n\n") && !has(&x->first, "\r\n\r\n") &&
+        x->first.len < FIRST_EVENT_MAX)
+        return 0;
+    x->t->overloaded = first_event_overloaded(&x->first);
+    return 1;
+}
+
 static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
 {
     struct xfer *x = ud;
@@ -578,6 +683,20 @@ static size_t on_body(char *data, size_t size, size_t nitems, void *ud)
     if (x->withheld) {
         x->last_upstream = piapi_now_mono();
         return n;  /* piapi's error went out instead */
+    }
+    if (x->head_pending) {
+        x->last_upstream = piapi_now_mono();
+        if (!first_bytes(x, data, n))
+            return n;
+        if (x->t->overloaded && x->t->pick(x->t)) {
+            x->failover = "overloaded";
+            return 0;  /* nothing of it reached the client */
+        }
+        int held = x->first.len > 0;  /* the first event, these bytes among it */
+        if (release_pending(x) != 0)
+            return 0;
+        if (held)
+            return n;
     }
     if (x->holding) {
         x->last_upstream = piapi_now_mono();
@@ -753,6 +872,33 @@ static void classify(struct xfer *x, CURLcode rc)
     t->error_message = msg;
 }
 
+const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc)
+{
+    if (x->head_sent || x->client_gone || x->body_failed || x->body_over_limit)
+        return NULL;
+    switch (rc) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "connect";
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+        return "tls";
+    case CURLE_RECV_ERROR:
+    case CURLE_SEND_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        return "reset";
+    default:
+        return NULL;
+    }
+}
+
 enum verdict xfer_timers(struct xfer *x, double now, double *next)
 {
     const struct piapi_settings *s = x->t->settings;
@@ -763,7 +909,7 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return CLIENT_GONE;
     if (x->body_over_limit)
         return TOO_LARGE;
-    if (!x->head_sent) {
+    if (!x->head_sent && !x->head_pending) {
         double deadline = x->start + s->header_timeout_ms / 1000.0;
         if (now >= deadline)
             return HEAD_TIMEOUT;
@@ -778,7 +924,7 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return IDLE_TIMEOUT;
     if (deadline < *next)
         *next = deadline;
-    if (x->event_stream && !x->encoded && x->keepalive_ms) {
+    if (x->event_stream && !x->encoded && x->keepalive_ms && !x->head_pending) {
         double due = x->last_write + x->keepalive_ms / 1000.0;
         /* Comments only between events, so no event is split. */
         if (now >= due && x->at_boundary) {
@@ -857,6 +1003,14 @@ void xfer_end(struct xfer *x, enum verdict v, CURLcode rc)
         classify(x, rc);
 
     piapi_buf_wipe(&x->value);
+    if (x->head_pending) {
+        /* An answer that ended before its first event was whole goes out
+         * as it came; a failed one never reached the client. */
+        if (!t->error && v == RUNNING)
+            release_pending(x);
+        x->head_pending = 0;
+    }
+    piapi_buf_dispose(&x->first);
     if (x->holding) {
         /* Complete: out it goes, redacted. Cut: nothing of it reached the
          * client, which gets the error instead. */

@@ -59,6 +59,18 @@ struct xfer {
     struct piapi_usage_scan usage;
     struct piapi_buf relay;
 
+    /* Event-loop driver only: failover. `failover` is the failed
+     * attempt's outcome once t->pick() chose another candidate. */
+    int can_fail_over;
+    const char *failover;
+    /* While another candidate could still answer, a 2xx head is held
+     * (head_pending) until the first body bytes, and an event stream's
+     * until its first event is whole (in `first`): a first event `error`
+     * of type overloaded_error fails over too. The head goes out with
+     * those bytes, so the client's first byte comes no later. */
+    int head_pending;
+    struct piapi_buf first;
+
     /* Event-loop driver only. A write to the web server must never block
      * the loop: once `unchecked` (an over-estimate of the socket memory
      * queued since the socket last polled writable) would pass `budget`,
@@ -97,6 +109,12 @@ int xfer_flush(struct xfer *x);
 enum verdict xfer_timers(struct xfer *x, double now, double *next);
 /* What t answers for a transfer ended (or never started) by v. */
 void xfer_refuse(struct xfer *x, enum verdict v);
+/* After x->easy left its multi handle, for the next attempt of the same
+ * request: every per-answer state back to its start, nothing sent. */
+void xfer_rearm(struct xfer *x);
+/* The failover outcome of a transfer that ended with rc before its head
+ * (connect, tls, reset, timeout), or NULL: not a reason to fail over. */
+const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc);
 /* After x->easy left its multi handle, before it is reused: fills t's
  * outcome from the verdict or libcurl's result, and poisons a stream cut
  * after its head. */

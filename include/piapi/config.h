@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "piapi/sha256.h"
 
@@ -72,6 +73,34 @@ struct piapi_model_pattern {
     bool prefix;
 };
 
+/* One candidate of a route: a provider and one of its keys. */
+struct piapi_candidate {
+    const struct piapi_provider *provider;
+    const struct piapi_provider_key *key;
+};
+
+enum piapi_strategy {
+    PIAPI_STRATEGY_FAILOVER,  /* the first healthy candidate, in order */
+    PIAPI_STRATEGY_SPREAD     /* a session sticks to one healthy candidate */
+};
+
+/* Where a member's requests of one service type go: candidates tried in
+ * turn before the first byte reaches the client (routes.h). A top-level
+ * `routes:` entry has a name; a route written under a member has none. */
+#define PIAPI_ROUTE_MAX_CANDIDATES 16
+struct piapi_route_set {
+    const char *name;  /* NULL: written inline, or the member's default */
+    const struct piapi_candidate *candidates;
+    size_t ncandidates;
+    enum piapi_strategy strategy;
+};
+
+/* users[].services.<type> */
+struct piapi_user_service {
+    const char *type;
+    const struct piapi_route_set *route;
+};
+
 struct piapi_user {
     const char *name;
     unsigned char key_digest[PIAPI_SHA256_LEN];  /* of the member's key */
@@ -80,6 +109,12 @@ struct piapi_user {
     struct piapi_limits limits;                 /* in effect for this member */
     const struct piapi_model_pattern *models;   /* NULL: any model */
     size_t nmodels;
+    /* services: per service type; any other type takes default_route,
+     * the single candidate providerName/providerKeyName. */
+    const struct piapi_user_service *services;
+    size_t nservices;
+    struct piapi_route_set default_route;
+    struct piapi_candidate default_candidate;
 };
 
 /* Optional top-level `settings:` block; every field has a default. */
@@ -155,6 +190,17 @@ const char *piapi_config_hash(const struct piapi_config *cfg);
 bool piapi_config_same(const struct piapi_config *a, const struct piapi_config *b);
 void piapi_config_counts(const struct piapi_config *cfg, size_t *providers,
                          size_t *services, size_t *users);
+
+/* The route of a member's requests of service type `type`: its
+ * services: entry, else its default route. */
+const struct piapi_route_set *piapi_config_user_route(const struct piapi_user *user,
+                                                      const char *type, size_t len);
+/* Whether some route of the snapshot names this provider key (a reload
+ * that drops one drops its cooldown). */
+bool piapi_config_names_candidate(const struct piapi_config *cfg, const char *provider,
+                                  const char *key);
+/* --check-config: each member's route per service type, one line each. */
+void piapi_config_print_routes(const struct piapi_config *cfg, FILE *out);
 
 /* The live snapshot shared by all threads. current() returns an acquired
  * reference (or NULL before the first publish); publish() takes over the

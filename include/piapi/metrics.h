@@ -57,6 +57,18 @@ void piapi_metrics_upstream_error(const char *provider, const char *reason);
  * piapi_config_info{hash}. `unchanged` successes count but keep the info. */
 void piapi_metrics_config_reload(int ok, const char *hash);
 
+/* piapi_upstream_attempts_total{provider,key,outcome}: one attempt of a
+ * request at one candidate. outcome: ok, status_429, status_5xx,
+ * status_529, overloaded, connect, timeout, tls, reset (else "other"). */
+void piapi_metrics_attempt(const char *provider, const char *key, const char *outcome);
+/* piapi_failovers_total{service_type}: a request tried a second candidate. */
+void piapi_metrics_failover(const char *service_type);
+/* piapi_candidate_cooling{provider,key} is read from routes.c when scraped:
+ * the probe calls emit once per candidate it knows. */
+typedef void (*piapi_metrics_cooling_probe)(
+    void (*emit)(void *ud, const char *provider, const char *key, int cooling), void *ud);
+void piapi_metrics_set_cooling_probe(piapi_metrics_cooling_probe probe);
+
 void piapi_metrics_in_flight(int delta);          /* piapi_requests_in_flight */
 void piapi_metrics_pool_saturated(void);          /* piapi_pool_saturated_total */
 

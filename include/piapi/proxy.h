@@ -52,6 +52,15 @@ struct piapi_transfer {
      * before anything goes upstream; non-zero refuses the request with
      * error_status and error_message, which it sets. NULL: none. */
     int (*admit_body)(struct piapi_transfer *t, const char *body, size_t len);
+    /* Failover, on the event loop only (a body it holds whole can be sent
+     * again): when an attempt failed before anything reached the client
+     * (connect, TLS, reset or timeout before the head; status 429, 5xx,
+     * 529), pick() chooses the next candidate (1: there is one), then
+     * retry() records the failed attempt and aims t at that candidate
+     * (url, headers, provider_key, key_param); 0 if it could not. NULL:
+     * no failover. */
+    int (*pick)(struct piapi_transfer *t);
+    int (*retry)(struct piapi_transfer *t, const char *outcome, double retry_after);
 
     /* out */
     int status;            /* upstream status relayed; 0 while no head went out */
@@ -71,6 +80,12 @@ struct piapi_transfer {
      * request body's top-level "model" ("" when none or not read whole). */
     struct piapi_usage usage;
     char request_model[128];
+    /* The answer's Retry-After in seconds (capped), -1: none. */
+    double retry_after;
+    /* The body was streamed by the blocking driver: it could not fail over. */
+    int body_streamed;
+    /* The answer's first SSE event was an overloaded_error. */
+    int overloaded;
 };
 
 /* Reads the body ahead and runs the transfer to its end, then calls

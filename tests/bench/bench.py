@@ -65,6 +65,19 @@ BIN = os.path.join(OUT, "bin")
 PIAPI = os.path.abspath(os.environ.get("BENCH_PIAPI") or os.path.join(BUILD, "piapi"))
 # Optional second build, benchmarked side by side in the same run (A/B).
 PIAPI_B = os.path.abspath(os.environ["BENCH_PIAPI_B"]) if os.environ.get("BENCH_PIAPI_B") else None
+# BENCH_CANDIDATES=1: the member's oa and sse go through a route of two
+# candidates (the same mock twice, the first always answering), so a run
+# with it and one without show what failover costs when it is not needed.
+CANDIDATES = os.environ.get("BENCH_CANDIDATES") == "1"
+
+
+def candidates_services():
+    if not CANDIDATES:
+        return ""
+    two = ("{candidates: [{providerName: mock, providerKeyName: main}, "
+           "{providerName: mock, providerKeyName: main}]}")
+    return f"    services:\n      oa: {two}\n      sse: {two}\n"
+
 
 C = {
     "rounds": env_num("BENCH_ROUNDS", 3, int),
@@ -577,7 +590,7 @@ providers:
     apiKey: {MEMBER_KEY}
     providerName: mock
     providerKeyName: main
-""")
+{candidates_services()}""")
         self.piapi_log = os.path.join(RUN, "piapi.log")
         self.piapi = self.start_piapi("piapi", PIAPI)
         self.piapi_b = self.start_piapi("piapi_b", PIAPI_B) if PIAPI_B else None

@@ -22,6 +22,7 @@
 #     a keep-conn piapi with that small a pool under wrk -c CONNECTIONS, once
 #   BENCH_PIAPI [$BUILD/piapi]  BENCH_PIAPI_B [unset]: a second build run side by
 #     side (own nginx server on PORT+3) with an A/B table appended to results.md
+#   BENCH_CANDIDATES [0]: 1 routes oa and sse through two candidates (the first answers)
 #   BENCH_LOG_LEVEL [info]  BENCH_LOG_MAX_MB [64] (logs are truncated past this)
 #   BENCH_CONN_COUNT [stub_status if nginx has it, else log]
 # Everything listens on loopback only; every load is bounded in time.

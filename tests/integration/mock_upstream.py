@@ -99,6 +99,17 @@ Strict mode, for tests driving real clients that may call anything:
                                     {"type":"error","error":{"type":"not_found_error",...}}
                                     (still recorded); on=0 goes back to echo.
                                     /__mock/reset does not change the mode.
+Failing on purpose, whatever the path (a provider's baseUrl may carry the
+query, so one mock plays several candidates): a request whose query has
+    mock_fail=NNN                 status NNN, an Anthropic-style JSON error
+                                  (with Retry-After: S when mock_retry_after=S)
+    mock_fail=reset               closes with RST, no answer
+    mock_fail=overloaded          200 SSE whose first event is `event: error`
+                                  of type overloaded_error (Anthropic's 529
+                                  in the middle of a stream)
+    mock_fail=cut-after-first     200 SSE: one event, then the connection closes
+    mock_delay=S                  waits S seconds first (noticing a client
+                                  that leaves), then answers as usual
 To add an endpoint: write `def ep_<name>(self, args, query)` on Handler and
 add it to ENDPOINTS with the number of path segments it takes after its name.
 """
@@ -405,6 +416,10 @@ class Handler(BaseHTTPRequestHandler):
         st.add_request(rec)
         self.answer_id = "req_mock_%d" % rec["seq"]
         query = dict(urllib.parse.parse_qsl(query_s, keep_blank_values=True))
+        if "mock_delay" in query:
+            self.wait_or_gone(float(query["mock_delay"]))
+        if "mock_fail" in query:
+            return self.fail_on_purpose(query["mock_fail"], query)
         segs = [s for s in path.split("/") if s]
         api = self.api_endpoint(segs)
         if api is not None:
@@ -449,6 +464,26 @@ class Handler(BaseHTTPRequestHandler):
         return self.send_json(404, {"error": "unknown control endpoint"})
 
     # ---- endpoints ------------------------------------------------------
+
+    def fail_on_purpose(self, how, query):
+        if how == "reset":
+            return self.hard_close(rst=True)
+        if how == "overloaded":
+            self.start_chunked()
+            self.write_chunk(b'event: error\ndata: {"type":"error","error":'
+                             b'{"type":"overloaded_error","message":"Overloaded"}}\n\n')
+            return self.write_chunk(b"")
+        if how == "cut-after-first":
+            self.start_chunked()
+            self.write_chunk(b'event: message_start\ndata: {"type":"message_start"}\n\n')
+            time.sleep(0.05)
+            return self.hard_close()
+        code = int(how)
+        extra = [("Retry-After", query["mock_retry_after"])] if "mock_retry_after" in query else []
+        kind = "overloaded_error" if code == 529 else "rate_limit_error" if code == 429 \
+            else "api_error"
+        self.send_json(code, {"type": "error", "error": {
+            "type": kind, "message": "mock failure %d" % code}}, extra)
 
     def ep_echo(self, _args, _query):
         self.send_json(200, {

@@ -49,7 +49,11 @@ MEMBER = "piapi-member-clients-Vq3Lr8Zt1x"        # what the tools are given
 OTHER_MEMBER = "piapi-member-other-Ye6Kd0Sb4n"    # bound to another provider key
 PROVIDER_KEY = "sk-mock-provider-main-Jc5Hn2Wp7k"
 OTHER_PROVIDER_KEY = "sk-mock-provider-other-Tg9Mx1Qa3c"
-MEMBER_KEYS = (MEMBER, OTHER_MEMBER)
+# Failover (routes): each client has a member whose first candidate, a
+# provider of its own, answers 529; the second is mockai.
+FAILOVER = {c: f"piapi-member-fo-{c}-Hs8Wq2Lm5v" for c in ("claude", "codex", "openai",
+                                                           "anthropic")}
+MEMBER_KEYS = (MEMBER, OTHER_MEMBER) + tuple(FAILOVER.values())
 
 NPM_CI_TIMEOUT = 300      # a cold cache downloads ~250 MB
 CLIENT_TIMEOUT = 90       # one client run
@@ -69,14 +73,32 @@ def clients_config(stack):
                  # baseUrl holds /v1, clients append /responses, /chat/completions
                  {"type": "codex", "baseUrl": mock + "/v1"},
              ]},
-        ],
+        ] + [down_provider(mock, c) for c in FAILOVER],
         "users": [
             {"name": "member", "apiKey": MEMBER, "providerName": "mockai",
              "providerKeyName": "main"},
             {"name": "other", "apiKey": OTHER_MEMBER, "providerName": "mockai",
              "providerKeyName": "other"},
-        ],
+        ] + [failover_member(c) for c in FAILOVER],
+        "routes": {f"fo-{c}": {"candidates": [
+            {"providerName": f"down-{c}", "providerKeyName": "main"},
+            {"providerName": "mockai", "providerKeyName": "main"}]} for c in FAILOVER},
     }
+
+
+def failover_member(client):
+    return {"name": f"fo-{client}", "apiKey": FAILOVER[client], "providerName": "mockai",
+            "providerKeyName": "main",
+            "services": {"claude_code": {"route": f"fo-{client}"},
+                         "codex": {"route": f"fo-{client}"}}}
+
+
+def down_provider(mock, client):
+    """Answers every request 529 (mock_upstream.py's mock_fail)."""
+    return {"name": f"down-{client}", "apiKeys": {"main": PROVIDER_KEY},
+            "services": [{"type": "claude_code", "baseUrl": mock + "?mock_fail=529",
+                          "auth": {"mode": "header", "name": "x-api-key"}},
+                         {"type": "codex", "baseUrl": mock + "/v1?mock_fail=529"}]}
 
 
 # ------------------------------------------------------------ npm ci ------
@@ -277,7 +299,7 @@ class ClientsThroughNginx(unittest.TestCase):
                        DISABLE_ERROR_REPORTING=1, **auth)
         return self.run_client(argv, env)
 
-    def codex(self, base_url):
+    def codex(self, base_url, member=MEMBER):
         """Codex CLI, `codex exec`, with a custom model provider in CODEX_HOME."""
         codex_home = Path(tempfile.mkdtemp(prefix="codex-home-", dir=self.home))
         (codex_home / "config.toml").write_text(
@@ -296,14 +318,14 @@ class ClientsThroughNginx(unittest.TestCase):
         r = self.run_client(
             ["node", NODE_MODULES / "@openai" / "codex" / "bin" / "codex.js",
              "exec", "--skip-git-repo-check", "say hi"],
-            self.env(CODEX_HOME=codex_home, PIAPI_KEY=MEMBER), cwd=work)
+            self.env(CODEX_HOME=codex_home, PIAPI_KEY=member), cwd=work)
         # `codex exec` prints the final message alone on stdout
         self.assertEqual(r.stdout.strip().splitlines()[-1], ANSWER, r.stdout)
         return r
 
-    def sdk(self, script, mode, base, auth=None):
+    def sdk(self, script, mode, base, auth=None, member=MEMBER):
         """tests/clients/<script> <mode>; prints the text, then usage=<json>."""
-        env = self.env(PIAPI_BASE_URL=base, PIAPI_KEY=MEMBER)
+        env = self.env(PIAPI_BASE_URL=base, PIAPI_KEY=member)
         if auth:
             env["PIAPI_AUTH"] = auth
         r = self.run_client(["node", CLIENTS / script, mode], env, cwd=CLIENTS)
@@ -379,6 +401,39 @@ class ClientsThroughNginx(unittest.TestCase):
     def test_anthropic_message_stream_auth_token(self):
         self.sdk_via_piapi("anthropic_client.mjs", "message-stream", "claude_code",
                            ("POST", "/v1/messages"), auth="auth-token")
+
+    # ---- through a failover: the first candidate answers 529 ----
+
+    def failed_over(self, service, expect):
+        """The first request went to the 529 candidate, and the client still
+        got the answer: from the second, with the same provider key rules."""
+        reqs = self.check_upstream(service, expect)
+        down = [q for q in reqs if "mock_fail=529" in q["path"]]
+        up = [q for q in reqs if "mock_fail" not in q["path"]]
+        self.assertTrue(down, "the first candidate got nothing" + self.context())
+        self.assertTrue(up, "the second candidate got nothing" + self.context())
+        bare = down[0]["path"].split("?")[0]
+        again = [q for q in up if q["path"].split("?")[0] == bare]
+        self.assertTrue(again, f"{bare} never reached the second candidate" + self.context())
+        self.assertEqual(down[0]["body"], again[0]["body"])   # sent again as it was
+
+    def test_failover_claude_code(self):
+        self.claude(f"{self.base}/claude_code", ANTHROPIC_API_KEY=FAILOVER["claude"])
+        self.failed_over("claude_code", ("POST", "/v1/messages"))
+
+    def test_failover_codex_exec(self):
+        self.codex(f"{self.base}/codex", member=FAILOVER["codex"])
+        self.failed_over("codex", ("POST", "/v1/responses"))
+
+    def test_failover_openai_sdk_stream(self):
+        self.sdk("openai_client.mjs", "chat-stream", f"{self.base}/codex",
+                 member=FAILOVER["openai"])
+        self.failed_over("codex", ("POST", "/v1/chat/completions"))
+
+    def test_failover_anthropic_sdk_stream(self):
+        self.sdk("anthropic_client.mjs", "message-stream", f"{self.base}/claude_code",
+                 member=FAILOVER["anthropic"])
+        self.failed_over("claude_code", ("POST", "/v1/messages"))
 
     # ---- what the clients themselves send (straight to the mock) ----
 

@@ -110,7 +110,7 @@ static const struct bad_case bad[] = {
     { PROV "users: {}\n", { "t.yaml:6: users: expected a sequence, got a mapping" } },
     { PROV "users: x\n", { "t.yaml:6: users: expected a sequence, got a string" } },
     { PROV NOUSERS "extra: 1\n",
-      { "t.yaml:7: extra: unknown field (expected one of: providers, users, settings, pricing, limits)" } },
+      { "t.yaml:7: extra: unknown field (expected one of: providers, users, settings, pricing, limits, routes)" } },
     { PROV NOUSERS "Users: []\n", { "t.yaml:7: Users: unknown field; did you mean 'users'?" } },
     { PROV NOUSERS "users: []\n", { "t.yaml:7: users: duplicate key (first at line 6)" } },
     { PROV NOUSERS "? [a]\n: b\n",

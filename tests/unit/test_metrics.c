@@ -261,6 +261,9 @@ static const struct family_meta all_families[] = {
     { "piapi_cost_usd_total", "counter" },
     { "piapi_usage_incomplete_total", "counter" },
     { "piapi_usage_db_errors_total", "counter" },
+    { "piapi_upstream_attempts_total", "counter" },
+    { "piapi_failovers_total", "counter" },
+    { "piapi_candidate_cooling", "gauge" },
     { NULL, NULL }
 };
 
