@@ -2,7 +2,7 @@
 """`make bench` orchestrator (started by tests/bench/run.sh, which builds the
 helpers first). Everything runs on loopback, every load is bounded in time.
 
-Starts: a mock upstream (nginx answering a fixed chat completion to any POST),
+Starts: a mock upstream (nginx answering a fixed Anthropic message to any POST),
 a mock SSE upstream (sse_server), the floor (a do-nothing libfcgi responder),
 piapi, and one nginx front with four locations: the proxy_pass baseline,
 the floor, and piapi's shipped snippet. Then runs BENCH_ROUNDS interleaved
