@@ -2,7 +2,7 @@
 """`make bench` orchestrator (started by tests/bench/run.sh, which builds the
 helpers first). Everything runs on loopback, every load is bounded in time.
 
-Starts: a mock upstream (nginx answering a fixed chat completion to any POST),
+Starts: a mock upstream (nginx answering a fixed Anthropic message to any POST),
 a mock SSE upstream (sse_server), the floor (a do-nothing libfcgi responder),
 piapi, and one nginx front with four locations: the proxy_pass baseline,
 the floor, and piapi's shipped snippet. Then runs BENCH_ROUNDS interleaved
@@ -27,6 +27,33 @@ settings.caFile) run against it under wrk -c64, and with one unloaded stream
 at a time; the TLS nginx logs every request with its connection number and
 $ssl_session_reused, from which the new TLS handshakes are counted. Own
 table (report_tls).
+
+A/B (BENCH_PIAPI_B=BINARY and/or BENCH_B_CONFIG_EXTRA=FILE): a second
+piapi, slot B, runs beside slot A (BENCH_PIAPI) in the same run, and an
+"A/B" table of B ÷ A is appended. The two slots are measured the same way:
+each has its own nginx server block in the same front (A on PORT+8, B on
+PORT+3, the same shipped snippet), each gets a cold 1,000-stream burst and
+the same warm-up, and in every phase of every round A and B take turns in
+ABBA order (BENCH_AB_SLICES turns each in a wrk phase, its duration split
+among them; BENCH_AB_REPEATS in a stream phase), A first in odd rounds and
+B first in even ones; an even round is the odd one before it with A and B
+swapped (BENCH_ROUNDS defaults to 4 in A/B mode, and must be even). The table shows both the ratio of the
+medians and the median of the per-round ratios (B and A measured a few
+seconds apart, under the same background load), with their spread. An A/A
+run (BENCH_PIAPI_B = BENCH_PIAPI) shows the harness's own error.
+  BENCH_B_CONFIG_EXTRA=FILE: a YAML file whose top-level sections are merged
+  into slot B's config.yaml (BENCH_A_CONFIG_EXTRA: the same for slot A). A
+  section the bench config lacks is appended; a mapping section it has
+  (e.g. `settings:`) is merged key by key, the file's key replacing the
+  bench's; a sequence or scalar section (`providers:`, `users:`) is replaced
+  whole. With BENCH_B_CONFIG_EXTRA and no BENCH_PIAPI_B, B is A's binary: a
+  config variant of the same build (e.g. a feature on vs off).
+
+The mocks answer in Anthropic Messages shape with usage: the chat mock a
+~650-byte message JSON with a usage object, the SSE mock message_start
+(usage incl. cache tokens), content_block_start, content_block_delta x
+(CHUNKS - 5), content_block_stop, message_delta (cumulative usage) and
+message_stop, CHUNKS events in all, INTERVAL ms apart.
 
 `run.sh profile` instead records a CPU profile of piapi (perf, or callgrind
 when perf cannot sample) under the wrk -c64 load; see docs/performance.md.
@@ -64,23 +91,16 @@ RUN = os.path.join(OUT, "run")
 BIN = os.path.join(OUT, "bin")
 PIAPI = os.path.abspath(os.environ.get("BENCH_PIAPI") or os.path.join(BUILD, "piapi"))
 # Optional second build, benchmarked side by side in the same run (A/B).
-PIAPI_B = os.path.abspath(os.environ["BENCH_PIAPI_B"]) if os.environ.get("BENCH_PIAPI_B") else None
-# BENCH_CANDIDATES=1: the member's oa and sse go through a route of two
-# candidates (the same mock twice, the first always answering), so a run
-# with it and one without show what failover costs when it is not needed.
-CANDIDATES = os.environ.get("BENCH_CANDIDATES") == "1"
-
-
-def candidates_services():
-    if not CANDIDATES:
-        return ""
-    two = ("{candidates: [{providerName: mock, providerKeyName: main}, "
-           "{providerName: mock, providerKeyName: main}]}")
-    return f"    services:\n      oa: {two}\n      sse: {two}\n"
-
+# Config variants: YAML files merged into slot A's / slot B's config.
+A_EXTRA = os.path.abspath(os.environ["BENCH_A_CONFIG_EXTRA"]) \
+    if os.environ.get("BENCH_A_CONFIG_EXTRA") else None
+B_EXTRA = os.path.abspath(os.environ["BENCH_B_CONFIG_EXTRA"]) \
+    if os.environ.get("BENCH_B_CONFIG_EXTRA") else None
+PIAPI_B = os.path.abspath(os.environ["BENCH_PIAPI_B"]) if os.environ.get("BENCH_PIAPI_B") \
+    else (PIAPI if B_EXTRA else None)
 
 C = {
-    "rounds": env_num("BENCH_ROUNDS", 3, int),
+    "rounds": env_num("BENCH_ROUNDS", 4 if PIAPI_B else 3, int),
     "duration": env_num("BENCH_DURATION", 8.0),
     "conns": env_num("BENCH_CONNECTIONS", 64, int),
     "wrk_threads": env_num("BENCH_WRK_THREADS", 2, int),
@@ -101,11 +121,20 @@ C = {
     "kc_keepalive": env_num("BENCH_KC_KEEPALIVE", 32, int),
     "kc_over_threads": env_num("BENCH_KC_OVERLOAD_THREADS", 4, int),
     "kc_over_duration": env_num("BENCH_KC_OVERLOAD_DURATION", 5.0),
+    # A/B: turns per slot and round, in ABBA order (see expand_ab)
+    "ab_slices": env_num("BENCH_AB_SLICES", 8, int),
+    "ab_repeats": env_num("BENCH_AB_REPEATS", 2, int),
 }
 # wrk takes whole seconds only
 C["lat_duration"] = int(env_num("BENCH_LAT_DURATION", max(2, int(C["duration"] // 2))))
 FRONT_PORT, UP_PORT, SSE_PORT, B_PORT = C["port"], C["port"] + 1, C["port"] + 2, C["port"] + 3
 KC_PORT, KCO_PORT = C["port"] + 4, C["port"] + 5
+# A/B: slot A gets its own server block too (as B has on B_PORT)
+A_PORT = C["port"] + 8
+if PIAPI_B and C["rounds"] % 2:
+    sys.exit("bench: A/B needs an even BENCH_ROUNDS (A first in half of them, B in the other)")
+if C["chunks"] < 6:
+    sys.exit("bench: BENCH_SSE_CHUNKS must be at least 6 (an Anthropic stream's frame)")
 # phase tls: the TLS-terminating nginx, HTTP/1.1 only and HTTP/2 by ALPN
 TLS1_PORT, TLS2_PORT = C["port"] + 6, C["port"] + 7
 TLS = "tls" in C["phases"]
@@ -117,43 +146,43 @@ C["floor_kc_threads"] = env_num("BENCH_FLOOR_KC_THREADS",
 
 MEMBER_KEY = "piapi-bench-user"
 PROVIDER_KEY = "sk-bench-provider-key"
-# The fixed non-streamed answer (~650 bytes), from the mock and the floor.
+# The fixed non-streamed answer (652 bytes, as the chat completion it
+# replaced), from the mock and the floor: an Anthropic Messages response
+# with a usage object (cache tokens included).
 RESPONSE = json.dumps({
-    "id": "chatcmpl-bench0000000000000000000001",
-    "object": "chat.completion",
-    "created": 1700000000,
-    "model": "bench-model-2024-01-01",
-    "system_fingerprint": "fp_bench00000",
-    "choices": [{
-        "index": 0,
-        "message": {
-            "role": "assistant",
-            "content": ("Here is the refactored function. It builds a dictionary keyed by id "
-                        "once, so every lookup is O(1) instead of a scan over the list. "
-                        "def find(items, wanted): index = {item.id: item for item in items}; "
-                        "return [index[w] for w in wanted if w in index]. "
-                        "The behaviour is unchanged for missing ids, which are skipped."),
-        },
-        "logprobs": None,
-        "finish_reason": "stop",
+    "id": "msg_bench01A2B3C4D5E6F7G8H9J0K1L2M3N4P5Q6",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-bench-2024-01-01",
+    "content": [{
+        "type": "text",
+        "text": ("Here is the refactored function. It builds a dictionary keyed by id "
+                 "once, so every lookup is O(1) instead of a scan over the list. "
+                 "def find(items, wanted): index = {item.id: item for item in items}; "
+                 "return [index[w] for w in wanted if w in index]. "
+                 "The behaviour is unchanged for missing ids, which are skipped."),
     }],
-    "usage": {"prompt_tokens": 231, "completion_tokens": 88, "total_tokens": 319},
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 231, "cache_creation_input_tokens": 64,
+              "cache_read_input_tokens": 1024, "output_tokens": 88,
+              "service_tier": "standard"},
 }, separators=(",", ":"))
 
 TARGET_PATHS = {
-    "base": "/base/v1/chat/completions",
-    "floor": "/floor/v1/chat/completions",
-    "piapi": "/piapi/oa/chat/completions",
+    "base": "/base/v1/messages",
+    "floor": "/floor/v1/messages",
+    "piapi": "/piapi/oa/messages",
 }
 SSE_PATHS = {
-    "base": "/base-sse/v1/chat/completions",
-    "piapi": "/piapi/sse/chat/completions",
+    "base": "/base-sse/v1/messages",
+    "piapi": "/piapi/sse/messages",
 }
 if PIAPI_B:
     TARGET_PATHS["piapi_b"] = TARGET_PATHS["piapi"]
     SSE_PATHS["piapi_b"] = SSE_PATHS["piapi"]
 if C["keepconn"]:
-    TARGET_PATHS["floor_kc"] = "/floor-kc/v1/chat/completions"
+    TARGET_PATHS["floor_kc"] = "/floor-kc/v1/messages"
     TARGET_PATHS["piapi_kc"] = TARGET_PATHS["piapi"]
 # run once, not in the rounds (the keep-conn overload phase)
 ONCE_PATHS = {"piapi_kco": TARGET_PATHS["piapi"]} if C["keepconn"] else {}
@@ -161,18 +190,20 @@ ONCE_PATHS = {"piapi_kco": TARGET_PATHS["piapi"]} if C["keepconn"] else {}
 BACKEND = {"base": None, "floor": "floor", "piapi": "piapi", "piapi_b": "piapi_b",
            "floor_kc": "floor_kc", "piapi_kc": "piapi_kc", "piapi_kco": "piapi_kco"}
 PORTS = {"piapi_b": B_PORT, "piapi_kc": KC_PORT, "piapi_kco": KCO_PORT}
+if PIAPI_B:
+    PORTS["piapi"] = A_PORT
 # phase tls: proxy_pass speaks only HTTP/1.1 to an upstream, so it has one
 # target; piapi has one per listener of the TLS nginx (libcurl offers h2 by
 # ALPN, the HTTP/1.1 port does not take it).
 TLS_PATHS = {
-    "base_tls": "/base-tls/v1/chat/completions",
-    "piapi_tls1": "/piapi/tls1/chat/completions",
-    "piapi_tls2": "/piapi/tls2/chat/completions",
+    "base_tls": "/base-tls/v1/messages",
+    "piapi_tls1": "/piapi/tls1/messages",
+    "piapi_tls2": "/piapi/tls2/messages",
 } if TLS else {}
 TLS_SSE_PATHS = {
-    "base_tls": "/base-tls-sse/v1/chat/completions",
-    "piapi_tls1": "/piapi/tls1sse/chat/completions",
-    "piapi_tls2": "/piapi/tls2sse/chat/completions",
+    "base_tls": "/base-tls-sse/v1/messages",
+    "piapi_tls1": "/piapi/tls1sse/messages",
+    "piapi_tls2": "/piapi/tls2sse/messages",
 } if TLS else {}
 BACKEND.update({"base_tls": None, "piapi_tls1": "piapi", "piapi_tls2": "piapi"})
 
@@ -194,6 +225,33 @@ def is_floor(target):
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def parse_pin(spec):
+    """BENCH_PIN="piapi=1 front=0 load=0-1": CPU sets per kind of process
+    (kinds: front, up, sse, tls, floor, piapi, load = wrk and sse_client);
+    a kind not named is not pinned."""
+    out = {}
+    for item in spec.replace(",", " ").split():
+        kind, _, cpus = item.partition("=")
+        got = set()
+        for part in cpus.split("+"):
+            lo, _, hi = part.partition("-")
+            try:
+                got.update(range(int(lo), int(hi or lo) + 1))
+            except ValueError:
+                sys.exit(f"bench: BENCH_PIN: bad CPU list in {item!r}")
+        out[kind] = got
+    return out
+
+
+PIN = parse_pin(os.environ.get("BENCH_PIN", ""))
+
+
+def pinned(kind):
+    """preexec_fn for a child of that kind (None: not pinned)."""
+    cpus = PIN.get(kind)
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -204,12 +262,13 @@ class Proc:
     """A child in its own session; stopped by pid, never by name."""
     all = []
 
-    def __init__(self, name, argv, **kw):
+    def __init__(self, name, argv, kind=None, **kw):
         self.name = name
         self.logpath = os.path.join(RUN, f"{name}.out")
         self.logf = open(self.logpath, "ab")
         self.p = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                  preexec_fn=pinned(kind), **kw)
         self.pid = self.p.pid
         Proc.all.append(self)
 
@@ -438,6 +497,104 @@ def tls_services():
     return svc + f"settings:\n  caFile: {os.path.join(RUN, 'pki', 'ca.pem')}\n"
 
 
+_TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*):(.*)$")
+_SUB_KEY = re.compile(r"^  ([A-Za-z_][\w-]*):")
+
+
+def yaml_blocks(lines, key_re):
+    """Splits block-style YAML lines into (key, lines) at lines matching
+    key_re; leading lines before the first key come under key None."""
+    out, cur = [], [None, []]
+    for line in lines:
+        m = key_re.match(line)
+        if m:
+            out.append(cur)
+            cur = [m.group(1), [line]]
+        else:
+            cur[1].append(line)
+    out.append(cur)
+    return [(k, v) for k, v in out if k is not None or any(x.strip() for x in v)]
+
+
+def is_mapping(block):
+    """A top-level section whose body is a block mapping indented by 2."""
+    head, body = block[0], block[1:]
+    if _TOP_KEY.match(head).group(2).split("#")[0].strip():
+        return False  # a scalar or flow value on the key's line
+    first = next((x for x in body if x.strip() and not x.lstrip().startswith("#")), "")
+    return bool(_SUB_KEY.match(first))
+
+
+def merge_config(base, extra, name):
+    """base with the top-level sections of extra merged in (see
+    BENCH_B_CONFIG_EXTRA in the docstring). Block-style YAML, second-level
+    keys indented by 2, as the bench's own config is written."""
+    top = yaml_blocks(base.splitlines(), _TOP_KEY)
+    keys = [k for k, _ in top]
+    for key, lines in yaml_blocks(extra.splitlines(), _TOP_KEY):
+        if key is None:
+            continue  # comments before the first section
+        if key not in keys:
+            top.append((key, lines))
+            keys.append(key)
+            continue
+        i = keys.index(key)
+        old = top[i][1]
+        if is_mapping(old) and is_mapping(lines):
+            subs = yaml_blocks(old[1:], _SUB_KEY)
+            names = [k for k, _ in subs]
+            for sk, sl in yaml_blocks(lines[1:], _SUB_KEY):
+                if sk is None:
+                    continue
+                if sk in names:
+                    subs[names.index(sk)] = (sk, sl)
+                else:
+                    subs.append((sk, sl))
+                    names.append(sk)
+            top[i] = (key, [old[0]] + [x for _, sl in subs for x in sl])
+        else:
+            if is_mapping(old) != is_mapping(lines) and lines[1:]:
+                log(f"{name}: section {key!r} replaced whole (mapping vs not)")
+            top[i] = (key, lines)
+    return "\n".join(x for _, lines in top for x in lines) + "\n"
+
+
+def piapi_config(extra_path, name):
+    """The bench's piapi config, with extra_path's sections merged in."""
+    text = f"""\
+providers:
+  - name: mock
+    apiKeys:
+      main: {PROVIDER_KEY}
+    services:
+      - type: oa
+        baseUrl: http://127.0.0.1:{UP_PORT}/v1
+        auth:
+          mode: header
+          name: Authorization
+          prefix: "Bearer "
+      - type: sse
+        baseUrl: http://127.0.0.1:{SSE_PORT}/v1
+        auth:
+          mode: header
+          name: Authorization
+          prefix: "Bearer "
+{tls_services()}users:
+  - name: bench
+    apiKey: {MEMBER_KEY}
+    providerName: mock
+    providerKeyName: main
+"""
+    if not extra_path:
+        return text
+    try:
+        with open(extra_path) as f:
+            extra = f.read()
+    except OSError as e:
+        sys.exit(f"bench: {name}: {e}")
+    return merge_config(text, extra, name)
+
+
 def tls_front_upstreams():
     """The baseline's https upstream: kept alive, sessions reused, verified."""
     if not TLS:
@@ -526,12 +683,12 @@ class Stack:
         self.up_log_pos = 0
 
     def start(self):
-        for p in ((FRONT_PORT, UP_PORT, SSE_PORT) + ((B_PORT,) if PIAPI_B else ())
+        for p in ((FRONT_PORT, UP_PORT, SSE_PORT) + ((A_PORT, B_PORT) if PIAPI_B else ())
                   + ((KC_PORT, KCO_PORT) if C["keepconn"] else ())
                   + ((TLS1_PORT, TLS2_PORT) if TLS else ())):
             if not port_free(p):
                 sys.exit(f"bench: 127.0.0.1:{p} is in use; set BENCH_PORT to a free base "
-                         f"port (it uses BENCH_PORT..BENCH_PORT+7)")
+                         f"port (it uses BENCH_PORT..BENCH_PORT+8)")
         if os.path.isdir(RUN):
             shutil.rmtree(RUN)
         os.makedirs(os.path.join(RUN, "tmp"))
@@ -548,52 +705,36 @@ class Stack:
         write(os.path.join(RUN, "upstream.conf"),
               fill("upstream.conf.in", RUN=RUN, UP_PORT=UP_PORT, USER_LINE=user_line,
                    ACCESS_LOG=access, STUB_STATUS=stub, RESPONSE=RESPONSE))
-        self.up = Proc("upstream", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "upstream.conf")])
+        self.up = Proc("upstream", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "upstream.conf")],
+                       "up")
         self.sse = Proc("sse_server", [os.path.join(BIN, "sse_server"), str(SSE_PORT),
-                                       str(C["chunks"]), str(C["interval_ms"])])
+                                       str(C["chunks"]), str(C["interval_ms"])], "sse")
         if TLS:
             make_pki(os.path.join(RUN, "pki"))
             write(os.path.join(RUN, "tls.conf"),
                   fill("tls.conf.in", RUN=RUN, UP_PORT=UP_PORT, SSE_PORT=SSE_PORT,
                        TLS1_PORT=TLS1_PORT, TLS2_PORT=TLS2_PORT, USER_LINE=user_line))
-            self.tls = Proc("tls", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "tls.conf")])
+            self.tls = Proc("tls", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "tls.conf")],
+                            "tls")
             self.handshakes = TlsLog(os.path.join(RUN, "tls-access.log"))
         self.floor = Proc("floor", [os.path.join(BIN, "floor"), os.path.join(RUN, "floor.sock"),
-                                    str(C["floor_threads"]), os.path.join(RUN, "response.json")])
+                                    str(C["floor_threads"]), os.path.join(RUN, "response.json")],
+                          "floor")
         if C["keepconn"]:
             self.floor_kc = Proc("floor_kc", [os.path.join(BIN, "floor"),
                                               os.path.join(RUN, "floor_kc.sock"),
                                               str(C["floor_kc_threads"]),
-                                              os.path.join(RUN, "response.json")])
+                                              os.path.join(RUN, "response.json")], "floor")
 
-        # piapi, with the shipped snippet
-        write(os.path.join(RUN, "piapi.yaml"), f"""\
-providers:
-  - name: mock
-    apiKeys:
-      main: {PROVIDER_KEY}
-    services:
-      - type: oa
-        baseUrl: http://127.0.0.1:{UP_PORT}/v1
-        auth:
-          mode: header
-          name: Authorization
-          prefix: "Bearer "
-      - type: sse
-        baseUrl: http://127.0.0.1:{SSE_PORT}/v1
-        auth:
-          mode: header
-          name: Authorization
-          prefix: "Bearer "
-{tls_services()}users:
-  - name: bench
-    apiKey: {MEMBER_KEY}
-    providerName: mock
-    providerKeyName: main
-{candidates_services()}""")
+        # piapi, with the shipped snippet; slot B (A/B) with its own config
+        write(os.path.join(RUN, "piapi.yaml"), piapi_config(A_EXTRA, "BENCH_A_CONFIG_EXTRA"))
+        if PIAPI_B:
+            write(os.path.join(RUN, "piapi_b.yaml"),
+                  piapi_config(B_EXTRA, "BENCH_B_CONFIG_EXTRA"))
         self.piapi_log = os.path.join(RUN, "piapi.log")
         self.piapi = self.start_piapi("piapi", PIAPI)
-        self.piapi_b = self.start_piapi("piapi_b", PIAPI_B) if PIAPI_B else None
+        self.piapi_b = self.start_piapi("piapi_b", PIAPI_B, config="piapi_b.yaml") \
+            if PIAPI_B else None
         if C["keepconn"]:
             self.piapi_kc = self.start_piapi("piapi_kc", PIAPI)
             self.piapi_kco = self.start_piapi("piapi_kco", PIAPI, C["kc_over_threads"])
@@ -606,10 +747,13 @@ providers:
               site.replace(sock, "unix:" + os.path.join(RUN, "piapi.sock")))
         extra = ""
         if PIAPI_B:
+            # Both slots the same way: a server block of their own each,
+            # the snippet and nothing else, in the same nginx.
             write(os.path.join(RUN, "piapi_b-site.conf"),
                   site.replace(sock, "unix:" + os.path.join(RUN, "piapi_b.sock")))
-            extra = ("server {\n        listen 127.0.0.1:%d backlog=4096;\n"
-                     "        include piapi_b-site.conf;\n    }" % B_PORT)
+            for port, conf in ((A_PORT, "piapi-site.conf"), (B_PORT, "piapi_b-site.conf")):
+                extra += ("server {\n        listen 127.0.0.1:%d backlog=4096;\n"
+                          "        include %s;\n    }\n    " % (port, conf))
         kc_servers = ""
         if C["keepconn"]:
             # deploy/nginx/piapi.conf with every fastcgi_pass turned into the
@@ -630,7 +774,8 @@ providers:
                    EXTRA_SERVER=extra, KC_SERVERS=kc_servers,
                    KC_KEEPALIVE=C["kc_keepalive"], TLS_UPSTREAMS=tls_front_upstreams(),
                    TLS_LOCATIONS=tls_front_locations()))
-        self.front = Proc("front", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "front.conf")])
+        self.front = Proc("front", ["nginx", "-p", RUN, "-c", os.path.join(RUN, "front.conf")],
+                          "front")
 
         wait_port(UP_PORT, self.up)
         wait_port(SSE_PORT, self.sse)
@@ -667,12 +812,12 @@ providers:
             self.groups["piapi_kc"] = [self.piapi_kc.pid]
             self.groups["piapi_kco"] = [self.piapi_kco.pid]
 
-    def start_piapi(self, name, binary, threads=None):
-        return Proc(name, [binary, "--config", os.path.join(RUN, "piapi.yaml"),
+    def start_piapi(self, name, binary, threads=None, config="piapi.yaml"):
+        return Proc(name, [binary, "--config", os.path.join(RUN, config),
                            "--socket", os.path.join(RUN, f"{name}.sock"),
                            "--socket-mode", "0666", "--threads", str(threads or C["threads"]),
                            "--log-level", C["log_level"],
-                           "--log-file", os.path.join(RUN, f"{name}.log")])
+                           "--log-file", os.path.join(RUN, f"{name}.log")], "piapi")
 
     # ---- counters on the upstream side
     def up_stats(self):
@@ -750,7 +895,8 @@ def run_wrk(st, target, conns, threads, duration, record=True):
             "-s", os.path.join(HERE, "post.lua"), url]
     before = st.snapshot()
     sampler = RssSampler({"backend": st.groups[be] if be else [], "front": st.groups["front"]})
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                       preexec_fn=pinned("load"))
     peak = sampler.finish()
     if st.count_mode == "log":
         time.sleep(0.2)
@@ -837,7 +983,8 @@ def run_sse(st, target, n, concurrency=None, record=True):
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     before = st.snapshot()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=pinned("load"))
     gauges = {}
     rss_at_all = {}
 
@@ -1120,18 +1267,42 @@ def report(results, idle_rss, mem, end_idle_rss, hwm, load_before, load_after, e
     return md, table, passed, len(verdicts)
 
 
-def report_ab(results, idle):
-    """BENCH_PIAPI_B: the two builds side by side (medians)."""
+def report_ab(results, idle, mem):
+    """BENCH_PIAPI_B: the two slots side by side: medians over rounds, their
+    ratio, and the median (min–max) of the per-round ratios B ÷ A."""
     W = lambda phase, tgt: [r for r in results if r["phase"] == phase and r["target"] == tgt]
     rows = []
 
+    def paired(phase, key):
+        a = {(r["round"], r.get("slice", 0)): r.get(key) for r in W(phase, "piapi")}
+        b = {(r["round"], r.get("slice", 0)): r.get(key) for r in W(phase, "piapi_b")}
+        rs = sorted(b[k] / a[k] for k in a if k in b and a[k] and b[k] is not None)
+        if not rs:
+            return "—"
+        return f"{statistics.median(rs):.3f}× ({rs[0]:.2f}–{rs[-1]:.2f})"
+
+    def pooled(rs, key):
+        """Over all turns: Σ requests / Σ time for req/s, Σ CPU / Σ
+        requests (or streams) for CPU figures."""
+        wt = lambda r: r.get("requests", r.get("n", 0))
+        rs = [r for r in rs if r.get(key) and wt(r)]
+        if not rs:
+            return None
+        if key == "rps":
+            return sum(wt(r) for r in rs) / sum(wt(r) / r[key] for r in rs)
+        return sum(r[key] * wt(r) for r in rs) / sum(wt(r) for r in rs)
+
     def row(fig, key, phase, scale=1.0, unit="", nd=1, agg=med):
+        if agg is med and (key == "rps" or key.startswith("cpu_")):
+            agg = pooled
         a, b = agg(W(phase, "piapi"), key), agg(W(phase, "piapi_b"), key)
         if a is None and b is None:
             return
         a = a * scale if a is not None else None
         b = b * scale if b is not None else None
-        rows.append(f"| {fig} | {fmt(a, unit, nd)} | {fmt(b, unit, nd)} | {ratio(b, a)} |")
+        rb = f"{b / a:.3f}×" if a and b is not None else "—"
+        rows.append(f"| {fig} | {fmt(a, unit, nd)} | {fmt(b, unit, nd)} | {rb} | "
+                    f"{paired(phase, key) if agg in (med, pooled) else ''} |")
 
     total = lambda rs, k: sum(r[k] for r in rs) if rs else None
     c = C["conns"]
@@ -1155,16 +1326,33 @@ def report_ab(results, idle):
         row(f"{n} streams: largest gap", "max_gap_ms", f"sse{n}", unit=" ms")
         row(f"{n} streams: CPU per stream, piapi", "cpu_backend_us", f"sse{n}", 1e-3, " ms", 2)
         row(f"{n} streams: peak RSS", "rss_peak_kb", f"sse{n}", 1 / 1024, " MiB")
-    n = max(C["streams"]) if C["streams"] else 0
-    per = []
-    for t in ("piapi", "piapi_b"):
-        pk = med(W(f"sse{n}", t), "rss_peak_kb")
-        per.append((pk - idle[t]) / n if pk else None)
-    if n:
-        rows.append(f"| memory per stream at {n} | {fmt(per[0], ' KB')} | {fmt(per[1], ' KB')} | "
-                    f"{ratio(per[1], per[0])} |")
-    return ("| figure | piapi (BENCH_PIAPI) | piapi B (BENCH_PIAPI_B) | B ÷ A |\n"
-            "|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+    n = mem.get("cold_n")
+    if n and mem.get("cold_peak_kb_b"):
+        per = [(mem["cold_peak_kb"] - idle["piapi"]) / n, (mem["cold_peak_kb_b"] - idle["piapi_b"]) / n]
+        rows.append(f"| memory per stream (first burst of {n}, fresh process) | "
+                    f"{fmt(per[0], ' KB')} | {fmt(per[1], ' KB')} | {ratio(per[1], per[0])} | |")
+    return ("| figure | slot A | slot B | B ÷ A (medians) | B ÷ A per round: median (min–max) |\n"
+            "|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
+def ab_header():
+    def desc(binary, extra):
+        return f"`{os.path.relpath(binary, ROOT)}` (sha256 {sha12(binary)})" + (
+            f" + config `{os.path.relpath(extra, ROOT)}`" if extra else "")
+    return (f"\n## A/B\n\nA: {desc(PIAPI, A_EXTRA)}; B: {desc(PIAPI_B, B_EXTRA)}. Same run, "
+            f"{C['rounds']} rounds; each slot has its own server block in the same front "
+            f"nginx (A :{A_PORT}, B :{B_PORT}); in every phase A and B run back to back, "
+            f"in ABBA order ({C['ab_slices']} turns each per wrk phase, the duration split "
+            f"among them; {C['ab_repeats']} per stream phase), A first in rounds 1, 3, ..., "
+            f"B first in rounds 2, 4, ..., which mirror the round before. req/s and CPU are pooled over all turns (Σ requests "
+            f"/ Σ time, Σ CPU / Σ requests); other figures are medians over all turns. The "
+            f"last column pairs each turn of B with the adjacent turn of A.\n\n")
+
+
+def sha12(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def count_lines(path, *needles):
@@ -1379,11 +1567,50 @@ def loadavg():
 
 # -------------------------------------------------------------------- main
 
+def ab_order(xs, rnd):
+    """The targets of one phase in round rnd, rotated by the round. In A/B
+    mode piapi_b is kept next to piapi and the rotation moves every second
+    round only: round 2m+1 is round 2m with A and B swapped (expand_ab
+    turns the order round), so whatever runs before a turn of A (another
+    target, a phase of other work) runs before the same turn of B in the
+    mirror round."""
+    if "piapi_b" not in xs:
+        return xs[rnd % len(xs):] + xs[:rnd % len(xs)]
+    rest = [x for x in xs if x != "piapi_b"]
+    r = (rnd // 2) % len(rest)
+    rest = rest[r:] + rest[:r]
+    pair = ["piapi", "piapi_b"] if rnd % 2 == 0 else ["piapi_b", "piapi"]
+    i = rest.index("piapi")
+    return rest[:i] + pair + rest[i + 1:]
+
+
+def expand_ab(phase, ts, rnd, k, mk):
+    """(phase, target, slice, fn) entries of one phase in round rnd. In A/B
+    mode the pair piapi/piapi_b becomes k turns each in ABBA order (A B B A
+    A B B A ...; B A A B ... in odd rounds), so that slow spells of the
+    machine fall on both slots alike: the wrk phases split their duration
+    into k slices (BENCH_AB_SLICES), the stream phases repeat k times
+    (BENCH_AB_REPEATS). mk(target, k) gives the phase's function."""
+    out = []
+    for t in ts:
+        if t == "piapi_b":
+            continue
+        if t == "piapi" and PIAPI_B:
+            first, second = ("piapi", "piapi_b") if rnd % 2 == 0 else ("piapi_b", "piapi")
+            for j in range(k):
+                for u in ((first, second) if j % 2 == 0 else (second, first)):
+                    out.append((phase, u, mk(u, k), j))
+        else:
+            out.append((phase, t, mk(t, 1)))
+    return out
+
+
 def bench():
     t_start = time.monotonic()
     st = Stack()
     load_before = loadavg()
-    log(f"starting the stack in {RUN} (ports {FRONT_PORT}-{TLS2_PORT if TLS else SSE_PORT}, "
+    last = A_PORT if PIAPI_B else TLS2_PORT if TLS else KCO_PORT if C["keepconn"] else SSE_PORT
+    log(f"starting the stack in {RUN} (ports {FRONT_PORT}-{last}, "
         f"upstream connections counted with {st.count_mode})")
     st.start()
     sanity(st)
@@ -1395,20 +1622,26 @@ def bench():
     # Memory per stream is measured on a fresh process: the first burst of
     # the largest stream count, right after the idle reading. (Later rounds
     # run on a pool whose threads and heap already exist.)
-    mem = {}
+    # A/B: slot B gets the same cold burst, so both pools start alike.
+    mem, cold = {}, set()
     if C["streams"] and "sse" in C["phases"]:
         n = max(C["streams"])
-        r = run_sse(st, "piapi", n)
-        mem = {"cold_n": n, "cold_peak_kb": r["rss_peak_kb"], "cold_ok": r["ok"]}
-        log(f"first burst of {n} streams: ok {r['ok']}, piapi RSS {idle_rss} → "
-            f"{r['rss_peak_kb']} KB ({(r['rss_peak_kb'] - idle_rss) / n:.1f} KB per stream)")
+        for t in ("piapi", "piapi_b") if PIAPI_B else ("piapi",):
+            r = run_sse(st, t, n)
+            cold.add(t)
+            if t == "piapi":
+                mem = {"cold_n": n, "cold_peak_kb": r["rss_peak_kb"], "cold_ok": r["ok"]}
+            else:
+                mem["cold_peak_kb_b"] = r["rss_peak_kb"]
+            log(f"first burst of {n} streams, {t}: ok {r['ok']}, RSS {idle[t]} → "
+                f"{r['rss_peak_kb']} KB ({(r['rss_peak_kb'] - idle[t]) / n:.1f} KB per stream)")
     if C["warmup"]:
         log("warm-up (not recorded)")
         want = set(C["phases"])
         for t in TARGET_PATHS if want & {"wrk64", "wrk1"} else []:
             run_wrk(st, t, C["conns"], C["wrk_threads"], 2)
         for t in SSE_PATHS if want & {"sse", "unloaded"} else []:
-            if t != "piapi" or not mem:
+            if t not in cold:
                 run_sse(st, t, max(C["streams"]) if C["streams"] else 1)
         # phase tls: the connections (and TLS sessions) a steady load keeps
         for t in TLS_PATHS:
@@ -1422,31 +1655,38 @@ def bench():
     targets, sse_targets, tls_targets = list(TARGET_PATHS), list(SSE_PATHS), list(TLS_PATHS)
     over = None
     for rnd in range(C["rounds"]):
-        rot = lambda xs: xs[rnd % len(xs):] + xs[:rnd % len(xs)]
+        rot = lambda xs: ab_order(xs, rnd)
         phases = []
         want = C["phases"]
-        for t in rot(targets) if "wrk64" in want else []:
-            phases.append(("wrk64", t, lambda t=t: run_wrk(st, t, C["conns"], C["wrk_threads"],
-                                                            C["duration"])))
-        for t in rot(targets) if "wrk1" in want else []:
-            phases.append(("wrk1", t, lambda t=t: run_wrk(st, t, 1, 1, C["lat_duration"])))
+        slices = lambda d: max(1, round(d / C["ab_slices"]))
+        if "wrk64" in want:
+            phases += expand_ab("wrk64", rot(targets), rnd, C["ab_slices"], lambda t, k: (
+                lambda: run_wrk(st, t, C["conns"], C["wrk_threads"],
+                                slices(C["duration"]) if k > 1 else C["duration"])))
+        if "wrk1" in want:
+            phases += expand_ab("wrk1", rot(targets), rnd, C["ab_slices"], lambda t, k: (
+                lambda: run_wrk(st, t, 1, 1, slices(C["lat_duration"]) if k > 1
+                                else C["lat_duration"])))
         for n in C["streams"] if "sse" in want else []:
-            for t in rot(sse_targets):
-                phases.append((f"sse{n}", t, lambda t=t, n=n: run_sse(st, t, n)))
-        for t in rot(sse_targets) if "unloaded" in want else []:
-            phases.append(("unloaded", t, lambda t=t: run_sse(st, t, C["unloaded"], 1)))
+            phases += expand_ab(f"sse{n}", rot(sse_targets), rnd, C["ab_repeats"],
+                                lambda t, k, n=n: (lambda: run_sse(st, t, n)))
+        if "unloaded" in want:
+            phases += expand_ab("unloaded", rot(sse_targets), rnd, C["ab_repeats"],
+                                lambda t, k: (lambda: run_sse(st, t, C["unloaded"], 1)))
         for t in rot(tls_targets) if TLS else []:
             phases.append(("tls64", t, lambda t=t: tls_counted(st, wrk_path(t), lambda: run_wrk(
                 st, t, C["conns"], C["wrk_threads"], C["duration"]))))
         for t in rot(tls_targets) if TLS else []:
             phases.append(("tlsfe", t, lambda t=t: tls_counted(
                 st, sse_path(t), lambda: run_sse(st, t, C["unloaded"], 1))))
-        for phase, t, fn in phases:
+        for entry in phases:
+            phase, t, fn = entry[:3]
             st.check_alive()
             st.trim_log()
             time.sleep(C["settle"])
             r = fn()
             r["phase"], r["round"] = phase, rnd + 1
+            r["slice"] = entry[3] if len(entry) > 3 else 0
             results.append(r)
             if phase.startswith("tls"):
                 log(f"round {rnd + 1} {phase:8} {t:10}: "
@@ -1494,8 +1734,7 @@ def bench():
         log(f"TLS target (piapi ≤ 2 new TLS handshakes per 1,000 requests): "
             f"{'met' if tls_ok else 'missed'}")
     if PIAPI_B:
-        md += (f"\n## A/B: {PIAPI} vs {PIAPI_B}\n\nSame run, same rounds, interleaved.\n\n"
-               + report_ab(results, idle))
+        md += ab_header() + report_ab(results, idle, mem)
     with open(os.path.join(OUT, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(OUT, "results.json"), "w") as f:

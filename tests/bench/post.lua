@@ -1,4 +1,4 @@
--- wrk script for `make bench`: POST a ~1 KB chat-completion request and
+-- wrk script for `make bench`: POST a ~1 KB Anthropic Messages request and
 -- print one machine-readable summary line (BENCHJSON {...}) at the end.
 -- The Authorization header is the bench member's piapi key; the baseline
 -- (proxy_pass) location replaces it with the provider key, the floor
@@ -7,9 +7,9 @@ local msg = string.rep("Refactor this function to use a hash map instead of a li
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer piapi-bench-user"
-wrk.body = '{"model":"bench-model","max_tokens":256,"temperature":0.2,"stream":false,' ..
-           '"messages":[{"role":"system","content":"You are a careful coding assistant."},' ..
-           '{"role":"user","content":"' .. msg .. '"}]}'
+wrk.body = '{"model":"claude-bench-2024-01-01","max_tokens":256,"temperature":0.2,"stream":false,' ..
+           '"system":"You are a careful coding assistant, bench.",' ..
+           '"messages":[{"role":"user","content":"' .. msg .. '"}]}'
 
 function done(summary, latency, requests)
    local e = summary.errors

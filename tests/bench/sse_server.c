@@ -133,18 +133,53 @@ static void out_append(struct conn *c, const char *s, size_t n)
     c->out_len += n;
 }
 
+/* Usage as Anthropic reports it: message_start carries the input side,
+ * message_delta the cumulative totals. */
+#define USAGE_IN "\"input_tokens\":231,\"cache_creation_input_tokens\":64," \
+                 "\"cache_read_input_tokens\":1024"
+
+/* Event i of CHUNKS in Anthropic Messages streaming shape:
+ *   0          message_start (model, usage)
+ *   1          content_block_start
+ *   2..N-4     content_block_delta (text padded so an event is ~186 bytes,
+ *              the size of the chat.completion.chunk events used before)
+ *   N-3        content_block_stop
+ *   N-2        message_delta (stop_reason, cumulative usage)
+ *   N-1        message_stop */
+static int format_event(char *ev, size_t cap, int i)
+{
+    if (i == 0)
+        return snprintf(ev, cap,
+                        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":"
+                        "{\"id\":\"msg_bench01\",\"type\":\"message\",\"role\":\"assistant\","
+                        "\"model\":\"claude-bench-2024-01-01\",\"content\":[],"
+                        "\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{" USAGE_IN
+                        ",\"output_tokens\":1}}}\n\n");
+    if (i == 1)
+        return snprintf(ev, cap,
+                        "event: content_block_start\ndata: {\"type\":\"content_block_start\","
+                        "\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+    if (i == chunks - 3)
+        return snprintf(ev, cap,
+                        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\","
+                        "\"index\":0}\n\n");
+    if (i == chunks - 2)
+        return snprintf(ev, cap,
+                        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":"
+                        "{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{"
+                        USAGE_IN ",\"output_tokens\":%d}}\n\n", 2 * (chunks - 5));
+    if (i == chunks - 1)
+        return snprintf(ev, cap, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+    return snprintf(ev, cap,
+                    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\","
+                    "\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"token %04d of "
+                    "the answer, streamed a few words at a time by the model. \"}}\n\n", i - 2);
+}
+
 static void append_event(struct conn *c)
 {
-    char ev[512], chunk[600];
-    int n;
-    if (c->sent == chunks - 1)
-        n = snprintf(ev, sizeof ev, "data: [DONE]\n\n");
-    else
-        n = snprintf(ev, sizeof ev,
-                     "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\","
-                     "\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{\"index\":0,"
-                     "\"delta\":{\"content\":\"token %04d \"},\"finish_reason\":null}]}\n\n",
-                     c->sent);
+    char ev[640], chunk[700];
+    int n = format_event(ev, sizeof ev, c->sent);
     int m = snprintf(chunk, sizeof chunk, "%x\r\n%s\r\n", n, ev);
     out_append(c, chunk, (size_t)m);
     c->sent++;
@@ -244,7 +279,7 @@ int main(int argc, char **argv)
     int port = atoi(argv[1]);
     if (argc > 2) chunks = atoi(argv[2]);
     if (argc > 3) interval_ns = atoll(argv[3]) * 1000000LL;
-    if (chunks < 1) chunks = 1;
+    if (chunks < 6) chunks = 6;  /* the frame of an Anthropic stream */
     signal(SIGPIPE, SIG_IGN);
 
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
