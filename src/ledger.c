@@ -28,7 +28,7 @@
 #include <unistd.h>
 
 #define QUEUE_MAX 8192          /* ~6 MiB of rows: seconds of a stalled disk */
-#define BATCH_SOON 256          /* this many waiting: write now */
+#define BATCH_SOON 1024         /* this many waiting: write now */
 #define LINGER_S 0.5            /* the longest a row waits for its commit */
 #define RETRY_OPEN_S 5.0
 #define ERROR_LOG_S 10.0        /* at most one line about lost rows this often */
@@ -55,7 +55,6 @@ static const char schema_v1[] =
     " status INTEGER NOT NULL,"
     " complete INTEGER NOT NULL);"
     "CREATE INDEX requests_ts ON requests(ts);"
-    "CREATE INDEX requests_user_ts ON requests(user, ts);"
     "PRAGMA user_version = 1;";
 
 static const char insert_sql[] =
