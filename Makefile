@@ -78,7 +78,7 @@ asan: test-deps
 	$(Q)BUILD=build/asan PIAPI_SANITIZER_LOGS=$(CURDIR)/build/asan/reports \
 	    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:log_path=$(CURDIR)/build/asan/reports/report \
 	    UBSAN_OPTIONS=print_stacktrace=1:log_path=$(CURDIR)/build/asan/reports/report \
-	    PIAPI_SANITIZED=1 PIAPI_LEAK_SKIP=1 tests/run.sh  # LeakSanitizer replaces valgrind here
+	    PIAPI_SANITIZED=1 PIAPI_LEAK_SKIP=1 PIAPI_IT_TIMEOUT=1800 tests/run.sh  # LeakSanitizer replaces valgrind here
 
 # Threads: the loop's lock-free queues and everything shared with the pool.
 # The one thread leak is deliberate: a second signal exits at once.
@@ -86,7 +86,7 @@ tsan: test-deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build/tsan SAN=tsan OPT=-O1 all unit-bins
 	$(Q)BUILD=build/tsan PIAPI_SANITIZER_LOGS=$(CURDIR)/build/tsan/reports \
 	    TSAN_OPTIONS=report_thread_leaks=0:atexit_sleep_ms=0:second_deadlock_stack=1:log_path=$(CURDIR)/build/tsan/reports/report \
-	    PIAPI_SANITIZED=1 PIAPI_LEAK_SKIP=1 tests/run.sh
+	    PIAPI_SANITIZED=1 PIAPI_LEAK_SKIP=1 PIAPI_IT_TIMEOUT=1800 tests/run.sh
 
 deps:
 	$(Q)scripts/install-deps.sh

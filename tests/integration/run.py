@@ -8,7 +8,8 @@ any filter matches. Each test is listed as it runs; the last line is exactly
     integration: N passed, M failed[, K skipped]
 and the exit status is 1 if anything failed or errored. A class whose
 setUpClass fails (e.g. piapi does not start) counts every one of its tests
-as failed. PIAPI_IT_TIMEOUT (default 900 s) bounds the whole run.
+as failed. PIAPI_IT_TIMEOUT (default 900 s; make asan and make tsan, whose builds run
+slower, give 1800) bounds the whole run.
 
 Adding a suite: drop tests/integration/test_<name>.py with unittest.TestCase
 classes; `import harness` (this directory is on sys.path) and build a
