@@ -375,6 +375,7 @@ static int prepare(struct request *q, const char **why)
     q->x.url = q->url.buf.data;
     q->x.headers = q->headers;
     q->x.provider_key = q->cand->key->value;
+    q->x.inject_usage = q->svc->inject_stream_usage;
     q->x.key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL;
     return 0;
 }

@@ -390,6 +390,7 @@ static int fail_over(struct lxfer *lx, enum verdict v, CURLcode rc)
     xfer_rearm(x);
     if (!t->retry(t, why, retry_after))
         return 0;
+    xfer_choose_body(x);
     add(lx);
     return 1;
 }
@@ -567,11 +568,17 @@ void upstream_start(struct piapi_ev *ev, unsigned max_transfers)
 
 int upstream_submit(struct xfer *x)
 {
-    struct lxfer *lx = piapi_xmalloc(sizeof *lx + x->inline_len);
+    size_t plain = x->usage_body ? x->plain_len : 0;
+    struct lxfer *lx = piapi_xmalloc(sizeof *lx + x->inline_len + plain);
     memset(lx, 0, sizeof *lx);
     lx->submit.fn = start;
     lx->x = *x;
     memcpy(lx->body, x->body, x->inline_len);
+    if (x->usage_body) {  /* the client's spelling after it, for xfer_choose_body() */
+        memcpy(lx->body + x->inline_len, x->plain_body, plain);
+        lx->x.usage_body = lx->body;
+        lx->x.plain_body = lx->body + x->inline_len;
+    }
     if (piapi_ev_gate_post(&up.gate, &lx->submit) != 0) {
         free(lx);
         return -1;

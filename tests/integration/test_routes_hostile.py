@@ -1,0 +1,449 @@
+"""Routes and failover against broken or malicious providers and a hostile
+member: an answer must never reach the client twice nor be judged by words
+its model wrote, a body piapi rewrote for one candidate must not go to one
+that refuses the rewrite, a compressed stream must not be held to its end,
+and what held under attack (held first events sent once, streams cut after
+their first event not retried, the first key never reaching the second
+candidate, a silent candidate ending within headerTimeoutMs, config
+validation) stays held. Through nginx and lighttpd.
+
+Each upstream is a raw socket server, so every answer is exactly the bytes
+a test wants. Every test uses a member of its own, whose candidates (two
+keys of their own) no other test has put on cooldown.
+"""
+import gzip
+import itertools
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+import harness
+
+NMEMBERS = 24
+
+
+def member_key(i):
+    return f"piapi-user-m{i:02d}-Hs7lU5aG3eQx0123"
+
+
+def key_a(i):
+    return f"sk-pa-k{i:02d}-Zq81mVx0oPl2Wn7Rt"
+
+
+def key_b(i):
+    return f"sk-pb-k{i:02d}-Yj3sKd9QwErT5uIo1"
+
+
+class RawUpstream:
+    """Answers every request with self.answer(conn, head, body); records
+    (head, body) of each."""
+
+    def __init__(self):
+        self.sock, self.port = harness.listen_local()
+        self.seen = []
+        self.answer = None
+        harness.serve_connections(self.sock, self._handle)
+
+    def _handle(self, conn):
+        try:
+            conn.settimeout(15)
+            data = harness.read_head(conn)
+            if data is None:
+                return
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            self.seen.append((head, body))
+            answer = self.answer
+            if answer:
+                answer(conn, head, body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.sock.close()
+
+
+def status_answer(status, extra=b"", body=b'{"type":"error","error":{"type":"overloaded_error"}}'):
+    def answer(conn, _head, _body):
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % status + extra +
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    return answer
+
+
+def sse_answer(parts, pause=0.05, extra=b""):
+    def answer(conn, _head, _body):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + extra +
+                     b"Connection: close\r\n\r\n")
+        for p in parts:
+            time.sleep(pause)
+            conn.sendall(p)
+    return answer
+
+
+def ev(name, obj):
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+
+
+B_STREAM = [ev("message_start", {"type": "message_start", "message": {"id": "msg_b"}}),
+            ev("content_block_delta", {"type": "content_block_delta",
+                                       "delta": {"type": "text_delta", "text": "from B"}}),
+            ev("message_stop", {"type": "message_stop"})]
+
+
+def config(a_port, b_port, settings):
+    def build(_stack):
+        a, b = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{b_port}"
+        users = []
+        for i in range(NMEMBERS):
+            both = [{"providerName": "pa", "providerKeyName": f"k{i:02d}"},
+                    {"providerName": "pb", "providerKeyName": f"k{i:02d}"}]
+            users.append({"name": f"m{i:02d}", "apiKey": member_key(i),
+                          "providerName": "pa", "providerKeyName": f"k{i:02d}",
+                          "services": {"cc": {"candidates": both},
+                                       "cx": {"candidates": both}}})
+        hdr = {"mode": "header", "name": "x-api-key"}
+        return {
+            "providers": [
+                {"name": "pa", "apiKeys": {f"k{i:02d}": key_a(i) for i in range(NMEMBERS)},
+                 "services": [{"type": "cc", "baseUrl": a, "auth": hdr},
+                              {"type": "cx", "baseUrl": a + "/v1"}]},
+                {"name": "pb", "apiKeys": {f"k{i:02d}": key_b(i) for i in range(NMEMBERS)},
+                 "services": [{"type": "cc", "baseUrl": b, "auth": hdr},
+                              {"type": "cx", "baseUrl": b + "/v1",
+                               "usage": {"injectStreamUsage": False}}]},
+            ],
+            "users": users,
+            "settings": dict(settings),
+        }
+    return build
+
+
+class Checks:
+    FORM = None
+    SETTINGS = {"headerTimeoutMs": 3000}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.a = RawUpstream()
+        cls.addClassCleanup(cls.a.stop)
+        cls.b = RawUpstream()
+        cls.addClassCleanup(cls.b.stop)
+        cls.stack = harness.Stack(cls.FORM, config(cls.a.port, cls.b.port, cls.SETTINGS))
+        cls.addClassCleanup(cls.stack.stop)
+        cls.stack.start()
+        cls.members = itertools.count()
+
+    def setUp(self):
+        self.i = next(self.members)
+        self.assertLess(self.i, NMEMBERS)
+        self.a.seen.clear()
+        self.b.seen.clear()
+        self.a.answer = self.b.answer = None
+
+    def post(self, path, body, extra=(), timeout=15):
+        hdrs = [("x-api-key", member_key(self.i)), ("Content-Type", "application/json")]
+        return self.stack.request("POST", path, hdrs + list(extra), body, timeout=timeout)
+
+    def completed(self, rid):
+        rec = self.stack.wait_log(lambda r: r.get("msg") == "request completed"
+                                  and r.get("request_id") == rid, timeout=5.0)
+        self.assertIsNotNone(rec, f"no log line for {rid}")
+        return rec
+
+    # ---- the first event is judged by its own fields ----
+
+    def test_overload_words_in_a_later_event_are_no_overload(self):
+        """A healthy stream whose first chunk carries message_start and a
+        delta in which the model writes about `event: error` and
+        `overloaded_error`: the answer is the client's, once, and the
+        second candidate gets nothing (no double billing, no cooldown)."""
+        text = "An SSE line event: error carries type overloaded_error."
+        stream = (ev("message_start", {"type": "message_start", "message": {"id": "msg_a"}}) +
+                  ev("content_block_delta", {"type": "content_block_delta",
+                                             "delta": {"type": "text_delta", "text": text}}) +
+                  ev("message_stop", {"type": "message_stop"}))
+        self.a.answer = sse_answer([stream])
+        self.b.answer = sse_answer(B_STREAM)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, stream)
+        self.assertEqual(len(self.b.seen), 0)
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual(rec.get("attempts"), 1)
+        self.assertEqual(rec.get("upstream_provider"), "pa")
+
+    def test_error_event_of_another_type_is_relayed(self):
+        """`event: error` of type api_error whose message merely names
+        overloaded_error is no overload: relayed as it came."""
+        first = ev("error", {"type": "error", "error": {
+            "type": "api_error", "message": "internal, not an overloaded_error"}})
+        self.a.answer = sse_answer([first])
+        self.b.answer = sse_answer(B_STREAM)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, first)
+        self.assertEqual(len(self.b.seen), 0)
+
+    def test_overloaded_first_event_in_pieces_fails_over_once(self):
+        """The overload event arriving a few bytes at a time is still
+        judged whole: B answers, byte-exact, nothing of A reaches the
+        client, and A's key never reaches B."""
+        first = ev("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                         "message": "Overloaded"}})
+        self.a.answer = sse_answer([first[i:i + 7] for i in range(0, len(first), 7)],
+                                   pause=0.01)
+        self.b.answer = sse_answer(B_STREAM)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, b"".join(B_STREAM))
+        self.assertEqual(len(self.b.seen), 1)
+        head, body = self.b.seen[0]
+        self.assertIn(key_b(self.i).encode(), head)
+        self.assertNotIn(key_a(self.i).encode(), head + body)
+        self.assertEqual(body, b'{"model":"m","stream":true}')
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual(rec.get("candidates"),
+                         f"pa/k{self.i:02d}:overloaded,pb/k{self.i:02d}:ok")
+
+    def test_healthy_first_event_in_pieces_is_sent_once(self):
+        """A held first event that arrives in pieces, then the rest: every
+        byte exactly once, in order; B never asked."""
+        parts = [b"event: message_start\n", b"data: {\"type\":\"message_start\"}", b"\n",
+                 b"\n", B_STREAM[1], B_STREAM[2]]
+        self.a.answer = sse_answer(parts)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.body, b"".join(parts))
+        self.assertEqual(len(self.b.seen), 0)
+
+    def test_stream_cut_after_first_event_is_not_retried(self):
+        def answer(conn, head, body):
+            sse_answer([B_STREAM[0]])(conn, head, body)
+            time.sleep(0.1)
+        self.a.answer = answer
+        self.b.answer = sse_answer(B_STREAM)
+        try:
+            r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+            got = r.body
+        except Exception:   # a cut chunked answer
+            got = None
+        time.sleep(0.3)
+        self.assertEqual(len(self.b.seen), 0)
+        if got is not None:
+            self.assertNotIn(b"from B", got)
+
+    # ---- the body as each candidate wants it ----
+
+    def test_injected_usage_option_not_sent_to_a_candidate_without_it(self):
+        """A streamed Chat Completions request: A's service has piapi add
+        stream_options.include_usage, B's (injectStreamUsage: false)
+        refuses the field. A answers 529: B gets the client's body as the
+        client sent it."""
+        sent = b'{"model":"gpt-x","stream":true,"messages":[]}'
+        self.a.answer = status_answer(529)
+        chunks = [b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
+        self.b.answer = sse_answer(chunks)
+        r = self.post("/piapi/cx/chat/completions", sent)
+        self.assertEqual(len(self.a.seen), 1)
+        self.assertIn(b"include_usage", self.a.seen[0][1])
+        self.assertEqual(len(self.b.seen), 1)
+        self.assertEqual(self.b.seen[0][1], sent)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, b"".join(chunks))
+
+    # ---- what is never held ----
+
+    def test_compressed_event_stream_is_not_held_to_its_end(self):
+        """A provider that gzips an event stream anyway: piapi cannot read
+        its first event, so it must not hold the head waiting for a blank
+        line that never shows in compressed bytes: the first bytes reach
+        the client while the upstream is still silent."""
+        z = gzip.compress(b"".join(B_STREAM))
+
+        def answer(conn, _head, _body):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Content-Encoding: gzip\r\nConnection: close\r\n\r\n")
+            conn.sendall(z[:10])
+            time.sleep(2.0)
+            conn.sendall(z[10:])
+        self.a.answer = answer
+        ex = self.stack.raw(harness.build_request(
+            "POST", "/piapi/cc/v1/messages",
+            [("x-api-key", member_key(self.i)), ("Content-Type", "application/json")],
+            b'{"model":"m","stream":true}'), timeout=10)
+        self.assertEqual(ex.status, 200)
+        self.assertLess(ex.headers_at, 1.5, "head held until the compressed stream ended")
+        self.assertEqual(ex.body(), z)
+
+    # ---- timeouts ----
+
+    def test_silent_candidate_ends_within_header_timeout(self):
+        """A accepts and never answers: the request ends by its own
+        headerTimeoutMs (3 s), not later."""
+        def silent(conn, _head, _body):
+            time.sleep(6)
+        self.a.answer = silent
+        self.b.answer = silent
+        t0 = time.monotonic()
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}', timeout=10)
+        took = time.monotonic() - t0
+        self.assertEqual(r.status, 504)
+        self.assertLess(took, 4.5)
+
+    # ---- cooldowns ----
+
+    def metric(self, name_and_labels):
+        text = self.stack.request("GET", "/metrics").body.decode()
+        for line in text.splitlines():
+            if line.startswith(name_and_labels + " "):
+                return float(line.split()[-1])
+        return None
+
+    def cooling(self, provider):
+        return self.metric(f'piapi_candidate_cooling{{provider="{provider}",'
+                           f'key="k{self.i:02d}"}}')
+
+    def test_retry_after_past_date_and_garbage(self):
+        """A 429 whose Retry-After is an HTTP date in the past cools the
+        candidate for no time (the next request goes to it); one that is
+        garbage or negative falls back to 10 s (the next goes to B)."""
+        self.a.answer = status_answer(429, b"Retry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\n")
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"b"}')
+        self.a.answer = status_answer(200, body=b'{"ok":"a"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"a"}')
+        self.a.answer = status_answer(429, b"Retry-After: -5\r\n")
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"b"}')
+        self.assertEqual(self.cooling("pa"), 1)
+        n = len(self.a.seen)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"b"}')
+        self.assertEqual(len(self.a.seen), n)
+
+    def test_all_cooling_soonest_tried_then_none_again(self):
+        """Both candidates answer 429 with Retry-After 600 and 300: the
+        client gets B's 429 with its Retry-After; the next request tries
+        only the soonest (B), once, never answering 503 without trying."""
+        self.a.answer = status_answer(429, b"Retry-After: 600\r\n")
+        self.b.answer = status_answer(429, b"Retry-After: 300\r\n")
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.status, 429)
+        self.assertEqual(r.header("Retry-After"), "300")
+        self.assertEqual((len(self.a.seen), len(self.b.seen)), (1, 1))
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.status, 429)
+        self.assertEqual((len(self.a.seen), len(self.b.seen)), (1, 2))
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual(rec.get("candidates"), f"pb/k{self.i:02d}:status_429")
+
+    def test_client_abort_is_no_failure(self):
+        """A member whose client gives up while A thinks must not put A on
+        cooldown for everyone: the next request still goes to A."""
+        def slow(conn, _head, _body):
+            time.sleep(1.5)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 10\r\nConnection: close\r\n\r\n{\"ok\":\"a\"}")
+            except OSError:
+                pass
+        self.a.answer = slow
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        self.stack.raw(harness.build_request(
+            "POST", "/piapi/cc/v1/messages",
+            [("x-api-key", member_key(self.i)), ("Content-Type", "application/json")],
+            b'{"model":"m"}'), timeout=0.3, rst=True)
+        time.sleep(2.0)
+        self.assertEqual(self.cooling("pa"), None)
+        self.a.answer = status_answer(200, body=b'{"ok":"a"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"a"}')
+        self.assertEqual(len(self.b.seen), 0)
+
+    # ---- secrets and accounting across candidates ----
+
+    def test_echoed_keys_never_cross(self):
+        """A's 429 echoes A's key; B's 429 echoes B's: the client gets B's
+        answer with B's key redacted, and neither key is in the log."""
+        def echo(status, key):
+            return status_answer(status, body=b'{"error":"bad key ' + key.encode() + b'"}')
+        self.a.answer = echo(429, key_a(self.i))
+        self.b.answer = echo(429, key_b(self.i))
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.status, 429)
+        self.assertNotIn(key_a(self.i).encode(), r.body)
+        self.assertNotIn(key_b(self.i).encode(), r.body)
+        self.assertIn(b"REDACTED", r.body)
+        self.assertNotIn(key_a(self.i).encode(), self.b.seen[0][0] + self.b.seen[0][1])
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual(rec.get("upstream_key"), f"k{self.i:02d}")
+        self.assertEqual(rec.get("upstream_provider"), "pb")
+        log = self.stack.piapi_log_text()
+        self.assertNotIn(key_a(self.i), log)
+        self.assertNotIn(key_b(self.i), log)
+
+    def test_continue_then_overload_status_fails_over(self):
+        """A 100 Continue, then 529: the 1xx is nothing to relay, the 529
+        fails over; A 200 whose body never comes (closed after the head)
+        fails over too, and the client gets B's exact Content-Length."""
+        def answer(conn, _head, _body):
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.05)
+            status_answer(529)(conn, _head, _body)
+        self.a.answer = answer
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual((r.status, r.body), (200, b'{"ok":"b"}'))
+
+    def test_head_only_then_close_fails_over(self):
+        def answer(conn, _head, _body):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 50\r\n\r\n")
+            time.sleep(0.1)
+        self.a.answer = answer
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual((r.status, r.body), (200, b'{"ok":"b"}'))
+        self.assertEqual(r.header("Content-Length"), "10")
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual(rec.get("candidates"),
+                         f"pa/k{self.i:02d}:reset,pb/k{self.i:02d}:ok")
+
+    def test_head_request_fails_over(self):
+        self.a.answer = status_answer(503)
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        hdrs = [("x-api-key", member_key(self.i))]
+        r = self.stack.request("HEAD", "/piapi/cc/v1/models", hdrs)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, b"")
+        self.assertEqual(len(self.b.seen), 1)
+        self.assertTrue(self.b.seen[0][0].startswith(b"HEAD "))
+
+
+class TestNginx(Checks, unittest.TestCase):
+    FORM = "nginx"
+
+
+class TestLighttpd(Checks, unittest.TestCase):
+    FORM = "lighttpd-socket"
+
+
+if __name__ == "__main__":
+    unittest.main()
