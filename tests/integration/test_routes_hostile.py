@@ -437,6 +437,69 @@ class Checks:
         self.assertTrue(self.b.seen[0][0].startswith(b"HEAD "))
 
 
+class ConfigChecks(unittest.TestCase):
+    """`piapi --check-config` on routes a careless or hostile editor wrote."""
+
+    def check(self, text):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "config.yaml")
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o600)
+            r = subprocess.run([str(harness.piapi_bin()), "--config", path, "--check-config"],
+                               capture_output=True, text=True, timeout=10)
+            return r.returncode, r.stdout + r.stderr
+
+    BASE = """providers:
+  - name: pa
+    apiKeys: {k1: sk-pa-k1-Zq81mVx0oPl2Wn7Rt, k2: sk-pa-k2-Zq81mVx0oPl2Wn7Rt}
+    services: [{type: cc, baseUrl: "http://127.0.0.1:9"}]
+%s
+users:
+  - name: u
+    apiKey: piapi-user-u-Hs7lU5aG3eQx0123
+    providerName: pa
+    providerKeyName: k1
+    services:
+      cc: %s
+"""
+
+    def test_candidate_listed_twice_is_refused(self):
+        """The same key twice in one list would let one request go to it
+        twice (a Retry-After: 0 leaves it healthy at once): refused, with
+        the line and the field."""
+        twice = "{candidates: [{providerName: pa, providerKeyName: k1}, " \
+                "{providerName: pa, providerKeyName: k2}, {providerName: pa, providerKeyName: k1}]}"
+        rc, out = self.check(self.BASE % ("", twice))
+        self.assertEqual(rc, 1, out)
+        self.assertIn(":12: users[0].services.cc.candidates[2]: repeats candidates[0]", out)
+        named = "routes:\n  ha: " + twice
+        rc, out = self.check(self.BASE % (named, "{route: ha}"))
+        self.assertEqual(rc, 1, out)
+        self.assertIn(":6: routes.ha.candidates[2]: repeats candidates[0]", out)
+
+    def test_route_validation_names_line_and_field(self):
+        cases = [
+            ("{candidates: []}", ":12: users[0].services.cc.candidates: must not be empty"),
+            ("{route: nope}", ":12: users[0].services.cc.route: unknown route 'nope'"),
+            ("{route: x, candidates: [{providerName: pa, providerKeyName: k1}]}",
+             ":12: users[0].services.cc: give one of"),
+            ("{candidates: [{providerName: pa, providerKeyName: k9}]}",
+             "users[0].services.cc.candidates[0].providerKeyName: key 'k9' not defined"),
+            ("{candidates: [{providerName: pa, providerKeyName: k1}], strategy: Failover}",
+             "users[0].services.cc.strategy: unknown strategy 'Failover'"),
+            ("{providerName: pb, providerKeyName: k1}",
+             "users[0].services.cc.providerName: unknown provider 'pb'"),
+        ]
+        for route, want in cases:
+            rc, out = self.check(self.BASE % ("", route))
+            self.assertEqual(rc, 1, out)
+            self.assertIn(want, out)
+        many = ", ".join(["{providerName: pa, providerKeyName: k1}"] * 17)
+        rc, out = self.check(self.BASE % ("", "{candidates: [%s]}" % many))
+        self.assertIn("at most 16 candidates", out)
+
+
 class TestNginx(Checks, unittest.TestCase):
     FORM = "nginx"
 
