@@ -965,6 +965,24 @@ const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc)
     }
 }
 
+/* A held event-stream head whose upstream has sent nothing more for a
+ * ping interval: holding it longer would silence the pings that keep the
+ * client's connection alive and, behind lighttpd, are the only way to
+ * notice a client that left. So it goes out (the ping follows); a first
+ * event that arrives later is relayed, not judged. Partway through the
+ * first event no ping could be sent anyway: it is held on. */
+static int held_too_long(struct xfer *x, double now, double *next)
+{
+    if (!x->event_stream || x->encoded || !x->keepalive_ms || x->first.len)
+        return 0;
+    double due = x->last_upstream + x->keepalive_ms / 1000.0;
+    if (now >= due)
+        return 1;
+    if (due < *next)
+        *next = due;
+    return 0;
+}
+
 enum verdict xfer_timers(struct xfer *x, double now, double *next)
 {
     const struct piapi_settings *s = x->t->settings;
@@ -990,6 +1008,8 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return IDLE_TIMEOUT;
     if (deadline < *next)
         *next = deadline;
+    if (x->head_pending && held_too_long(x, now, next) && release_pending(x) != 0)
+        return CLIENT_GONE;
     if (x->event_stream && !x->encoded && x->keepalive_ms && !x->head_pending) {
         double due = x->last_write + x->keepalive_ms / 1000.0;
         /* Comments only between events, so no event is split. */

@@ -106,25 +106,32 @@ B_STREAM = [ev("message_start", {"type": "message_start", "message": {"id": "msg
             ev("message_stop", {"type": "message_stop"})]
 
 
-def config(a_port, b_port, settings):
+def config(a_port, b_port, settings, without_a=()):
+    """without_a: members whose routes (default included) name no pa key."""
     def build(_stack):
         a, b = f"http://127.0.0.1:{a_port}", f"http://127.0.0.1:{b_port}"
         users = []
         for i in range(NMEMBERS):
             both = [{"providerName": "pa", "providerKeyName": f"k{i:02d}"},
                     {"providerName": "pb", "providerKeyName": f"k{i:02d}"}]
+            if i in without_a:
+                both = both[1:]
             users.append({"name": f"m{i:02d}", "apiKey": member_key(i),
-                          "providerName": "pa", "providerKeyName": f"k{i:02d}",
+                          "providerName": "pb" if i in without_a else "pa",
+                          "providerKeyName": f"k{i:02d}",
                           "services": {"cc": {"candidates": both},
-                                       "cx": {"candidates": both}}})
+                                       "cx": {"candidates": both},
+                                       "cs": {"candidates": both, "strategy": "spread"}}})
         hdr = {"mode": "header", "name": "x-api-key"}
         return {
             "providers": [
                 {"name": "pa", "apiKeys": {f"k{i:02d}": key_a(i) for i in range(NMEMBERS)},
                  "services": [{"type": "cc", "baseUrl": a, "auth": hdr},
+                              {"type": "cs", "baseUrl": a, "auth": hdr},
                               {"type": "cx", "baseUrl": a + "/v1"}]},
                 {"name": "pb", "apiKeys": {f"k{i:02d}": key_b(i) for i in range(NMEMBERS)},
                  "services": [{"type": "cc", "baseUrl": b, "auth": hdr},
+                              {"type": "cs", "baseUrl": b, "auth": hdr},
                               {"type": "cx", "baseUrl": b + "/v1",
                                "usage": {"injectStreamUsage": False}}]},
             ],
@@ -136,7 +143,7 @@ def config(a_port, b_port, settings):
 
 class Checks:
     FORM = None
-    SETTINGS = {"headerTimeoutMs": 3000}
+    SETTINGS = {"headerTimeoutMs": 3000, "sseKeepaliveMs": 1000}
 
     @classmethod
     def setUpClass(cls):
@@ -435,6 +442,179 @@ class Checks:
         self.assertEqual(r.body, b"")
         self.assertEqual(len(self.b.seen), 1)
         self.assertTrue(self.b.seen[0][0].startswith(b"HEAD "))
+
+    # ---- odd first events ----
+
+    def test_huge_first_event_is_sent_once(self):
+        """A first event of 300 KiB (no blank line for the first 64 KiB):
+        the head goes out, every byte exactly once."""
+        big = b"event: message_start\ndata: {\"pad\":\"" + b"x" * 300000 + b"\"}\n\n"
+        parts = [big[i:i + 16384] for i in range(0, len(big), 16384)] + B_STREAM[1:]
+        self.a.answer = sse_answer(parts, pause=0.002)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.body, b"".join(parts))
+        self.assertEqual(len(self.b.seen), 0)
+
+    def test_first_event_that_never_ends_is_relayed_at_the_end(self):
+        """A stream that ends inside its first event: relayed as it came,
+        once, with no failover (nothing failed)."""
+        self.a.answer = sse_answer([b"data: {\"partial\":", b" 1}"])
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual((r.status, r.body), (200, b'data: {"partial": 1}'))
+        self.assertEqual(len(self.b.seen), 0)
+
+    def test_data_only_error_is_relayed(self):
+        """`data:` alone is a `message` event, not an `error` event: relayed."""
+        first = b'data: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
+        self.a.answer = sse_answer([first])
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.body, first)
+        self.assertEqual(len(self.b.seen), 0)
+
+    def test_crlf_overloaded_event_fails_over(self):
+        first = (b"event: error\r\ndata: {\"type\":\"error\",\"error\":"
+                 b"{\"type\":\"overloaded_error\"}}\r\n\r\n")
+        self.a.answer = sse_answer([first])
+        self.b.answer = sse_answer(B_STREAM)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.body, b"".join(B_STREAM))
+
+    # ---- bodies, accounting, metrics ----
+
+    def test_large_body_is_not_retried_and_says_why(self):
+        """A 9 MiB body is streamed upstream, so it cannot be sent again:
+        A's 529 reaches the client, B gets nothing, the log says why."""
+        self.a.answer = status_answer(529)
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        body = b'{"model":"m","pad":"' + b"p" * (9 * 1024 * 1024) + b'"}'
+        r = self.post("/piapi/cc/v1/messages", body, timeout=30)
+        self.assertEqual(r.status, 529)
+        self.assertEqual(len(self.b.seen), 0)
+        self.assertEqual(len(self.a.seen[0][1]), len(body))
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertIn("cannot be sent again", rec.get("failover", ""))
+
+    def test_metrics_and_log_after_overload(self):
+        """An overloaded first event then B: attempts by outcome, one
+        failover of the service type, A cooling, B not, and the log line
+        names B as the upstream."""
+        before = self.metric('piapi_failovers_total{service_type="cc"}') or 0
+        first = ev("error", {"type": "error", "error": {"type": "overloaded_error"}})
+        self.a.answer = sse_answer([first])
+        self.b.answer = sse_answer(B_STREAM)
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m","stream":true}')
+        self.assertEqual(r.body, b"".join(B_STREAM))
+        k = f"k{self.i:02d}"
+        self.assertEqual(self.metric(
+            f'piapi_upstream_attempts_total{{provider="pa",key="{k}",outcome="overloaded"}}'), 1)
+        self.assertEqual(self.metric(
+            f'piapi_upstream_attempts_total{{provider="pb",key="{k}",outcome="ok"}}'), 1)
+        self.assertEqual(self.metric('piapi_failovers_total{service_type="cc"}'), before + 1)
+        self.assertEqual(self.cooling("pa"), 1)
+        self.assertIn(self.cooling("pb"), (None, 0))
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual((rec.get("upstream_provider"), rec.get("upstream_key"),
+                          rec.get("attempts")), ("pb", k, 2))
+
+    # ---- a slow first event ----
+
+    def test_client_leaving_during_a_silent_held_head_is_noticed(self):
+        """A 200 event-stream head, then a long silence before the first
+        event (a model thinking): a client that leaves meanwhile must end
+        the upstream transfer within about two ping intervals, as without
+        candidates (behind lighttpd, only a write tells piapi; the held
+        head must not stop the probe), and the client that stays gets the
+        pings that keep its connection alive."""
+        closed = []
+
+        def answer(conn, _head, _body):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Connection: close\r\n\r\n")
+            t0 = time.monotonic()
+            conn.settimeout(6)
+            try:
+                if conn.recv(1) == b"":
+                    closed.append(time.monotonic() - t0)
+            except OSError:
+                pass
+        self.a.answer = answer
+        self.stack.raw(harness.build_request(
+            "POST", "/piapi/cc/v1/messages",
+            [("x-api-key", member_key(self.i)), ("Content-Type", "application/json")],
+            b'{"model":"m","stream":true}'), timeout=0.5)
+        self.assertTrue(harness.wait_until(lambda: closed, 7.0), "upstream never closed")
+        self.assertLess(closed[0], 3.5)
+        self.assertEqual(len(self.b.seen), 0)
+
+        def late(conn, head, body):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Connection: close\r\n\r\n")
+            time.sleep(2.5)
+            conn.sendall(b"".join(B_STREAM))
+        self.a.answer = late
+        ex = self.stack.raw(harness.build_request(
+            "POST", "/piapi/cc/v1/messages",
+            [("x-api-key", member_key(self.i)), ("Content-Type", "application/json")],
+            b'{"model":"m","stream":true}'), timeout=8)
+        self.assertLess(ex.headers_at, 2.0)
+        body = ex.body()
+        self.assertTrue(body.startswith(b": ping\n\n"), body[:40])
+        self.assertEqual(body.replace(b": ping\n\n", b""), b"".join(B_STREAM))
+
+    # ---- reload ----
+
+    def reload_with(self, without_a):
+        def reloads():
+            return self.metric('piapi_config_reloads_total{result="success"}') or 0
+        n = reloads()
+        harness.write_config(self.stack.config_path,
+                             config(self.a.port, self.b.port, self.SETTINGS, without_a)(None))
+        self.assertTrue(harness.wait_until(lambda: reloads() > n, 5.0), "no reload")
+
+    def test_reload_drops_and_readds_cooling_candidate(self):
+        """A cooling for 10 min; a reload that names A no more forgets it
+        (no cooling gauge left), and one that names it again finds it
+        healthy: the next request goes to A."""
+        self.a.answer = status_answer(429, b"Retry-After: 600\r\n")
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(self.cooling("pa"), 1)
+        try:
+            self.reload_with({self.i})
+            self.assertIsNone(self.cooling("pa"))
+            r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+            self.assertEqual(r.body, b'{"ok":"b"}')
+        finally:
+            self.reload_with(set())
+        self.a.answer = status_answer(200, body=b'{"ok":"a"}')
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
+        self.assertEqual(r.body, b'{"ok":"a"}')
+
+    # ---- spread ----
+
+    def test_spread_session_header_odd_shapes(self):
+        """Hostile session ids (huge, duplicated, empty) neither break a
+        spread route nor move one session between candidates."""
+        self.a.answer = status_answer(200, body=b'{"ok":"a"}')
+        self.b.answer = status_answer(200, body=b'{"ok":"b"}')
+        sid = "S" * 6000
+        shapes = [[("X-Claude-Code-Session-Id", sid)],
+                  [("X-Claude-Code-Session-Id", "one"), ("X-Claude-Code-Session-Id", "two")],
+                  [("X-Claude-Code-Session-Id", "")],
+                  []]
+        for extra in shapes:
+            got = set()
+            for _ in range(6):
+                r = self.post("/piapi/cs/v1/messages", b'{"model":"m"}', extra)
+                self.assertEqual(r.status, 200, extra and extra[0][1][:10])
+                got.add(r.body)
+            self.assertEqual(len(got), 1, f"one session moved: {extra and extra[0][1][:10]}")
+        ids = set()
+        for n in range(20):
+            r = self.post("/piapi/cs/v1/messages", b'{"model":"m"}',
+                          [("X-Claude-Code-Session-Id", f"session-{n}")])
+            ids.add(r.body)
+        self.assertEqual(ids, {b'{"ok":"a"}', b'{"ok":"b"}'})
 
 
 class ConfigChecks(unittest.TestCase):
