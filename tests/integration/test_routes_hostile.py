@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -24,7 +25,7 @@ import unittest
 
 import harness
 
-NMEMBERS = 24
+NMEMBERS = 40
 
 
 def member_key(i):
@@ -143,7 +144,7 @@ def config(a_port, b_port, settings, without_a=()):
 
 class Checks:
     FORM = None
-    SETTINGS = {"headerTimeoutMs": 3000, "sseKeepaliveMs": 1000}
+    SETTINGS = {"headerTimeoutMs": 3000, "sseKeepaliveMs": 1000, "usageDb": "usage.db"}
 
     @classmethod
     def setUpClass(cls):
@@ -589,6 +590,30 @@ class Checks:
         self.a.answer = status_answer(200, body=b'{"ok":"a"}')
         r = self.post("/piapi/cc/v1/messages", b'{"model":"m"}')
         self.assertEqual(r.body, b'{"ok":"a"}')
+
+    def test_ledger_names_the_candidate_that_answered(self):
+        """A's 200 stream overloads at its first event after a
+        message_start-like usage would have been read; B answers with its
+        own usage: the ledger row is B's, with B's counts only."""
+        first = ev("error", {"type": "error", "error": {"type": "overloaded_error"}})
+        self.a.answer = sse_answer([first])
+        usage = {"id": "msg_b", "model": "claude-b", "type": "message", "role": "assistant",
+                 "content": [], "usage": {"input_tokens": 7, "output_tokens": 3}}
+        self.b.answer = status_answer(200, body=json.dumps(usage).encode())
+        r = self.post("/piapi/cc/v1/messages", b'{"model":"claude-req"}')
+        rid = r.header("X-Request-ID")
+        rec = self.completed(rid)
+        self.assertEqual((rec.get("input_tokens"), rec.get("output_tokens")), (7, 3))
+
+        def row():
+            db = sqlite3.connect(self.stack.tmp / "usage.db")
+            try:
+                return db.execute("SELECT provider, key_name, model, input, output FROM"
+                                  " requests WHERE request_id = ?", (rid,)).fetchone()
+            finally:
+                db.close()
+        got = harness.wait_until(row, 5.0, 0.1)
+        self.assertEqual(got, ("pb", f"k{self.i:02d}", "claude-b", 7, 3))
 
     # ---- spread ----
 
