@@ -454,7 +454,6 @@ static void start(struct piapi_ev_post *p)
 
     if (!up.budget)
         up.budget = piapi_fcgi_send_budget(x->t->fcgi);
-    x->body = lx->body;
     x->easy = take_easy();
     x->budget = up.budget;
     x->blocked = on_blocked;
@@ -568,16 +567,21 @@ void upstream_start(struct piapi_ev *ev, unsigned max_transfers)
 
 int upstream_submit(struct xfer *x)
 {
-    size_t plain = x->usage_body ? x->plain_len : 0;
-    struct lxfer *lx = piapi_xmalloc(sizeof *lx + x->inline_len + plain);
+    /* A rewritten body in both spellings, for xfer_choose_body(). */
+    size_t size = x->usage_body ? x->usage_len + x->plain_len : x->inline_len;
+    struct lxfer *lx = piapi_xmalloc(sizeof *lx + size);
     memset(lx, 0, sizeof *lx);
     lx->submit.fn = start;
     lx->x = *x;
-    memcpy(lx->body, x->body, x->inline_len);
-    if (x->usage_body) {  /* the client's spelling after it, for xfer_choose_body() */
-        memcpy(lx->body + x->inline_len, x->plain_body, plain);
+    lx->x.body = lx->body;
+    if (x->usage_body) {
+        memcpy(lx->body, x->usage_body, x->usage_len);
+        memcpy(lx->body + x->usage_len, x->plain_body, x->plain_len);
         lx->x.usage_body = lx->body;
-        lx->x.plain_body = lx->body + x->inline_len;
+        lx->x.plain_body = lx->body + x->usage_len;
+        xfer_choose_body(&lx->x);
+    } else {
+        memcpy(lx->body, x->body, x->inline_len);
     }
     if (piapi_ev_gate_post(&up.gate, &lx->submit) != 0) {
         free(lx);

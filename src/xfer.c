@@ -272,6 +272,15 @@ char *xfer_read_ahead(struct xfer *x, char *buf)
     return heap;
 }
 
+void xfer_choose_body(struct xfer *x)
+{
+    if (!x->usage_body)
+        return;
+    x->injected = x->t->inject_usage != 0;
+    x->body = x->injected ? x->usage_body : x->plain_body;
+    x->inline_len = x->injected ? x->usage_len : x->plain_len;
+}
+
 void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten)
 {
     struct piapi_transfer *t = x->t;
@@ -283,25 +292,17 @@ void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten)
         return;
     snprintf(t->request_model, sizeof t->request_model, "%s", rq.model);
     if (t->usage_shape != PIAPI_USAGE_CHAT || !rq.stream || rq.asked_usage ||
-        !t->inject_usage)
+        !(t->inject_usage || t->inject_usage_later))
         return;
     if (piapi_usage_inject(x->body, x->inline_len, rewritten) != 0)
         return;
     x->plain_body = x->body;
     x->plain_len = x->inline_len;
-    x->body = x->usage_body = rewritten->data;
-    x->inline_len = x->usage_len = rewritten->len;
-    x->injected = 1;
+    x->usage_body = rewritten->data;
+    x->usage_len = rewritten->len;
+    xfer_choose_body(x);
 }
 
-void xfer_choose_body(struct xfer *x)
-{
-    if (!x->usage_body)
-        return;
-    x->injected = x->t->inject_usage != 0;
-    x->body = x->injected ? x->usage_body : x->plain_body;
-    x->inline_len = x->injected ? x->usage_len : x->plain_len;
-}
 
 /* ---- response head -------------------------------------------------- */
 

@@ -122,18 +122,22 @@ def config(a_port, b_port, settings, without_a=()):
                           "providerKeyName": f"k{i:02d}",
                           "services": {"cc": {"candidates": both},
                                        "cx": {"candidates": both},
-                                       "cs": {"candidates": both, "strategy": "spread"}}})
+                                       "cs": {"candidates": both, "strategy": "spread"},
+                                       "cr": {"candidates": both[::-1]}}})
         hdr = {"mode": "header", "name": "x-api-key"}
         return {
             "providers": [
                 {"name": "pa", "apiKeys": {f"k{i:02d}": key_a(i) for i in range(NMEMBERS)},
                  "services": [{"type": "cc", "baseUrl": a, "auth": hdr},
                               {"type": "cs", "baseUrl": a, "auth": hdr},
-                              {"type": "cx", "baseUrl": a + "/v1"}]},
+                              {"type": "cx", "baseUrl": a + "/v1"},
+                              {"type": "cr", "baseUrl": a + "/v1"}]},
                 {"name": "pb", "apiKeys": {f"k{i:02d}": key_b(i) for i in range(NMEMBERS)},
                  "services": [{"type": "cc", "baseUrl": b, "auth": hdr},
                               {"type": "cs", "baseUrl": b, "auth": hdr},
                               {"type": "cx", "baseUrl": b + "/v1",
+                               "usage": {"injectStreamUsage": False}},
+                              {"type": "cr", "baseUrl": b + "/v1",
                                "usage": {"injectStreamUsage": False}}]},
             ],
             "users": users,
@@ -273,6 +277,26 @@ class Checks:
         self.assertEqual(self.b.seen[0][1], sent)
         self.assertEqual(r.status, 200)
         self.assertEqual(r.body, b"".join(chunks))
+
+    def test_injected_usage_option_sent_to_a_later_candidate_with_it(self):
+        """The other way round (cr: B first, without the option; A second,
+        with it): B gets the client's body, A the one asking for usage, and
+        the client gets A's stream without the usage-only chunk, its usage
+        complete in the log."""
+        sent = b'{"model":"gpt-x","stream":true,"messages":[]}'
+        self.b.answer = status_answer(529)
+        chunks = [b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+                  b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n',
+                  b"data: [DONE]\n\n"]
+        self.a.answer = sse_answer(chunks)
+        r = self.post("/piapi/cr/chat/completions", sent)
+        self.assertEqual(self.b.seen[0][1], sent)
+        self.assertIn(b'"include_usage":true', self.a.seen[0][1])
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, chunks[0] + chunks[2])
+        rec = self.completed(r.header("X-Request-ID"))
+        self.assertEqual((rec.get("input_tokens"), rec.get("output_tokens"),
+                          rec.get("usage_complete")), (5, 2, True))
 
     # ---- what is never held ----
 
