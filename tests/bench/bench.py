@@ -66,7 +66,7 @@ PIAPI = os.path.abspath(os.environ.get("BENCH_PIAPI") or os.path.join(BUILD, "pi
 # Optional second build, benchmarked side by side in the same run (A/B).
 PIAPI_B = os.path.abspath(os.environ["BENCH_PIAPI_B"]) if os.environ.get("BENCH_PIAPI_B") else None
 # BENCH_CANDIDATES=1: the member's oa and sse go through a route of two
-# candidates (the same mock twice, the first always answering), so a run
+# candidates (the same mock with two keys, the first always answering), so a run
 # with it and one without show what failover costs when it is not needed.
 CANDIDATES = os.environ.get("BENCH_CANDIDATES") == "1"
 
@@ -75,7 +75,7 @@ def candidates_services():
     if not CANDIDATES:
         return ""
     two = ("{candidates: [{providerName: mock, providerKeyName: main}, "
-           "{providerName: mock, providerKeyName: main}]}")
+           "{providerName: mock, providerKeyName: backup}]}")
     return f"    services:\n      oa: {two}\n      sse: {two}\n"
 
 
@@ -572,6 +572,7 @@ providers:
   - name: mock
     apiKeys:
       main: {PROVIDER_KEY}
+      backup: {PROVIDER_KEY}-backup
     services:
       - type: oa
         baseUrl: http://127.0.0.1:{UP_PORT}/v1
