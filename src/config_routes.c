@@ -112,7 +112,18 @@ static bool walk_candidates(struct ctx *c, const struct ynode *m, const char *pa
     size_t i = 0;
     for (const struct ynode *e = seq->first; e; e = e->next, i++) {
         cfg_path_idx(ip, sp, i);
-        ok &= walk_candidate(c, e, ip, type, &cands[i]);
+        if (!walk_candidate(c, e, ip, type, &cands[i])) {
+            ok = false;
+            continue;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (cands[j].key == cands[i].key) {
+                /* Its cooldown is its twin's: listed twice, one request
+                 * could go to the same key twice. */
+                cfg_err(c, e, ip, "repeats candidates[%zu]", j);
+                ok = false;
+                break;
+            }
     }
     out->candidates = cands;
     out->ncandidates = seq->count;

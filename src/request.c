@@ -375,6 +375,7 @@ static int prepare(struct request *q, const char **why)
     q->x.url = q->url.buf.data;
     q->x.headers = q->headers;
     q->x.provider_key = q->cand->key->value;
+    q->x.inject_usage = q->svc->inject_stream_usage;
     q->x.key_param = q->svc->auth.mode == PIAPI_AUTH_QUERY ? q->svc->auth.name : NULL;
     return 0;
 }
@@ -450,6 +451,21 @@ static int admit_model(struct piapi_transfer *x, const char *body, size_t len)
     return -1;
 }
 
+/* Whether a later candidate's service adds the usage option though the
+ * first one's does not (a body rewritten for it is made up front). */
+static int later_injects(const struct request *q)
+{
+    if (q->svc->inject_stream_usage || q->route->ncandidates < 2)
+        return 0;
+    for (size_t i = 0; i < q->route->ncandidates; i++) {
+        const struct piapi_service *s = piapi_config_find_service(
+            q->cfg, q->route->candidates[i].provider, q->target.type, q->target.type_len);
+        if (s && s->inject_stream_usage)
+            return 1;
+    }
+    return 0;
+}
+
 static enum outcome forward(struct request *q, const struct piapi_route_target *t,
                    const struct piapi_client_keys *keys)
 {
@@ -490,6 +506,7 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         .usage_shape = strcmp(q->method, "POST") == 0
                            ? piapi_usage_shape_of(t->rest, t->rest_len) : PIAPI_USAGE_NONE,
         .inject_usage = q->svc->inject_stream_usage,
+        .inject_usage_later = later_injects(q),
         .admit_body = admit_model,
     };
     piapi_proxy_forward(q->w->proxy, &q->x);

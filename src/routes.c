@@ -168,24 +168,31 @@ void piapi_routes_reset(void)
 
 double piapi_routes_parse_retry_after(const char *v, size_t len, double now_real)
 {
+    const double cap = PIAPI_ROUTES_RETRY_AFTER_MAX_S;
     char buf[64];
-    if (!len || len >= sizeof buf)
+    if (!len)
+        return -1;
+    if (v[0] >= '0' && v[0] <= '9') {
+        /* delay-seconds, however many digits: a number too long for any
+         * integer type still asks for a long wait, which is the cap. */
+        double d = 0;
+        for (size_t i = 0; i < len; i++) {
+            if (v[i] < '0' || v[i] > '9')
+                return -1;
+            if (d < cap)
+                d = d * 10 + (v[i] - '0');
+        }
+        return d > cap ? cap : d;
+    }
+    if (len >= sizeof buf)
         return -1;
     memcpy(buf, v, len);
     buf[len] = '\0';
-    uint64_t secs;
-    double d;
-    if (buf[0] >= '0' && buf[0] <= '9') {
-        if (piapi_parse_u64(buf, 0, UINT64_MAX, &secs) != 0)
-            return -1;
-        d = (double)secs;
-    } else {
-        time_t t = curl_getdate(buf, NULL);
-        if (t < 0)
-            return -1;
-        d = (double)t - now_real;
-        if (d < 0)
-            d = 0;
-    }
-    return d > PIAPI_ROUTES_RETRY_AFTER_MAX_S ? PIAPI_ROUTES_RETRY_AFTER_MAX_S : d;
+    time_t t = curl_getdate(buf, NULL);
+    if (t < 0)
+        return -1;
+    double d = (double)t - now_real;
+    if (d < 0)
+        d = 0;
+    return d > cap ? cap : d;
 }

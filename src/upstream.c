@@ -390,6 +390,7 @@ static int fail_over(struct lxfer *lx, enum verdict v, CURLcode rc)
     xfer_rearm(x);
     if (!t->retry(t, why, retry_after))
         return 0;
+    xfer_choose_body(x);
     add(lx);
     return 1;
 }
@@ -453,7 +454,6 @@ static void start(struct piapi_ev_post *p)
 
     if (!up.budget)
         up.budget = piapi_fcgi_send_budget(x->t->fcgi);
-    x->body = lx->body;
     x->easy = take_easy();
     x->budget = up.budget;
     x->blocked = on_blocked;
@@ -567,11 +567,22 @@ void upstream_start(struct piapi_ev *ev, unsigned max_transfers)
 
 int upstream_submit(struct xfer *x)
 {
-    struct lxfer *lx = piapi_xmalloc(sizeof *lx + x->inline_len);
+    /* A rewritten body in both spellings, for xfer_choose_body(). */
+    size_t size = x->usage_body ? x->usage_len + x->plain_len : x->inline_len;
+    struct lxfer *lx = piapi_xmalloc(sizeof *lx + size);
     memset(lx, 0, sizeof *lx);
     lx->submit.fn = start;
     lx->x = *x;
-    memcpy(lx->body, x->body, x->inline_len);
+    lx->x.body = lx->body;
+    if (x->usage_body) {
+        memcpy(lx->body, x->usage_body, x->usage_len);
+        memcpy(lx->body + x->usage_len, x->plain_body, x->plain_len);
+        lx->x.usage_body = lx->body;
+        lx->x.plain_body = lx->body + x->usage_len;
+        xfer_choose_body(&lx->x);
+    } else {
+        memcpy(lx->body, x->body, x->inline_len);
+    }
     if (piapi_ev_gate_post(&up.gate, &lx->submit) != 0) {
         free(lx);
         return -1;

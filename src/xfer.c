@@ -4,6 +4,7 @@
  * it: the event loop's (upstream.c) and the blocking one (proxy.c). */
 #include "xfer.h"
 
+#include <cjson/cJSON.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <limits.h>
@@ -80,6 +81,8 @@ void xfer_rearm(struct xfer *x)
         .last_write = k.last_write, .stdin_eof = k.stdin_eof,
         .read_timeout = k.read_timeout, .keepalive_ms = k.keepalive_ms,
         .upstream_cl = -1, .injected = k.injected, .can_fail_over = k.can_fail_over,
+        .usage_body = k.usage_body, .plain_body = k.plain_body, .usage_len = k.usage_len,
+        .plain_len = k.plain_len,
         .budget = k.budget, .unchecked = k.unchecked, .blocked = k.blocked,
         .queued = k.queued,
     };
@@ -269,6 +272,15 @@ char *xfer_read_ahead(struct xfer *x, char *buf)
     return heap;
 }
 
+void xfer_choose_body(struct xfer *x)
+{
+    if (!x->usage_body)
+        return;
+    x->injected = x->t->inject_usage != 0;
+    x->body = x->injected ? x->usage_body : x->plain_body;
+    x->inline_len = x->injected ? x->usage_len : x->plain_len;
+}
+
 void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten)
 {
     struct piapi_transfer *t = x->t;
@@ -280,14 +292,17 @@ void xfer_prepare_usage(struct xfer *x, struct piapi_buf *rewritten)
         return;
     snprintf(t->request_model, sizeof t->request_model, "%s", rq.model);
     if (t->usage_shape != PIAPI_USAGE_CHAT || !rq.stream || rq.asked_usage ||
-        !t->inject_usage)
+        !(t->inject_usage || t->inject_usage_later))
         return;
     if (piapi_usage_inject(x->body, x->inline_len, rewritten) != 0)
         return;
-    x->body = rewritten->data;
-    x->inline_len = rewritten->len;
-    x->injected = 1;
+    x->plain_body = x->body;
+    x->plain_len = x->inline_len;
+    x->usage_body = rewritten->data;
+    x->usage_len = rewritten->len;
+    xfer_choose_body(x);
 }
+
 
 /* ---- response head -------------------------------------------------- */
 
@@ -650,28 +665,80 @@ static int release_pending(struct xfer *x)
     return rc;
 }
 
-static int has(const struct piapi_buf *b, const char *s)
+/* One whole line of d[0..n) from *at (CR, LF or CRLF ends it): 1 and
+ * *line, *len, with *at past its end; 0 when none is whole yet (a CR at
+ * the end may still be half of a CRLF). */
+static int next_line(const char *d, size_t n, size_t *at, const char **line, size_t *len)
 {
-    return memmem(b->data, b->len, s, strlen(s)) != NULL;
+    size_t i = *at;
+    while (i < n && d[i] != '\n' && d[i] != '\r')
+        i++;
+    if (i == n || (d[i] == '\r' && i + 1 == n))
+        return 0;
+    *line = d + *at;
+    *len = i - *at;
+    *at = i + (d[i] == '\r' && d[i + 1] == '\n' ? 2 : 1);
+    return 1;
 }
 
-/* Anthropic's overload in the middle of a 200 stream: a first event
- * `event: error` whose error type is overloaded_error. */
+/* Whether the data of an error event says overloaded_error: its
+ * error.type, not some word in its message. */
+static int overloaded_data(const struct piapi_buf *data)
+{
+    cJSON *root = cJSON_ParseWithLength(data->data ? data->data : "", data->len);
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(err, "type");
+    int yes = cJSON_IsString(type) && strcmp(type->valuestring, "overloaded_error") == 0;
+    cJSON_Delete(root);
+    return yes;
+}
+
+/* Judges the first event of an event stream held in b, by its own fields
+ * (the words of later events, the model's text among them, say nothing):
+ * -1 while it is not whole, 1 when it is Anthropic's overload in the
+ * middle of a 200 stream (`event: error`, error type overloaded_error),
+ * else 0. */
 static int first_event_overloaded(const struct piapi_buf *b)
 {
-    return (has(b, "event: error") || has(b, "event:error")) && has(b, "overloaded_error");
+    struct piapi_buf data = {0};
+    const char *line;
+    size_t len, at = 0;
+    int error_event = 0, verdict = -1;
+
+    while (next_line(b->data, b->len, &at, &line, &len)) {
+        if (!len) {
+            verdict = error_event && overloaded_data(&data);
+            break;
+        }
+        const char *colon = memchr(line, ':', len);
+        size_t name = colon ? (size_t)(colon - line) : len;
+        const char *v = colon ? colon + 1 : line + len;
+        size_t vlen = (size_t)(line + len - v);
+        if (vlen && *v == ' ')
+            v++, vlen--;
+        if (name == 5 && !memcmp(line, "event", 5)) {
+            error_event = vlen == 5 && !memcmp(v, "error", 5);
+        } else if (name == 4 && !memcmp(line, "data", 4)) {
+            if (data.len)
+                piapi_buf_putc(&data, '\n');
+            piapi_buf_append(&data, v, vlen);
+        }
+    }
+    piapi_buf_dispose(&data);
+    return verdict;
 }
 
-/* A held head and the first bytes: 1 when they may go out now. */
+/* A held head and the first bytes: 1 when they may go out now. A
+ * compressed stream cannot be read, so its first event is not waited for. */
 static int first_bytes(struct xfer *x, const char *data, size_t n)
 {
-    if (!x->event_stream)
+    if (!x->event_stream || x->encoded)
         return 1;
     piapi_buf_append(&x->first, data, n);
-    if (!has(&x->first, "\n\n") && !has(&x->first, "\r\n\r\n") &&
-        x->first.len < FIRST_EVENT_MAX)
+    int overloaded = first_event_overloaded(&x->first);
+    if (overloaded < 0 && x->first.len < FIRST_EVENT_MAX)
         return 0;
-    x->t->overloaded = first_event_overloaded(&x->first);
+    x->t->overloaded = overloaded > 0;
     return 1;
 }
 
@@ -899,6 +966,24 @@ const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc)
     }
 }
 
+/* A held event-stream head whose upstream has sent nothing more for a
+ * ping interval: holding it longer would silence the pings that keep the
+ * client's connection alive and, behind lighttpd, are the only way to
+ * notice a client that left. So it goes out (the ping follows); a first
+ * event that arrives later is relayed, not judged. Partway through the
+ * first event no ping could be sent anyway: it is held on. */
+static int held_too_long(struct xfer *x, double now, double *next)
+{
+    if (!x->event_stream || x->encoded || !x->keepalive_ms || x->first.len)
+        return 0;
+    double due = x->last_upstream + x->keepalive_ms / 1000.0;
+    if (now >= due)
+        return 1;
+    if (due < *next)
+        *next = due;
+    return 0;
+}
+
 enum verdict xfer_timers(struct xfer *x, double now, double *next)
 {
     const struct piapi_settings *s = x->t->settings;
@@ -924,6 +1009,8 @@ enum verdict xfer_timers(struct xfer *x, double now, double *next)
         return IDLE_TIMEOUT;
     if (deadline < *next)
         *next = deadline;
+    if (x->head_pending && held_too_long(x, now, next) && release_pending(x) != 0)
+        return CLIENT_GONE;
     if (x->event_stream && !x->encoded && x->keepalive_ms && !x->head_pending) {
         double due = x->last_write + x->keepalive_ms / 1000.0;
         /* Comments only between events, so no event is split. */

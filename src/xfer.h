@@ -58,6 +58,11 @@ struct xfer {
     int counting, injected;
     struct piapi_usage_scan usage;
     struct piapi_buf relay;
+    /* A body `injected` rewrote, in both spellings: a later candidate
+     * whose service refuses the option (usage.injectStreamUsage: false)
+     * gets the client's (xfer_choose_body). NULL: never rewritten. */
+    const char *usage_body, *plain_body;
+    size_t usage_len, plain_len;
 
     /* Event-loop driver only: failover. `failover` is the failed
      * attempt's outcome once t->pick() chose another candidate. */
@@ -112,6 +117,9 @@ void xfer_refuse(struct xfer *x, enum verdict v);
 /* After x->easy left its multi handle, for the next attempt of the same
  * request: every per-answer state back to its start, nothing sent. */
 void xfer_rearm(struct xfer *x);
+/* After xfer_rearm() and t's next candidate aimed at: the body in the
+ * spelling that candidate's service wants (t->inject_usage). */
+void xfer_choose_body(struct xfer *x);
 /* The failover outcome of a transfer that ended with rc before its head
  * (connect, tls, reset, timeout), or NULL: not a reason to fail over. */
 const char *xfer_failed_outcome(const struct xfer *x, CURLcode rc);

@@ -48,6 +48,9 @@ struct piapi_transfer {
      * stream_options.include_usage (the service's usage.injectStreamUsage). */
     enum piapi_usage_shape usage_shape;
     int inject_usage;
+    /* A later candidate's service injects though this one's does not: the
+     * rewritten body is made anyway, kept for that candidate. */
+    int inject_usage_later;
     /* Called once the body was read (body NULL: too large to read whole),
      * before anything goes upstream; non-zero refuses the request with
      * error_status and error_message, which it sets. NULL: none. */

@@ -566,6 +566,7 @@ providers:
   - name: mock
     apiKeys:
       main: {PROVIDER_KEY}
+      backup: {PROVIDER_KEY}-backup
     services:
       - type: oa
         baseUrl: http://127.0.0.1:{UP_PORT}/v1
