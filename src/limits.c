@@ -439,6 +439,9 @@ static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double 
     pthread_mutex_lock(&lim.lock);
     struct member *m = member_get(u->name);
     m->limits = u->limits;
+    /* A reload that raised the limit (or lifted it): the slots it added go
+     * to those already waiting first. */
+    hand_over(m, now);
     /* A reload that lowered the limit: requests in flight still count. */
     int full = m->limits.concurrent &&
                (m->in_flight >= m->limits.concurrent || m->head);
@@ -557,7 +560,20 @@ struct attempt {
     struct piapi_limits_refusal ref;
 };
 
+/* Leases asked for whose answer never came (Redis slow, or gone with
+ * the call out): the script may still have run, late, so each goes back
+ * once Redis answers again, instead of holding a slot until it expires.
+ * Beyond ORPHANS_MAX they are left to expire. */
+#define ORPHANS_MAX 256
+
+struct orphan {
+    char key[160];
+    char id[48];
+};
+
 static struct {
+    struct orphan orphans[ORPHANS_MAX];
+    size_t norphans;
     struct lease *leases;
     struct piapi_ev_timer refresh;
     uint64_t seq;
@@ -641,6 +657,27 @@ static void lease_return(const char *user, const char *id)
     piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv);
 }
 
+static void orphan(const char *user, const char *id)
+{
+    if (!id[0] || sh.norphans == ORPHANS_MAX)
+        return;
+    struct orphan *o = &sh.orphans[sh.norphans++];
+    key_of(o->key, sizeof o->key, "lease", user);
+    snprintf(o->id, sizeof o->id, "%s", id);
+}
+
+/* Before a call that Redis will answer in order after them. */
+static void orphans_return(void)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < sh.norphans; i++) {
+        const char *argv[] = { sh.orphans[i].key, sh.orphans[i].id };
+        if (piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv) != 0)
+            sh.orphans[kept++] = sh.orphans[i];
+    }
+    sh.norphans = kept;
+}
+
 struct returned {
     char user[128];
     char id[48];
@@ -691,6 +728,8 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     if (a->gone) {
         if (verdict == 0)
             lease_return(a->u->name, a->slot->lease);
+        else if (verdict < 0)
+            orphan(a->u->name, a->slot->lease);
         a->slot->lease[0] = '\0';
         attempt_end(a, PIAPI_LIMITS_GONE);
         return;
@@ -748,6 +787,7 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
         attempt_end(a, PIAPI_LIMITS_REFUSED);
         return;
     default:
+        orphan(a->u->name, a->slot->lease);
         a->slot->lease[0] = '\0';
         fall_back(a);
     }
@@ -765,6 +805,8 @@ static void try_shared(struct attempt *a)
     snprintf(dusd, sizeof dusd, "%.9f", l->daily_usd);
     snprintf(musd, sizeof musd, "%.9f", l->monthly_usd);
     period_keys(&pk, a->u->name, a->now);
+    if (sh.norphans)
+        orphans_return();
     snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
              (unsigned long long)++sh.seq);
     key_of(kw, sizeof kw, "rpm", a->u->name);

@@ -16,6 +16,8 @@
 #include <stdint.h>
 
 #define PIAPI_REDIS_DEADLINE_MS 50
+/* Arguments of a script call, at most. */
+#define PIAPI_REDIS_ARGS_MAX 13
 
 /* hiredis's reply, seen through the few fields a script's answer needs. */
 struct redisReply;
@@ -34,8 +36,9 @@ int piapi_redis_want(const char *url);
 void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
                       piapi_redis_done done, void *arg);
 
-/* Fire and forget (a lease's release): no answer awaited. */
-void piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv);
+/* Fire and forget (a lease's release): no answer awaited. 0 when sent,
+ * -1 when not (no connection). */
+int piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv);
 
 /* Any thread: the reply's integer at index i of an array, or `dflt`. */
 long long piapi_redis_int(const struct redisReply *r, size_t i, long long dflt);
