@@ -720,6 +720,43 @@ static void fall_back(struct attempt *a)
 
 static void try_shared(struct attempt *a);
 
+/* Under the lock: an admission Redis granted is this instance's too, in
+ * flight and in its own window: the requests it decides alone (read by a
+ * pool thread, or while Redis is away) count what Redis admitted, so one
+ * instance never goes past requestsPerMinute by mixing the two. */
+static void local_admitted(struct member *m, const struct piapi_user *u, double now)
+{
+    double wait;
+    m->in_flight++;
+    m->limits = u->limits;
+    piapi_limits_window_resize(&m->window, u->limits.per_minute);
+    if (u->limits.per_minute)
+        (void)piapi_limits_window_take(&m->window, now, WINDOW_S, &wait);
+}
+
+/* This instance's admissions are among those Redis counts: its own window
+ * full (pool-thread admissions Redis never saw), the shared one is too. */
+static int local_window_full(const struct piapi_user *u, double now,
+                             struct piapi_limits_refusal *r)
+{
+    double wait;
+    int full = 0;
+    if (!u->limits.per_minute)
+        return 0;
+    pthread_mutex_lock(&lim.lock);
+    struct member *m = member_get(u->name);
+    m->limits = u->limits;
+    piapi_limits_window_resize(&m->window, u->limits.per_minute);
+    if (piapi_limits_window_full(&m->window, now, WINDOW_S, &wait) != 0) {
+        refuse(r, PIAPI_LIMIT_PER_MINUTE, wait,
+               "rate limit reached: %u requests per minute (requestsPerMinute)",
+               u->limits.per_minute);
+        full = 1;
+    }
+    pthread_mutex_unlock(&lim.lock);
+    return full;
+}
+
 static void on_admit_reply(void *arg, const struct redisReply *reply)
 {
     struct attempt *a = arg;
@@ -737,7 +774,7 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     switch (verdict) {
     case 0:
         pthread_mutex_lock(&lim.lock);
-        member_get(a->u->name)->in_flight++;
+        local_admitted(member_get(a->u->name), a->u, a->now);
         pthread_mutex_unlock(&lim.lock);
         a->slot->held = 1;
         if (a->u->limits.concurrent)
@@ -878,7 +915,8 @@ enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double 
     if (on_loop && piapi_redis_want(redis) && resume &&
         (l->per_minute || l->concurrent || l->tokens_per_day || l->daily_usd ||
          l->monthly_usd))
-        return admit_shared(u, now, fd, resume, arg, slot);
+        return local_window_full(u, now, r) ? PIAPI_LIMITS_REFUSED
+                                            : admit_shared(u, now, fd, resume, arg, slot);
     return admit_local(u, now, fd, resume, arg, slot, r);
 }
 

@@ -290,5 +290,29 @@ class BrokenRedis(unittest.TestCase):
         self.assertGreater(metric(st, "piapi_redis_errors_total"), 0)
 
 
+    def test_pool_thread_bodies_do_not_double_the_window(self):
+        """A body over 64 KiB is read by a pool thread, which decides on
+        this instance's own window: before, that window did not count what
+        Redis admitted (and Redis did not count it), so one instance let
+        2 x requestsPerMinute through by mixing big and small bodies."""
+        port = self.start_redis()
+        big = b'{"model":"gpt-5","pad":"' + b"a" * 100000 + b'"}'
+        small = b'{"model":"gpt-5"}'
+        for db, order in ((0, (big,) * 3 + (small,) * 5 + (big,) * 2),
+                          (1, (small,) * 3 + (big,) * 5 + (small,) * 2)):
+            with self.subTest(first="big" if order[0] is big else "small"):
+                st = self.stack(f"redis://127.0.0.1:{port}/{db}", f"limits-hostile-mix{db}",
+                                {"requestsPerMinute": 5})
+                self.assertTrue(harness.wait_until(lambda: health(st) == "ok\n", 5.0, 0.05))
+                got = [st.request("POST", "/piapi/cx/echo", HA, b).status for b in order]
+                self.assertEqual(got.count(200), 5, got)
+                self.assertEqual(got[:5], [200] * 5, got)
+                self.assertEqual(len(st.mock.requests()), 5)
+                r = st.request("POST", "/piapi/cx/echo", HA, small)
+                self.assertEqual(r.status, 429)
+                self.assertEqual(r.json()["error"]["type"], "rate_limit_error")
+                self.assertGreaterEqual(int(r.header("Retry-After")), 1)
+
+
 if __name__ == "__main__":
     unittest.main()
