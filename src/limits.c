@@ -678,9 +678,10 @@ static void orphans_return(void)
     sh.norphans = kept;
 }
 
+/* The member's whole name: a name cut short would name other keys. */
 struct returned {
-    char user[128];
     char id[48];
+    char user[];
 };
 
 static void return_posted(void *arg)
@@ -934,8 +935,8 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
     if (piapi_loop_on_thread()) {
         lease_return(user, slot->lease);
     } else {
-        struct returned *rt = piapi_xcalloc(1, sizeof *rt);
-        snprintf(rt->user, sizeof rt->user, "%s", user);
+        struct returned *rt = piapi_xcalloc(1, sizeof *rt + strlen(user) + 1);
+        memcpy(rt->user, user, strlen(user) + 1);
         snprintf(rt->id, sizeof rt->id, "%s", slot->lease);
         if (piapi_loop_post(return_posted, rt) != 0)
             free(rt);  /* stopping: the lease expires */
@@ -944,9 +945,9 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
 }
 
 struct spent {
-    char user[128];
     double now, cost;
     int64_t tokens;
+    char user[];                /* whole, as the admission's keys have it */
 };
 
 static void spent_on_loop(void *arg)
@@ -969,8 +970,8 @@ void piapi_limits_spent(const char *user, const char *redis, double now, int64_t
 {
     if (!redis || (tokens <= 0 && cost <= 0))
         return;
-    struct spent *sp = piapi_xcalloc(1, sizeof *sp);
-    snprintf(sp->user, sizeof sp->user, "%s", user);
+    struct spent *sp = piapi_xcalloc(1, sizeof *sp + strlen(user) + 1);
+    memcpy(sp->user, user, strlen(user) + 1);
     sp->now = now;
     sp->tokens = tokens;
     sp->cost = cost;

@@ -29,9 +29,9 @@ KEY = "sk-openai-main-Lh7qX2mZ9wTe0123456789"
 HA = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")]
 
 
-def config(limits=None, models=None, settings=None):
+def config(limits=None, models=None, settings=None, name="alice"):
     def build(stack):
-        user = {"name": "alice", "apiKey": ALICE, "providerName": "openai",
+        user = {"name": name, "apiKey": ALICE, "providerName": "openai",
                 "providerKeyName": "main"}
         if models:
             user["models"] = models
@@ -202,9 +202,9 @@ class BrokenRedis(unittest.TestCase):
         self.assertTrue(harness.wait_until(lambda: ping(port), 5.0, 0.05), "redis did not start")
         return port
 
-    def stack(self, url, name, limits=None):
-        st = harness.Stack("nginx", config(limits=limits or self.LIMITS, settings={"redis": url}),
-                           name=name)
+    def stack(self, url, name, limits=None, member="alice"):
+        st = harness.Stack("nginx", config(limits=limits or self.LIMITS, settings={"redis": url},
+                                           name=member), name=name)
         self.addCleanup(st.stop)
         return st.start()
 
@@ -312,6 +312,26 @@ class BrokenRedis(unittest.TestCase):
                 self.assertEqual(r.status, 429)
                 self.assertEqual(r.json()["error"]["type"], "rate_limit_error")
                 self.assertGreaterEqual(int(r.header("Retry-After")), 1)
+
+
+    def test_long_member_name_spends_on_its_own_keys(self):
+        """A member name over 127 bytes was cut short in the counters a
+        request's tokens and cost go to, so the admission (whole name)
+        never saw them: tokensPerDay and the budgets did not hold across
+        instances."""
+        port = self.start_redis()
+        member = "m" * 140
+        st = self.stack(f"redis://127.0.0.1:{port}/0", "limits-hostile-longname",
+                        {"tokensPerDay": 100}, member=member)
+        self.assertTrue(harness.wait_until(lambda: health(st) == "ok\n", 5.0, 0.05))
+        r = st.request("POST", "/piapi/cx/chat/completions", HA,
+                       b'{"model":"gpt-5","messages":[{"role":"user","content":"hi"}]}')
+        self.assertEqual(r.status, 200, r.body)
+        day = time.strftime("%Y%m%d", time.gmtime())
+        key = f"piapi:tokens:{member}:{day}"
+        self.assertTrue(harness.wait_until(
+            lambda: redis_cli(port, "GET", key).strip() not in ("", "0"), 2.0, 0.05),
+            redis_cli(port, "KEYS", "*"))
 
 
 if __name__ == "__main__":
