@@ -234,7 +234,7 @@ static void connect_now(void)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     /* hiredis writes it once connected; nothing else goes first */
     redisAsyncCommand(ac, on_selected, NULL, "SELECT %d", rd.db);
-    add_write(NULL);
+    add_write(ac);
     piapi_ev_timer_set(piapi_loop_ev(), &rd.retry, piapi_now_mono() + CONNECT_MS / 1000.0);
 }
 
