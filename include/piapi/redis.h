@@ -6,9 +6,12 @@
  * and the state for /healthz and /metrics, which any thread may read. The
  * connection follows the live config: piapi_redis_want(url) (at each
  * admission) connects, reconnects after a failure with a backoff (100 ms
- * doubling to 5 s), or disconnects when the URL went away. A call is
- * answered within PIAPI_REDIS_DEADLINE_MS or counted as an error and
- * handed NULL: the caller then falls back to its local state. */
+ * doubling to 5 s), or disconnects when the URL went away. It is up once
+ * Redis answered its SELECT. A call is answered within
+ * PIAPI_REDIS_DEADLINE_MS or counted as an error and handed NULL (the
+ * caller then falls back to its local state), and the connection is
+ * dropped like a lost one. A script Redis no longer has (NOSCRIPT) is
+ * sent again as EVAL, once. */
 #ifndef PIAPI_REDIS_H
 #define PIAPI_REDIS_H
 
