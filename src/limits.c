@@ -439,6 +439,9 @@ static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double 
     pthread_mutex_lock(&lim.lock);
     struct member *m = member_get(u->name);
     m->limits = u->limits;
+    /* A reload that raised the limit (or lifted it): the slots it added go
+     * to those already waiting first. */
+    hand_over(m, now);
     /* A reload that lowered the limit: requests in flight still count. */
     int full = m->limits.concurrent &&
                (m->in_flight >= m->limits.concurrent || m->head);
@@ -557,7 +560,20 @@ struct attempt {
     struct piapi_limits_refusal ref;
 };
 
+/* Leases asked for whose answer never came (Redis slow, or gone with
+ * the call out): the script may still have run, late, so each goes back
+ * once Redis answers again, instead of holding a slot until it expires.
+ * Beyond ORPHANS_MAX they are left to expire. */
+#define ORPHANS_MAX 256
+
+struct orphan {
+    char key[160];
+    char id[48];
+};
+
 static struct {
+    struct orphan orphans[ORPHANS_MAX];
+    size_t norphans;
     struct lease *leases;
     struct piapi_ev_timer refresh;
     uint64_t seq;
@@ -641,9 +657,31 @@ static void lease_return(const char *user, const char *id)
     piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv);
 }
 
+static void orphan(const char *user, const char *id)
+{
+    if (!id[0] || sh.norphans == ORPHANS_MAX)
+        return;
+    struct orphan *o = &sh.orphans[sh.norphans++];
+    key_of(o->key, sizeof o->key, "lease", user);
+    snprintf(o->id, sizeof o->id, "%s", id);
+}
+
+/* Before a call that Redis will answer in order after them. */
+static void orphans_return(void)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < sh.norphans; i++) {
+        const char *argv[] = { sh.orphans[i].key, sh.orphans[i].id };
+        if (piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv) != 0)
+            sh.orphans[kept++] = sh.orphans[i];
+    }
+    sh.norphans = kept;
+}
+
+/* The member's whole name: a name cut short would name other keys. */
 struct returned {
-    char user[128];
     char id[48];
+    char user[];
 };
 
 static void return_posted(void *arg)
@@ -683,6 +721,43 @@ static void fall_back(struct attempt *a)
 
 static void try_shared(struct attempt *a);
 
+/* Under the lock: an admission Redis granted is this instance's too, in
+ * flight and in its own window: the requests it decides alone (read by a
+ * pool thread, or while Redis is away) count what Redis admitted, so one
+ * instance never goes past requestsPerMinute by mixing the two. */
+static void local_admitted(struct member *m, const struct piapi_user *u, double now)
+{
+    double wait;
+    m->in_flight++;
+    m->limits = u->limits;
+    piapi_limits_window_resize(&m->window, u->limits.per_minute);
+    if (u->limits.per_minute)
+        (void)piapi_limits_window_take(&m->window, now, WINDOW_S, &wait);
+}
+
+/* This instance's admissions are among those Redis counts: its own window
+ * full (pool-thread admissions Redis never saw), the shared one is too. */
+static int local_window_full(const struct piapi_user *u, double now,
+                             struct piapi_limits_refusal *r)
+{
+    double wait;
+    int full = 0;
+    if (!u->limits.per_minute)
+        return 0;
+    pthread_mutex_lock(&lim.lock);
+    struct member *m = member_get(u->name);
+    m->limits = u->limits;
+    piapi_limits_window_resize(&m->window, u->limits.per_minute);
+    if (piapi_limits_window_full(&m->window, now, WINDOW_S, &wait) != 0) {
+        refuse(r, PIAPI_LIMIT_PER_MINUTE, wait,
+               "rate limit reached: %u requests per minute (requestsPerMinute)",
+               u->limits.per_minute);
+        full = 1;
+    }
+    pthread_mutex_unlock(&lim.lock);
+    return full;
+}
+
 static void on_admit_reply(void *arg, const struct redisReply *reply)
 {
     struct attempt *a = arg;
@@ -691,6 +766,8 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     if (a->gone) {
         if (verdict == 0)
             lease_return(a->u->name, a->slot->lease);
+        else if (verdict < 0)
+            orphan(a->u->name, a->slot->lease);
         a->slot->lease[0] = '\0';
         attempt_end(a, PIAPI_LIMITS_GONE);
         return;
@@ -698,7 +775,7 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     switch (verdict) {
     case 0:
         pthread_mutex_lock(&lim.lock);
-        member_get(a->u->name)->in_flight++;
+        local_admitted(member_get(a->u->name), a->u, a->now);
         pthread_mutex_unlock(&lim.lock);
         a->slot->held = 1;
         if (a->u->limits.concurrent)
@@ -748,6 +825,7 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
         attempt_end(a, PIAPI_LIMITS_REFUSED);
         return;
     default:
+        orphan(a->u->name, a->slot->lease);
         a->slot->lease[0] = '\0';
         fall_back(a);
     }
@@ -765,6 +843,8 @@ static void try_shared(struct attempt *a)
     snprintf(dusd, sizeof dusd, "%.9f", l->daily_usd);
     snprintf(musd, sizeof musd, "%.9f", l->monthly_usd);
     period_keys(&pk, a->u->name, a->now);
+    if (sh.norphans)
+        orphans_return();
     snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
              (unsigned long long)++sh.seq);
     key_of(kw, sizeof kw, "rpm", a->u->name);
@@ -836,7 +916,8 @@ enum piapi_limits_verdict piapi_limits_admit(const struct piapi_user *u, double 
     if (on_loop && piapi_redis_want(redis) && resume &&
         (l->per_minute || l->concurrent || l->tokens_per_day || l->daily_usd ||
          l->monthly_usd))
-        return admit_shared(u, now, fd, resume, arg, slot);
+        return local_window_full(u, now, r) ? PIAPI_LIMITS_REFUSED
+                                            : admit_shared(u, now, fd, resume, arg, slot);
     return admit_local(u, now, fd, resume, arg, slot, r);
 }
 
@@ -854,8 +935,8 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
     if (piapi_loop_on_thread()) {
         lease_return(user, slot->lease);
     } else {
-        struct returned *rt = piapi_xcalloc(1, sizeof *rt);
-        snprintf(rt->user, sizeof rt->user, "%s", user);
+        struct returned *rt = piapi_xcalloc(1, sizeof *rt + strlen(user) + 1);
+        memcpy(rt->user, user, strlen(user) + 1);
         snprintf(rt->id, sizeof rt->id, "%s", slot->lease);
         if (piapi_loop_post(return_posted, rt) != 0)
             free(rt);  /* stopping: the lease expires */
@@ -864,9 +945,9 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot)
 }
 
 struct spent {
-    char user[128];
     double now, cost;
     int64_t tokens;
+    char user[];                /* whole, as the admission's keys have it */
 };
 
 static void spent_on_loop(void *arg)
@@ -889,8 +970,8 @@ void piapi_limits_spent(const char *user, const char *redis, double now, int64_t
 {
     if (!redis || (tokens <= 0 && cost <= 0))
         return;
-    struct spent *sp = piapi_xcalloc(1, sizeof *sp);
-    snprintf(sp->user, sizeof sp->user, "%s", user);
+    struct spent *sp = piapi_xcalloc(1, sizeof *sp + strlen(user) + 1);
+    memcpy(sp->user, user, strlen(user) + 1);
     sp->now = now;
     sp->tokens = tokens;
     sp->cost = cost;

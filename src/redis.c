@@ -33,6 +33,11 @@ struct call {
     piapi_redis_done done;     /* NULL once answered (late or not) */
     void *arg;
     int script;                /* index, for NOSCRIPT */
+    int waits;                 /* an answer is awaited (not fire and forget) */
+    int resent;                /* sent again as EVAL after a NOSCRIPT */
+    int nkeys, argc;
+    const char *argv[PIAPI_REDIS_ARGS_MAX];  /* into text, below */
+    char text[];
 };
 
 static struct {
@@ -95,14 +100,19 @@ static void rearm(void)
         piapi_ev_io_arm(piapi_loop_ev(), &rd.io, rd.want);
 }
 
-static void add_read(void *p) { (void)p; rd.want |= EPOLLIN; rearm(); }
-static void del_read(void *p) { (void)p; rd.want &= ~(uint32_t)EPOLLIN; rearm(); }
-static void add_write(void *p) { (void)p; rd.want |= EPOLLOUT; rearm(); }
-static void del_write(void *p) { (void)p; rd.want &= ~(uint32_t)EPOLLOUT; rearm(); }
+/* p: the context the hook is about (ev.data); one that is being freed
+ * after a newer one took its place must not touch the newer one's watch. */
+static int current(void *p) { return !rd.ac || p == rd.ac; }
+
+static void add_read(void *p) { if (current(p)) { rd.want |= EPOLLIN; rearm(); } }
+static void del_read(void *p) { if (current(p)) { rd.want &= ~(uint32_t)EPOLLIN; rearm(); } }
+static void add_write(void *p) { if (current(p)) { rd.want |= EPOLLOUT; rearm(); } }
+static void del_write(void *p) { if (current(p)) { rd.want &= ~(uint32_t)EPOLLOUT; rearm(); } }
 
 static void cleanup(void *p)
 {
-    (void)p;
+    if (!current(p))
+        return;
     piapi_ev_io_stop(piapi_loop_ev(), &rd.io);
     rd.want = 0;
 }
@@ -131,12 +141,44 @@ static void lost(void)
         schedule_retry();
 }
 
+/* Closes the connection at once: every call still out is answered NULL
+ * (its caller falls back), on_disconnect does not run for it, and the
+ * next attempt comes after the backoff. Inside a hiredis callback the
+ * context is freed when the callback returns. */
+static void drop(void)
+{
+    redisAsyncContext *ac = rd.ac;
+    rd.ac = NULL;
+    rd.up = 0;
+    atomic_store(&rd.healthy, 0);
+    ac->onDisconnect = NULL;
+    redisAsyncFree(ac);
+    lost();
+}
+
+/* The TCP connection alone says little (a listener that never answers
+ * accepts it too): the connection is up once SELECT is answered. */
 static void on_connect(const redisAsyncContext *ac, int status)
 {
+    if (ac != rd.ac)
+        return;
     if (status != REDIS_OK) {
         count_error("redis connection failed; limits are local until it is back",
                     ac->errstr);
         lost();
+    }
+}
+
+static void on_selected(redisAsyncContext *ac, void *reply, void *priv)
+{
+    redisReply *r = reply;
+    (void)priv;
+    if (!r || ac != rd.ac)
+        return;  /* the connection went meanwhile */
+    if (r->type == REDIS_REPLY_ERROR) {
+        /* a database this Redis does not have */
+        count_error("redis SELECT failed; limits are local until it is back", r->str);
+        drop();
         return;
     }
     piapi_ev_timer_stop(piapi_loop_ev(), &rd.retry);
@@ -148,6 +190,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
 {
+    if (ac != rd.ac)
+        return;
     if (status != REDIS_OK)
         count_error("redis connection lost; limits are local until it is back",
                     ac->errstr);
@@ -158,14 +202,9 @@ static void on_retry(struct piapi_ev_timer *t)
 {
     (void)t;
     if (rd.ac && !rd.up) {
-        /* connect took too long: give up on this attempt (on_disconnect
-         * will not run for a context freed here) */
-        redisAsyncContext *ac = rd.ac;
+        /* no answer to SELECT in time: give up on this attempt */
         count_error("redis connect timed out; limits are local until it is back", NULL);
-        rd.ac = NULL;
-        ac->onDisconnect = NULL;
-        redisAsyncFree(ac);
-        lost();
+        drop();
         return;
     }
     if (!rd.ac && rd.url)
@@ -190,11 +229,12 @@ static void connect_now(void)
     ac->ev.addWrite = add_write;
     ac->ev.delWrite = del_write;
     ac->ev.cleanup = cleanup;
+    ac->ev.data = ac;
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     /* hiredis writes it once connected; nothing else goes first */
-    redisAsyncCommand(ac, NULL, NULL, "SELECT %d", rd.db);
-    add_write(NULL);
+    redisAsyncCommand(ac, on_selected, NULL, "SELECT %d", rd.db);
+    add_write(ac);
     piapi_ev_timer_set(piapi_loop_ev(), &rd.retry, piapi_now_mono() + CONNECT_MS / 1000.0);
 }
 
@@ -221,7 +261,7 @@ static void disconnect(void)
     rd.url = NULL;
     atomic_store(&rd.configured, 0);
     if (rd.ac)
-        redisAsyncDisconnect(rd.ac);  /* pending calls get NULL */
+        drop();  /* pending calls get NULL; rd.url is gone: no retry */
     rd.ac = NULL;
     rd.up = 0;
     rd.backoff_ms = 0;
@@ -280,12 +320,21 @@ static void answer(struct call *c, const redisReply *r)
     done(c->arg, r);
 }
 
+/* Redis this slow is no help: the connection goes (every call still out
+ * is answered NULL, this one too) and the next comes after the backoff,
+ * so the requests meanwhile decide at once on local state instead of
+ * each waiting out its deadline (a Redis that never answers would also
+ * keep every call forever). */
 static void on_deadline(struct piapi_ev_timer *t)
 {
     struct call *c = (struct call *)t;
-    count_error("redis slower than 50 ms; this request used local limits", NULL);
-    answer(c, NULL);  /* the struct waits for hiredis's late callback */
+    count_error("redis slower than 50 ms; limits are local until it is back", NULL);
+    answer(c, NULL);  /* c itself is freed by its NULL reply, at the drop */
+    if (rd.ac)
+        drop();
 }
+
+static int send_eval(struct call *c);
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
 {
@@ -293,10 +342,20 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
     redisReply *r = reply;
     (void)ac;
     if (r && r->type == REDIS_REPLY_ERROR) {
-        if (strncmp(r->str, "NOSCRIPT", 8) == 0 && c->script >= 0)
+        if (strncmp(r->str, "NOSCRIPT", 8) == 0 && c->script >= 0) {
+            /* flushed (SCRIPT FLUSH, a failover): the text goes again,
+             * once, whether an answer is awaited or not (a lease's
+             * release must not be lost) */
             rd.scripts[c->script].sha[0] = '\0';
-        if (c->done)
-            count_error("redis script failed; this request used local limits", r->str);
+            if (!c->resent && rd.ac && rd.up) {
+                c->resent = 1;
+                if (send_eval(c) == REDIS_OK)
+                    return;
+            }
+        }
+        if (!c->waits || c->done)
+            count_error(c->waits ? "redis script failed; this request used local limits"
+                                 : "redis script failed", r->str);
         r = NULL;
     }
     if (c->done)
@@ -304,40 +363,61 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
     free(c);
 }
 
-static int send_eval(struct call *c, const char *script, int nkeys, int argc,
-                     const char **argv)
+static int send_eval(struct call *c)
 {
-    int si = script_index(script);
-    const char *args[16];
+    const char *args[PIAPI_REDIS_ARGS_MAX + 3];
     char nk[12];
-    if (argc > 13)
-        return -1;
-    snprintf(nk, sizeof nk, "%d", nkeys);
+    int si = c->script;
+    snprintf(nk, sizeof nk, "%d", c->nkeys);
     int sha = si >= 0 && rd.scripts[si].sha[0];
     args[0] = sha ? "EVALSHA" : "EVAL";
-    args[1] = sha ? rd.scripts[si].sha : script;
+    args[1] = sha ? rd.scripts[si].sha : rd.scripts[si].text;
     args[2] = nk;
+    for (int i = 0; i < c->argc; i++)
+        args[3 + i] = c->argv[i];
+    if (!sha)  /* learn the SHA for the next calls */
+        redisAsyncCommand(rd.ac, on_loaded, &rd.scripts[si], "SCRIPT LOAD %s",
+                          rd.scripts[si].text);
+    return redisAsyncCommandArgv(rd.ac, on_reply, c, c->argc + 3, args, NULL);
+}
+
+/* A call with its own copy of the arguments (sent again after NOSCRIPT);
+ * NULL when it cannot be made. */
+static struct call *call_new(const char *script, int nkeys, int argc, const char **argv)
+{
+    int si = script_index(script);
+    size_t len = 0;
+    if (si < 0 || argc > PIAPI_REDIS_ARGS_MAX)
+        return NULL;
     for (int i = 0; i < argc; i++)
-        args[3 + i] = argv[i];
-    if (!sha && si >= 0)  /* learn the SHA for the next calls */
-        redisAsyncCommand(rd.ac, on_loaded, &rd.scripts[si], "SCRIPT LOAD %s", script);
-    if (c)
-        c->script = si;
-    return redisAsyncCommandArgv(rd.ac, c ? on_reply : NULL, c, argc + 3, args, NULL);
+        len += strlen(argv[i]) + 1;
+    struct call *c = piapi_xcalloc(1, sizeof *c + len);
+    char *p = c->text;
+    c->script = si;
+    c->nkeys = nkeys;
+    c->argc = argc;
+    for (int i = 0; i < argc; i++) {
+        size_t n = strlen(argv[i]) + 1;
+        memcpy(p, argv[i], n);
+        c->argv[i] = p;
+        p += n;
+    }
+    return c;
 }
 
 void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
                       piapi_redis_done done, void *arg)
 {
-    if (!rd.ac || !rd.up) {
+    struct call *c = rd.ac && rd.up ? call_new(script, nkeys, argc, argv) : NULL;
+    if (!c) {
         done(arg, NULL);
         return;
     }
-    struct call *c = piapi_xcalloc(1, sizeof *c);
     c->done = done;
     c->arg = arg;
+    c->waits = 1;
     c->deadline.cb = on_deadline;
-    if (send_eval(c, script, nkeys, argc, argv) != REDIS_OK) {
+    if (send_eval(c) != REDIS_OK) {
         free(c);
         count_error("redis command failed; this request used local limits", NULL);
         done(arg, NULL);
@@ -347,8 +427,12 @@ void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv
                        piapi_now_mono() + PIAPI_REDIS_DEADLINE_MS / 1000.0);
 }
 
-void piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv)
+int piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv)
 {
-    if (rd.ac && rd.up)
-        send_eval(NULL, script, nkeys, argc, argv);
+    struct call *c = rd.ac && rd.up ? call_new(script, nkeys, argc, argv) : NULL;
+    if (c && send_eval(c) != REDIS_OK) {
+        free(c);
+        c = NULL;
+    }
+    return c ? 0 : -1;
 }

@@ -288,8 +288,10 @@ int piapi_usage_scan_request(const char *body, size_t len,
     memset(out, 0, sizeof *out);
     if (walk_body(body, len, v, &w) < 0)
         return -1;
-    if (v[RQ_MODEL].p && v[RQ_MODEL].p[0] == '"')
-        decode_string(v[RQ_MODEL], out->model, sizeof out->model);
+    struct span m = v[RQ_MODEL];
+    if (m.p)
+        out->model_unread = m.p[0] != '"' || memmem(m.p, m.n, "\\u0000", 6) ||
+                            decode_string(m, out->model, sizeof out->model) != 0;
     out->stream = span_is(v[RQ_STREAM], "true");
     out->has_stream_options = v[RQ_OPTIONS].p != NULL;
     if (walk_span(v[RQ_OPTIONS], include_key, 1, &inc) == 0)

@@ -6,9 +6,12 @@
  * and the state for /healthz and /metrics, which any thread may read. The
  * connection follows the live config: piapi_redis_want(url) (at each
  * admission) connects, reconnects after a failure with a backoff (100 ms
- * doubling to 5 s), or disconnects when the URL went away. A call is
- * answered within PIAPI_REDIS_DEADLINE_MS or counted as an error and
- * handed NULL: the caller then falls back to its local state. */
+ * doubling to 5 s), or disconnects when the URL went away. It is up once
+ * Redis answered its SELECT. A call is answered within
+ * PIAPI_REDIS_DEADLINE_MS or counted as an error and handed NULL (the
+ * caller then falls back to its local state), and the connection is
+ * dropped like a lost one. A script Redis no longer has (NOSCRIPT) is
+ * sent again as EVAL, once. */
 #ifndef PIAPI_REDIS_H
 #define PIAPI_REDIS_H
 
@@ -16,6 +19,8 @@
 #include <stdint.h>
 
 #define PIAPI_REDIS_DEADLINE_MS 50
+/* Arguments of a script call, at most. */
+#define PIAPI_REDIS_ARGS_MAX 13
 
 /* hiredis's reply, seen through the few fields a script's answer needs. */
 struct redisReply;
@@ -34,8 +39,9 @@ int piapi_redis_want(const char *url);
 void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
                       piapi_redis_done done, void *arg);
 
-/* Fire and forget (a lease's release): no answer awaited. */
-void piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv);
+/* Fire and forget (a lease's release): no answer awaited. 0 when sent,
+ * -1 when not (no connection). */
+int piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv);
 
 /* Any thread: the reply's integer at index i of an array, or `dflt`. */
 long long piapi_redis_int(const struct redisReply *r, size_t i, long long dflt);

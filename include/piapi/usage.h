@@ -99,6 +99,10 @@ struct piapi_usage_request {
     int stream;
     int asked_usage;
     int has_stream_options;
+    /* "model" is there but not read into model: not a string, longer
+     * than 127 bytes, an escape cJSON refuses (a lone surrogate) or a
+     * \u0000 (decoding would stop there); an allow-list cannot pass it */
+    int model_unread;
 };
 
 /* Walks the top level only, skipping values without building a tree, so
