@@ -104,6 +104,53 @@ def serve_connections(sock, handle):
     threading.Thread(target=accept_loop, daemon=True).start()
 
 
+class RawUpstream:
+    """A raw HTTP/1.1 upstream on loopback for answers no well-behaved
+    server gives (cut streams, split events, odd heads): every request is
+    answered by self.answer(conn, head, body), and (head, body) of each is
+    kept in self.seen."""
+
+    def __init__(self):
+        self.sock, self.port = listen_local()
+        self.seen = []
+        self.answer = None
+        serve_connections(self.sock, self._handle)
+
+    def _handle(self, conn):
+        try:
+            conn.settimeout(15)
+            data = read_head(conn)
+            if data is None:
+                return
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            self.seen.append((head, body))
+            answer = self.answer
+            if answer:
+                answer(conn, head, body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.sock.close()
+
+    @property
+    def bodies(self):
+        """The request bodies received, in order."""
+        return [body for _, body in self.seen]
+
+
 def read_head(conn):
     """Bytes from conn up to and including the blank line that ends an HTTP
     head (with whatever followed in the same reads); None if it closed first."""

@@ -40,46 +40,6 @@ def key_b(i):
     return f"sk-pb-k{i:02d}-Yj3sKd9QwErT5uIo1"
 
 
-class RawUpstream:
-    """Answers every request with self.answer(conn, head, body); records
-    (head, body) of each."""
-
-    def __init__(self):
-        self.sock, self.port = harness.listen_local()
-        self.seen = []
-        self.answer = None
-        harness.serve_connections(self.sock, self._handle)
-
-    def _handle(self, conn):
-        try:
-            conn.settimeout(15)
-            data = harness.read_head(conn)
-            if data is None:
-                return
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(body) < length:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-            self.seen.append((head, body))
-            answer = self.answer
-            if answer:
-                answer(conn, head, body)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        self.sock.close()
-
-
 def status_answer(status, extra=b"", body=b'{"type":"error","error":{"type":"overloaded_error"}}'):
     def answer(conn, _head, _body):
         conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % status + extra +
@@ -152,9 +112,9 @@ class Checks:
 
     @classmethod
     def setUpClass(cls):
-        cls.a = RawUpstream()
+        cls.a = harness.RawUpstream()
         cls.addClassCleanup(cls.a.stop)
-        cls.b = RawUpstream()
+        cls.b = harness.RawUpstream()
         cls.addClassCleanup(cls.b.stop)
         cls.stack = harness.Stack(cls.FORM, config(cls.a.port, cls.b.port, cls.SETTINGS))
         cls.addClassCleanup(cls.stack.stop)

@@ -27,43 +27,6 @@ HA = [("Authorization", "Bearer " + ALICE), ("Content-Type", "application/json")
 HB = [("x-api-key", BOB), ("Content-Type", "application/json")]
 
 
-class RawUpstream:
-    """Answers every request with self.answer(conn, body) (raw bytes)."""
-
-    def __init__(self):
-        self.sock, self.port = harness.listen_local()
-        self.bodies = []
-        self.answer = None
-        harness.serve_connections(self.sock, self._handle)
-
-    def _handle(self, conn):
-        try:
-            conn.settimeout(10)
-            data = harness.read_head(conn)
-            if data is None:
-                return
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(body) < length:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-            self.bodies.append(body)
-            self.answer(conn, body)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        self.sock.close()
-
-
 def reset(conn):
     """Ends the connection with a TCP RST: a cut, not a clean end."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -72,14 +35,14 @@ def reset(conn):
 def json_answer(obj):
     body = json.dumps(obj).encode()
 
-    def answer(conn, _body):
+    def answer(conn, _head, _body):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
     return answer
 
 
 def sse_answer(parts, then=None):
-    def answer(conn, _body):
+    def answer(conn, _head, _body):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Connection: close\r\n\r\n")
         for p in parts:
@@ -134,7 +97,7 @@ def ledger_rows(stack):
 class UsageHostile(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.up = RawUpstream()
+        cls.up = harness.RawUpstream()
         cls.addClassCleanup(cls.up.stop)
         cls.stack = harness.Stack("nginx", config(cls.up.port))
         cls.addClassCleanup(cls.stack.stop)
@@ -315,7 +278,7 @@ class UsageDbNotAFile(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.up = RawUpstream()
+        cls.up = harness.RawUpstream()
         cls.addClassCleanup(cls.up.stop)
         cls.up.answer = json_answer({"model": "gpt-4o", "usage": {"prompt_tokens": 1,
                                                                   "completion_tokens": 2}})
