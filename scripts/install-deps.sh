@@ -33,9 +33,10 @@ test|screenshot)
     # the event loop's syscalls (test_upstream_cache); cgi-fcgi (libfcgi-bin)
     # is the Dockerfile HEALTHCHECK and k8s liveness probe the deploy tests
     # run; python3-yaml reads docker-compose.yml and the k8s manifest;
-    # redis-server: the shared-limits tests start their own on loopback.
+    # redis-server: the shared-limits tests start their own on loopback;
+    # redis-cli (redis-tools) pokes at it.
     PKGS="$PKGS libcunit1-dev lighttpd spawn-fcgi python3 python3-yaml valgrind prometheus
-          openssl strace libfcgi-bin redis-server"
+          openssl strace libfcgi-bin redis-server redis-tools"
     if [ "$list" = 1 ] || ! command -v node >/dev/null 2>&1; then PKGS="$PKGS nodejs npm"; fi
     # the README's dashboard picture: headless Chromium, then pngquant
     [ "$mode" = screenshot ] && PKGS="$PKGS chromium pngquant" ;;

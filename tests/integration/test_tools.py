@@ -46,7 +46,7 @@ TOOLS = {
     "valgrind": "valgrind", "promtool": "prometheus", "prometheus": "prometheus",
     "openssl": "openssl",
     "strace": "strace", "cgi-fcgi": "libfcgi-bin", "node": "nodejs",
-    "redis-server": "redis-server",
+    "redis-server": "redis-server", "redis-cli": "redis-tools",
     "npm": ("npm", "nodejs"),       # nodejs: NodeSource's package bundles npm
     "readelf": "binutils", "ldd": "libc-bin",
     "apt-cache": "apt", "apt-get": "apt", "dpkg": "dpkg", "dpkg-query": "dpkg",
