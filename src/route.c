@@ -73,31 +73,42 @@ static int dot_or_slash_lookalike(unsigned long cp)
     return 0;
 }
 
-/* The byte at s as a decoder sees it: raw, or what its escape spells;
- * *len gets the bytes it takes. -1 at the end or on a broken escape. */
-static int decoded_at(const char *s, size_t n, size_t *len)
-{
-    if (n == 0)
-        return -1;
-    *len = s[0] == '%' ? 3 : 1;
-    return s[0] == '%' ? piapi_pct_byte(s, n) : (unsigned char)s[0];
-}
+/* Upstreams and the frameworks in front of them may decode a URL more
+ * than once: paths, credentials and parameter names are looked at in
+ * every spelling up to this many decodings. */
+#define DECODE_ROUNDS 4
 
-/* After a "%25", whether what follows decodes to "2e", "2f", "5c" or "25"
- * (%252e, %25%32%65, %25252e...): decoded once, an escape of '.', '/',
- * '\' or '%' is left, which an upstream that decodes twice turns into a
- * dot segment or a separator. */
+/* After a "%25", whether what follows, as sent or decoded once or more,
+ * starts with "2e", "2f", "5c" or "25" (%252e, %25%32%65, %25252e,
+ * %252%2566...): an escape of '.', '/', '\' or '%' is then left, which
+ * an upstream that decodes once more turns into a dot segment or a
+ * separator. Each round shrinks what it decodes to a third at most, so
+ * the first 3^DECODE_ROUNDS bytes decide it. */
 static int multi_encoded(const char *s, size_t n)
 {
-    size_t la, lb;
-    int a = decoded_at(s, n, &la);
-    if (a < 0)
-        return 0;
-    int b = decoded_at(s + la, n - la, &lb);
-    if (b < 0 || piapi_hex_digit((char)a) < 0 || piapi_hex_digit((char)b) < 0)
-        return 0;
-    int v = piapi_hex_digit((char)a) * 16 + piapi_hex_digit((char)b);
-    return v == '.' || v == '/' || v == '\\' || v == '%';
+    char buf[81];
+    size_t m = n < sizeof buf ? n : sizeof buf;
+
+    memcpy(buf, s, m);
+    for (int round = 0; round <= DECODE_ROUNDS; round++) {
+        int hi = m >= 2 ? piapi_hex_digit(buf[0]) : -1;
+        int lo = m >= 2 ? piapi_hex_digit(buf[1]) : -1;
+        if (hi >= 0 && lo >= 0) {
+            int v = hi * 16 + lo;
+            return v == '.' || v == '/' || v == '\\' || v == '%';
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < m; i++) {
+            int v = buf[i] == '%' ? piapi_pct_byte(buf + i, m - i) : -1;
+            buf[k++] = v >= 0 ? (char)v : buf[i];
+            if (v >= 0)
+                i += 2;
+        }
+        if (k == m)
+            return 0;  /* nothing left to decode */
+        m = k;
+    }
+    return 0;
 }
 
 /* The bytes of one segment (between raw '/'): allowed raw bytes,
@@ -291,11 +302,6 @@ enum piapi_route_status piapi_route_parse(const char *uri,
 }
 
 /* ---- decoding, repeated ----------------------------------------------- */
-
-/* Upstreams and the frameworks in front of them may decode a URL more
- * than once: credentials and parameter names are looked for in every
- * spelling up to this many decodings. */
-#define DECODE_ROUNDS 4
 
 /* Decodes s[0..n) in place once: %XY, and '+' as a space when form is
  * set (query strings). Returns the new length; decoding only shrinks, so

@@ -109,6 +109,10 @@ static const struct parse_case parse_cases[] = {
     { "/piapi/cx/a%25252e", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%25%32%65%25%32%65/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%25%32e", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    /* the pair itself spelled across rounds: %2 then %66 -> %2f -> '/' */
+    { "/piapi/cx/a%252%2566b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/a%252%25%36%36b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/%252%2565%252%2565/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     /* percent-encoded bytes that are not UTF-8 (overlong '.', surrogates...) */
     { "/piapi/cx/%c0%ae%c0%ae/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%C0%AE", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
