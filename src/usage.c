@@ -947,6 +947,8 @@ static void result(const struct piapi_usage_scan *s, struct piapi_usage *u)
     } else {
         u->cache_write = HAVE(R_CACHE_WRITE) ? r[R_CACHE_WRITE]
                                              : r[R_CACHE_5M] + r[R_CACHE_1H];
+        if (u->cache_write > PIAPI_USAGE_MAX_TOKENS)  /* a sum of two clamped parts */
+            u->cache_write = PIAPI_USAGE_MAX_TOKENS;
         u->cache_write_1h = r[R_CACHE_1H] < u->cache_write ? r[R_CACHE_1H]
                                                           : u->cache_write;
         /* message_start's output_tokens is a placeholder, not what was
