@@ -372,3 +372,80 @@ void piapi_config_publish(struct piapi_config *cfg)
     /* Outside the lock: the last release frees a whole snapshot. */
     piapi_config_release(old);
 }
+
+/* ---- the snapshot's side ------------------------------------------------ */
+
+const struct piapi_route_set *piapi_config_user_route(const struct piapi_user *user,
+                                                      const char *type, size_t len)
+{
+    for (size_t i = 0; i < user->nservices; i++) {
+        const char *t = user->services[i].type;
+        if (strncmp(t, type, len) == 0 && t[len] == '\0')
+            return user->services[i].route;
+    }
+    return &user->default_route;
+}
+
+static bool route_names(const struct piapi_route_set *r, const char *provider,
+                        const char *key)
+{
+    for (size_t i = 0; i < r->ncandidates; i++) {
+        const struct piapi_candidate *c = &r->candidates[i];
+        if (c->provider && c->key && !strcmp(c->provider->name, provider) &&
+            !strcmp(c->key->name, key))
+            return true;
+    }
+    return false;
+}
+
+bool piapi_config_names_candidate(const struct piapi_config *cfg, const char *provider,
+                                  const char *key)
+{
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        if (route_names(&cfg->routes[i], provider, key))
+            return true;
+    for (size_t u = 0; u < cfg->nusers; u++) {
+        const struct piapi_user *user = &cfg->users[u];
+        if (route_names(&user->default_route, provider, key))
+            return true;
+        for (size_t i = 0; i < user->nservices; i++)
+            if (route_names(user->services[i].route, provider, key))
+                return true;
+    }
+    return false;
+}
+
+/* ---- --check-config's route lines ---- */
+
+static void print_route(FILE *out, const char *user, const char *type,
+                        const struct piapi_route_set *r)
+{
+    fprintf(out, "route: user %s, service %s:", user, type);
+    if (r->name)
+        fprintf(out, " route %s,", r->name);
+    if (r->ncandidates > 1)
+        fprintf(out, " %s",
+                r->strategy == PIAPI_STRATEGY_SPREAD ? "spread over" : "failover");
+    for (size_t i = 0; i < r->ncandidates; i++)
+        fprintf(out, "%s %s/%s", i ? "," : "", r->candidates[i].provider->name,
+                r->candidates[i].key->name);
+    fputc('\n', out);
+}
+
+void piapi_config_print_routes(const struct piapi_config *cfg, FILE *out)
+{
+    for (size_t u = 0; u < cfg->nusers; u++) {
+        const struct piapi_user *user = &cfg->users[u];
+        const struct piapi_provider *p = user->provider;
+        for (size_t i = 0; i < p->nservices; i++) {
+            const char *type = p->services[i].type;
+            print_route(out, user->name, type,
+                        piapi_config_user_route(user, type, strlen(type)));
+        }
+        for (size_t i = 0; i < user->nservices; i++) {
+            const char *type = user->services[i].type;
+            if (!piapi_config_find_service(cfg, p, type, strlen(type)))
+                print_route(out, user->name, type, user->services[i].route);
+        }
+    }
+}

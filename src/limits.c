@@ -16,6 +16,7 @@
 #include "piapi/loop.h"
 #include "piapi/redis.h"
 #include "piapi/tally.h"
+#include "piapi/usage.h"
 
 #define WINDOW_S 60.0
 #define BUCKETS 64
@@ -1012,6 +1013,51 @@ int piapi_limits_model(const struct piapi_user *u, const char *model,
     snprintf(r->message, sizeof r->message,
              "model '%.120s' is not allowed for this key (models)", model);
     return -1;
+}
+
+/* A body the scanner could not read that an upstream's parser may still
+ * take as JSON naming a model: one starting like JSON (malformed, or
+ * followed by more: a streaming decoder stops after the first value), or
+ * JSON in another encoding, which Python's json detects (a byte order
+ * mark, UTF-16/32 with their NUL bytes). */
+static int json_unread(const char *body, size_t len)
+{
+    size_t i = 0;
+    const unsigned char *b = (const unsigned char *)body;
+    if ((len >= 3 && b[0] == 0xef && b[1] == 0xbb && b[2] == 0xbf) ||
+        (len >= 2 && ((b[0] == 0xfe && b[1] == 0xff) || (b[0] == 0xff && b[1] == 0xfe))) ||
+        memchr(body, '\0', len < 4 ? len : 4))
+        return 1;
+    while (i < len && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r'))
+        i++;
+    return i < len && (b[i] == '{' || b[i] == '[');
+}
+
+static int refuse_model(struct piapi_limits_refusal *r, const char *why)
+{
+    *r = (struct piapi_limits_refusal){ .limit = PIAPI_LIMIT_MODEL, .status = 403 };
+    snprintf(r->message, sizeof r->message, "%s", why);
+    return -1;
+}
+
+int piapi_limits_model_body(const struct piapi_user *u, const char *body, size_t len,
+                            struct piapi_limits_refusal *r)
+{
+    struct piapi_usage_request rq;
+    if (!u->models)
+        return 0;
+    if (!body)
+        return refuse_model(r, "request body too large to check its model against this "
+                               "key's models");
+    if (piapi_usage_scan_request(body, len, &rq) != 0)
+        return json_unread(body, len)
+            ? refuse_model(r, "request body is JSON piapi cannot read (not one UTF-8 "
+                              "object): its model cannot be checked against this key's models")
+            : 0;  /* not JSON (a multipart upload): no model to check */
+    if (rq.model_unread)
+        return refuse_model(r, "request's model is not a plain string of at most 127 "
+                               "bytes: it cannot be checked against this key's models");
+    return piapi_limits_model(u, rq.model, r);
 }
 
 /* ---- /usage --------------------------------------------------------------- */

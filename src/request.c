@@ -429,53 +429,13 @@ static void forwarded(struct piapi_transfer *x)
  * loop's thread; q is not the caller's any more). */
 enum outcome { ANSWERED, FORWARDED };
 
-/* A body the scanner could not read that an upstream's parser may still
- * take as JSON naming a model: one starting like JSON (malformed, or
- * followed by more: a streaming decoder stops after the first value), or
- * JSON in another encoding, which Python's json detects (a byte order
- * mark, UTF-16/32 with their NUL bytes). */
-static int json_unread(const char *body, size_t len)
-{
-    size_t i = 0;
-    const unsigned char *b = (const unsigned char *)body;
-    if ((len >= 3 && b[0] == 0xef && b[1] == 0xbb && b[2] == 0xbf) ||
-        (len >= 2 && ((b[0] == 0xfe && b[1] == 0xff) || (b[0] == 0xff && b[1] == 0xfe))) ||
-        memchr(body, '\0', len < 4 ? len : 4))
-        return 1;
-    while (i < len && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r'))
-        i++;
-    return i < len && (b[i] == '{' || b[i] == '[');
-}
-
 /* Once the body is read whole (or not: body NULL), before anything goes
- * upstream: the member's model allow-list. A body too large to be read
- * whole cannot be checked, so it is refused when there is a list. */
+ * upstream: the member's model allow-list. */
 static int admit_model(struct piapi_transfer *x, const char *body, size_t len)
 {
     struct request *q = (struct request *)((char *)x - offsetof(struct request, x));
-    struct piapi_usage_request rq;
-    if (!q->user->models)
+    if (piapi_limits_model_body(q->user, body, len, &q->refusal) == 0)
         return 0;
-    const char *why = NULL;
-    if (!body)
-        why = "request body too large to check its model against this key's models";
-    else if (piapi_usage_scan_request(body, len, &rq) != 0)
-        why = json_unread(body, len) ? "request body is JSON piapi cannot read (not one "
-                                       "UTF-8 object): its model cannot be checked against "
-                                       "this key's models" : NULL;
-    else if (rq.model_unread)
-        why = "request's model is not a plain string of at most 127 bytes: it cannot be "
-              "checked against this key's models";
-    else if (piapi_limits_model(q->user, rq.model, &q->refusal) == 0)
-        return 0;  /* no model, or an allowed one */
-    else
-        why = q->refusal.message;
-    if (!why)
-        return 0;  /* not JSON (a multipart upload): no model to check */
-    if (why != q->refusal.message) {
-        q->refusal = (struct piapi_limits_refusal){ .limit = PIAPI_LIMIT_MODEL, .status = 403 };
-        snprintf(q->refusal.message, sizeof q->refusal.message, "%s", why);
-    }
     x->error_status = 403;
     x->error_message = q->refusal.message;
     return -1;
@@ -496,8 +456,7 @@ static int later_injects(const struct request *q)
     return 0;
 }
 
-static enum outcome forward(struct request *q, const struct piapi_route_target *t,
-                   const struct piapi_client_keys *keys)
+static enum outcome forward(struct request *q, const struct piapi_route_target *t)
 {
     const struct piapi_settings *set = piapi_config_settings(q->cfg);
     const char *why = NULL;
@@ -512,7 +471,6 @@ static enum outcome forward(struct request *q, const struct piapi_route_target *
         return ANSWERED;
     }
     q->target = *t;
-    (void)keys;  /* q->keys: prepare() hides both */
     int st = prepare(q, &why);
     if (st) {
         respond_error(q, st, why);
@@ -602,7 +560,7 @@ static void resumed(void *arg, enum piapi_limits_verdict v,
     const char *why;
     if (v == PIAPI_LIMITS_ADMITTED) {
         if (piapi_route_parse(q->uri, &t, &why) == PIAPI_ROUTE_OK &&
-            forward(q, &t, &q->keys) == FORWARDED)
+            forward(q, &t) == FORWARDED)
             return;
     } else if (v == PIAPI_LIMITS_GONE) {
         q->status = 499;  /* the client left while queued */
@@ -620,7 +578,7 @@ static enum outcome admit(struct request *q, const struct piapi_route_target *t)
     switch (piapi_limits_admit(q->user, piapi_now_real(), piapi_config_settings(q->cfg)->redis,
                                piapi_fcgi_fd(q->r), resumed, q, &q->slot, &q->refusal)) {
     case PIAPI_LIMITS_ADMITTED:
-        return forward(q, t, &q->keys);
+        return forward(q, t);
     case PIAPI_LIMITS_QUEUED:
         return FORWARDED;  /* resumed() ends it */
     case PIAPI_LIMITS_REFUSED:

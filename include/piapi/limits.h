@@ -94,6 +94,12 @@ void piapi_limits_release(const char *user, struct piapi_limits_slot *slot);
  * used by u, else -1 with the 403 in *r. */
 int piapi_limits_model(const struct piapi_user *u, const char *model,
                        struct piapi_limits_refusal *r);
+/* The same for a request body (NULL: too large to read whole, refused
+ * when u has a list): its top-level "model", and a body that looks like
+ * JSON but cannot be read, or a model that cannot, refused (403) when u
+ * has a list. Not JSON at all (a multipart upload): no model to check. */
+int piapi_limits_model_body(const struct piapi_user *u, const char *body, size_t len,
+                            struct piapi_limits_refusal *r);
 
 /* For GET /usage: u's limits and what is left of each, a JSON member
  * `"limits":{...}` appended to out (with a leading comma); nothing for a
