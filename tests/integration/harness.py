@@ -151,6 +151,28 @@ class RawUpstream:
         return [body for _, body in self.seen]
 
 
+def redis_ping(port):
+    """Whether a Redis answers PING on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(port, *extra):
+    """A throw-away redis-server on 127.0.0.1:port (no persistence), once
+    it answers PING; the caller stops the Proc."""
+    proc = Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", *extra],
+                stderr_path="/dev/null")
+    if not wait_until(lambda: redis_ping(port), 5.0, 0.05):
+        proc.stop()
+        raise HarnessError(f"redis-server did not start on port {port}")
+    return proc
+
+
 def read_head(conn):
     """Bytes from conn up to and including the blank line that ends an HTTP
     head (with whatever followed in the same reads); None if it closed first."""
@@ -896,6 +918,13 @@ class Stack:
                 except ValueError:
                     pass
         return out
+
+    def completed_line(self, response, timeout=5.0):
+        """The `request completed` log line of a response (by its
+        X-Request-ID), or None."""
+        rid = response.header("X-Request-ID")
+        return self.wait_log(lambda l: l.get("msg") == "request completed" and
+                             l.get("request_id") == rid, timeout)
 
     def wait_log(self, pred, timeout=2.0):
         """First parsed log line matching pred, waiting up to timeout."""

@@ -115,10 +115,8 @@ class LimitsStack:
         return Metrics(self.stack.request("GET", "/metrics").body.decode())
 
     def line_for(self, r):
-        rid = r.header("X-Request-ID")
-        rec = self.stack.wait_log(lambda l: l.get("msg") == "request completed" and
-                                  l.get("request_id") == rid, timeout=5)
-        self.assertIsNotNone(rec, f"no log line for {rid}")
+        rec = self.stack.completed_line(r)
+        self.assertIsNotNone(rec, f"no log line for {r.header('X-Request-ID')}")
         return rec
 
     def assert_refused(self, r, limit, word, status=429, retry=None, slack=5):

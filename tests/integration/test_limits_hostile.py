@@ -163,15 +163,6 @@ class ReloadRaisesConcurrency(unittest.TestCase):
         self.assertLess(got[1][1], 2.5, got)
 
 
-def ping(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def redis_cli(port, *args, db=0):
     return subprocess.run(["redis-cli", "-p", str(port), "-n", str(db)] + list(args),
                           capture_output=True, text=True, timeout=10).stdout
@@ -195,11 +186,8 @@ class BrokenRedis(unittest.TestCase):
         port = harness.free_port()
         if redis_major() >= 7:
             extra = ("--enable-debug-command", "yes") + extra
-        proc = harness.Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", *extra],
-                            stderr_path="/dev/null")
+        proc = harness.start_redis(port, *extra)
         self.addCleanup(proc.stop)
-        self.assertTrue(harness.wait_until(lambda: ping(port), 5.0, 0.05), "redis did not start")
         return port
 
     def stack(self, url, name, limits=None, member="alice"):

@@ -8,7 +8,6 @@ flowing on local state (fail open), piapi_redis_errors_total counts it and
 import json
 import shutil
 import signal
-import socket
 import threading
 import time
 import unittest
@@ -47,15 +46,6 @@ def redis_config(port):
     return config
 
 
-def ping(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @unittest.skipUnless(shutil.which("redis-server"), "redis-server not installed")
 class TestSharedLimits(unittest.TestCase):
 
@@ -73,10 +63,7 @@ class TestSharedLimits(unittest.TestCase):
 
     @classmethod
     def start_redis(cls):
-        cls.redis = harness.Proc("redis", [
-            "redis-server", "--port", str(cls.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no"], stderr_path="/dev/null")
-        assert harness.wait_until(lambda: ping(cls.port), 5.0, 0.05), "redis did not start"
+        cls.redis = harness.start_redis(cls.port)
 
     @classmethod
     def tearDownClass(cls):

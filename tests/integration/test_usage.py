@@ -134,10 +134,8 @@ class UsageStack:
         return r
 
     def line_for(self, r):
-        rid = r.header("X-Request-ID")
-        rec = self.stack.wait_log(lambda l: l.get("msg") == "request completed" and
-                                  l.get("request_id") == rid, timeout=5)
-        self.assertIsNotNone(rec, f"no log line for {rid}")
+        rec = self.stack.completed_line(r)
+        self.assertIsNotNone(rec, f"no log line for {r.header('X-Request-ID')}")
         return rec
 
     def assert_usage(self, rec, want, cost, model, complete=True):
