@@ -483,32 +483,40 @@ static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double 
 #define LEASE_REFRESH_S 1.5
 #define RETRY_MS 50
 
-/* KEYS: window, leases, tokens of the day, USD of the day, of the month;
+/* KEYS: window, leases, the member's spend of the month (a hash);
  * ARGV: requestsPerMinute, concurrentRequests, lease id, lease ttl (ms),
- * tokensPerDay, dailyBudgetUsd, monthlyBudgetUsd (0: no limit).
- * {0}: admitted; {1, ms}: window full; {2}: slots taken; {3}, {4}, {5}:
- * tokens, daily, monthly reached. */
+ * tokensPerDay, dailyBudgetUsd, monthlyBudgetUsd (in nano-USD; 0: no
+ * limit), the day's token and nano-USD fields. {0}: admitted; {1, ms}:
+ * window full; {2}: slots taken; {3}, {4}, {5}: tokens, daily, monthly
+ * reached. Every redis.call costs Redis about a microsecond on top of the
+ * command, so the script makes few: a set is pruned (admissions older
+ * than the window, a crashed instance's leases) only when it looks full,
+ * since a count that includes stale entries and is still under the limit
+ * is under it; so each set holds at most its limit's number of entries. */
 static const char ADMIT_LUA[] =
-    "local function over(k, limit)\n"
-    "  return limit > 0 and tonumber(redis.call('GET', k) or '0') >= limit\n"
+    "local tpd, dusd, musd = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])\n"
+    "if tpd > 0 or dusd > 0 or musd > 0 then\n"
+    "  local v = redis.call('HMGET', KEYS[3], ARGV[8], ARGV[9], 'usd_nano')\n"
+    "  if tpd > 0 and tonumber(v[1] or '0') >= tpd then return {3, 0} end\n"
+    "  if dusd > 0 and tonumber(v[2] or '0') >= dusd then return {4, 0} end\n"
+    "  if musd > 0 and tonumber(v[3] or '0') >= musd then return {5, 0} end\n"
     "end\n"
-    "if over(KEYS[3], tonumber(ARGV[5])) then return {3, 0} end\n"
-    "if over(KEYS[4], tonumber(ARGV[6])) then return {4, 0} end\n"
-    "if over(KEYS[5], tonumber(ARGV[7])) then return {5, 0} end\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
     "local rpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local ttl = tonumber(ARGV[4])\n"
-    "if conc > 0 then\n"
+    "if conc > 0 and redis.call('ZCARD', KEYS[2]) >= conc then\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)\n"
     "  if redis.call('ZCARD', KEYS[2]) >= conc then return {2, 0} end\n"
     "end\n"
-    "if rpm > 0 then\n"
+    "if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)\n"
     "  if redis.call('ZCARD', KEYS[1]) >= rpm then\n"
     "    local o = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
     "    return {1, tonumber(o[2]) + 60000 - now}\n"
     "  end\n"
+    "end\n"
+    "if rpm > 0 then\n"
     "  redis.call('ZADD', KEYS[1], now, ARGV[3])\n"
     "  redis.call('PEXPIRE', KEYS[1], 60000)\n"
     "end\n"
@@ -517,19 +525,6 @@ static const char ADMIT_LUA[] =
     "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
     "end\n"
     "return {0, 0}\n";
-
-/* KEYS: tokens of the day, USD of the day, of the month; ARGV: tokens,
- * USD, and when each key expires (unix seconds: a day after its period). */
-static const char SPENT_LUA[] =
-    "redis.call('INCRBY', KEYS[1], ARGV[1])\n"
-    "redis.call('INCRBYFLOAT', KEYS[2], ARGV[2])\n"
-    "redis.call('INCRBYFLOAT', KEYS[3], ARGV[2])\n"
-    "redis.call('EXPIREAT', KEYS[1], ARGV[3])\n"
-    "redis.call('EXPIREAT', KEYS[2], ARGV[3])\n"
-    "redis.call('EXPIREAT', KEYS[3], ARGV[4])\n"
-    "return 0\n";
-
-static const char RELEASE_LUA[] = "return redis.call('ZREM', KEYS[1], ARGV[1])\n";
 
 static const char REFRESH_LUA[] =
     "local t = redis.call('TIME')\n"
@@ -599,22 +594,29 @@ static void key_of(char *out, size_t n, const char *kind, const char *user)
     snprintf(out, n, "piapi:%s:%s", kind, user);
 }
 
-/* The counters of the UTC day and month `now` is in. */
-struct period_keys {
-    char tokens[192], day[192], month[192];
+/* The member's spend of the UTC month `now` is in, one hash: the day's
+ * tokens and nano-USD as fields of the day (integers: sums stay exact,
+ * and HINCRBY is cheaper than its float twin), and the month's nano-USD. */
+struct spend_keys {
+    char key[192], tokens[16], usd[16];
 };
 
-static void period_keys(struct period_keys *k, const char *user, double now)
+static void spend_keys(struct spend_keys *k, const char *user, double now)
 {
     time_t t = (time_t)now;
     struct tm tm;
     gmtime_r(&t, &tm);
-    snprintf(k->tokens, sizeof k->tokens, "piapi:tokens:%s:%04d%02d%02d", user,
-             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
-    snprintf(k->day, sizeof k->day, "piapi:usd:%s:%04d%02d%02d", user,
-             tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
-    snprintf(k->month, sizeof k->month, "piapi:usd:%s:%04d%02d", user,
-             tm.tm_year + 1900, tm.tm_mon + 1);
+    snprintf(k->key, sizeof k->key, "piapi:spend:%s:%04d%02d", user, tm.tm_year + 1900,
+             tm.tm_mon + 1);
+    snprintf(k->tokens, sizeof k->tokens, "tokens:%02d", tm.tm_mday);
+    snprintf(k->usd, sizeof k->usd, "usd_nano:%02d", tm.tm_mday);
+}
+
+/* USD in whole nano-USD, within what a Redis integer holds. */
+static long long nano_usd(double usd)
+{
+    double n = usd * 1e9;
+    return n <= 0 ? 0 : n >= 1e18 ? (long long)1e18 : (long long)(n + 0.5);
 }
 
 static void lease_refresh(struct piapi_ev_timer *t)
@@ -654,8 +656,8 @@ static void lease_return(const char *user, const char *id)
             free(l);
             break;
         }
-    const char *argv[] = { key, id };
-    piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv);
+    const char *argv[] = { "ZREM", key, id };
+    piapi_redis_command_nowait(3, argv);
 }
 
 static void orphan(const char *user, const char *id)
@@ -672,8 +674,8 @@ static void orphans_return(void)
 {
     size_t kept = 0;
     for (size_t i = 0; i < sh.norphans; i++) {
-        const char *argv[] = { sh.orphans[i].key, sh.orphans[i].id };
-        if (piapi_redis_eval_nowait(RELEASE_LUA, 1, 2, argv) != 0)
+        const char *argv[] = { "ZREM", sh.orphans[i].key, sh.orphans[i].id };
+        if (piapi_redis_command_nowait(3, argv) != 0)
             sh.orphans[kept++] = sh.orphans[i];
     }
     sh.norphans = kept;
@@ -816,6 +818,11 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     }
     case 2:
         if (piapi_now_mono() + RETRY_MS / 1000.0 < a->give_up) {
+            /* queued: a client that gives up leaves the queue (the first
+             * call's sub-millisecond wait is not watched: arming the
+             * watch costs two syscalls per request) */
+            if (a->fd >= 0 && !a->io.in_set)
+                piapi_ev_io_arm(piapi_loop_ev(), &a->io, EPOLLRDHUP);
             piapi_ev_timer_set(piapi_loop_ev(), &a->retry,
                                piapi_now_mono() + RETRY_MS / 1000.0);
             return;
@@ -834,26 +841,26 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
 
 static void try_shared(struct attempt *a)
 {
-    char rpm[16], conc[16], ttl[16], kw[160], kl[160], tok[24], dusd[32], musd[32];
-    struct period_keys pk;
+    char rpm[16], conc[16], ttl[16], kw[160], kl[160], tok[24], dusd[24], musd[24];
+    struct spend_keys sk;
     const struct piapi_limits *l = &a->u->limits;
     snprintf(rpm, sizeof rpm, "%u", l->per_minute);
     snprintf(conc, sizeof conc, "%u", l->concurrent);
     snprintf(ttl, sizeof ttl, "%d", LEASE_TTL_MS);
     snprintf(tok, sizeof tok, "%llu", (unsigned long long)l->tokens_per_day);
-    snprintf(dusd, sizeof dusd, "%.9f", l->daily_usd);
-    snprintf(musd, sizeof musd, "%.9f", l->monthly_usd);
-    period_keys(&pk, a->u->name, a->now);
+    snprintf(dusd, sizeof dusd, "%lld", nano_usd(l->daily_usd));
+    snprintf(musd, sizeof musd, "%lld", nano_usd(l->monthly_usd));
+    spend_keys(&sk, a->u->name, a->now);
     if (sh.norphans)
         orphans_return();
     snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
              (unsigned long long)++sh.seq);
     key_of(kw, sizeof kw, "rpm", a->u->name);
     key_of(kl, sizeof kl, "lease", a->u->name);
-    const char *argv[] = { kw, kl, pk.tokens, pk.day, pk.month,
-                           rpm, conc, a->slot->lease, ttl, tok, dusd, musd };
+    const char *argv[] = { kw, kl, sk.key, rpm, conc, a->slot->lease, ttl, tok, dusd, musd,
+                           sk.tokens, sk.usd };
     a->pending = 1;
-    piapi_redis_eval(ADMIT_LUA, 5, 12, argv, on_admit_reply, a);
+    piapi_redis_eval(ADMIT_LUA, 3, 12, argv, on_admit_reply, a);
 }
 
 static void on_retry(struct piapi_ev_timer *t)
@@ -898,8 +905,6 @@ static enum piapi_limits_verdict admit_shared(const struct piapi_user *u, double
         .u = u, .now = now, .fd = fd, .resume = resume, .arg = arg, .slot = slot,
         .give_up = piapi_now_mono() + u->limits.queue_ms / 1000.0,
     };
-    if (fd >= 0)
-        piapi_ev_io_arm(ev, &a->io, EPOLLRDHUP);
     try_shared(a);
     return PIAPI_LIMITS_QUEUED;  /* even when answered already: resume said so */
 }
@@ -951,18 +956,29 @@ struct spent {
     char user[];                /* whole, as the admission's keys have it */
 };
 
+/* Plain commands, not a script: nothing here needs to be atomic, and
+ * Redis runs them for less. */
 static void spent_on_loop(void *arg)
 {
     struct spent *sp = arg;
-    struct period_keys pk;
-    char tok[24], usd[32], day_end[24], month_end[24];
-    period_keys(&pk, sp->user, sp->now);
+    struct spend_keys sk;
+    char tok[24], usd[24], month_end[24];
+    spend_keys(&sk, sp->user, sp->now);
     snprintf(tok, sizeof tok, "%lld", (long long)sp->tokens);
-    snprintf(usd, sizeof usd, "%.9f", sp->cost);
-    snprintf(day_end, sizeof day_end, "%.0f", piapi_tally_day_start(sp->now) + 2 * DAY_S);
+    snprintf(usd, sizeof usd, "%lld", nano_usd(sp->cost));
     snprintf(month_end, sizeof month_end, "%.0f", next_month(sp->now) + DAY_S);
-    const char *argv[] = { pk.tokens, pk.day, pk.month, tok, usd, day_end, month_end };
-    piapi_redis_eval_nowait(SPENT_LUA, 3, 7, argv);
+    if (sp->tokens > 0) {
+        const char *argv[] = { "HINCRBY", sk.key, sk.tokens, tok };
+        piapi_redis_command_nowait(4, argv);
+    }
+    if (nano_usd(sp->cost) > 0) {
+        const char *day[] = { "HINCRBY", sk.key, sk.usd, usd };
+        const char *month[] = { "HINCRBY", sk.key, "usd_nano", usd };
+        piapi_redis_command_nowait(4, day);
+        piapi_redis_command_nowait(4, month);
+    }
+    const char *expire[] = { "EXPIREAT", sk.key, month_end };
+    piapi_redis_command_nowait(3, expire);
     free(sp);
 }
 

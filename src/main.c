@@ -25,6 +25,7 @@
 #include "piapi/loop.h"
 #include "piapi/metrics.h"
 #include "piapi/pool.h"
+#include "piapi/routes_share.h"
 #include "piapi/usage_report.h"
 #include "piapi/util.h"
 
@@ -277,9 +278,16 @@ static int open_socket(const struct options *o)
     return fd;
 }
 
-static void stop_limits(void *arg)
+static void start_shared(void *arg)
 {
     (void)arg;
+    piapi_routes_share_start();
+}
+
+static void stop_shared(void *arg)
+{
+    (void)arg;
+    piapi_routes_share_stop();
     piapi_limits_stop();
 }
 
@@ -347,6 +355,8 @@ int main(int argc, char **argv)
         goto out_watch;
     }
 
+    piapi_loop_post(start_shared, NULL);
+
     struct piapi_log_line l;
     if (piapi_log_begin(&l, PIAPI_LOG_INFO, "piapi started")) {
         piapi_log_str(&l, "version", PIAPI_VERSION);
@@ -368,7 +378,7 @@ int main(int argc, char **argv)
         piapi_log_msg(PIAPI_LOG_WARN, "grace period over: aborting running requests",
                       NULL, NULL);
     piapi_pool_abort();
-    piapi_loop_post(stop_limits, NULL);  /* leases and Redis, on the loop */
+    piapi_loop_post(stop_shared, NULL);  /* leases, cooldowns, Redis: on the loop */
     piapi_loop_stop();
     piapi_pool_join();
     rc = 0;

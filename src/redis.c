@@ -1,7 +1,12 @@
 /* The Redis connection on the event loop (redis.h): an adapter that lets
  * hiredis's async context arm piapi_ev watchers (its addRead/addWrite
  * hooks), a deadline per call, script caching by SHA, and reconnection
- * with backoff. One connection, owned by the loop's thread. */
+ * with backoff. One connection, owned by the loop's thread.
+ *
+ * Once connected, the commands of a loop round go out together at its
+ * end, in one write, without asking epoll whether the socket is writable
+ * (it nearly always is); EPOLLOUT is armed only when a write could not
+ * take everything. */
 #include "piapi/redis.h"
 
 #include <hiredis/async.h>
@@ -48,6 +53,11 @@ static struct {
     int up;                    /* connected (its first write event came) */
     struct piapi_ev_io io;
     uint32_t want;             /* EPOLLIN | EPOLLOUT as hiredis asked */
+    int flush;                 /* commands wait for the round's end */
+    int flushing;              /* inside flush(): a write left some */
+    struct piapi_ev_hook round_end;
+    struct piapi_ev_timer flush_soon;  /* a command made after the hook ran */
+    int hooked;
     struct piapi_ev_timer retry;  /* reconnect, or the connect deadline */
     unsigned backoff_ms;
     struct script scripts[SCRIPTS_MAX];
@@ -73,6 +83,20 @@ void piapi_redis_state(int *configured, int *up)
     *up = atomic_load(&rd.healthy);
 }
 
+const char *piapi_redis_str(const struct redisReply *r, size_t i, size_t *len)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements ||
+        r->element[i]->type != REDIS_REPLY_STRING)
+        return NULL;
+    *len = r->element[i]->len;
+    return r->element[i]->str;
+}
+
+size_t piapi_redis_count(const struct redisReply *r)
+{
+    return r && r->type == REDIS_REPLY_ARRAY ? r->elements : 0;
+}
+
 long long piapi_redis_int(const struct redisReply *r, size_t i, long long dflt)
 {
     if (!r || r->type != REDIS_REPLY_ARRAY || i >= r->elements ||
@@ -96,8 +120,38 @@ static void on_io(struct piapi_ev_io *io, uint32_t events)
 
 static void rearm(void)
 {
-    if (rd.ac)
+    if (rd.ac && (!rd.io.in_set || rd.io.events != rd.want))
         piapi_ev_io_arm(piapi_loop_ev(), &rd.io, rd.want);
+}
+
+/* Writes what the round's commands left in hiredis's buffer. */
+static void flush(void)
+{
+    piapi_ev_timer_stop(piapi_loop_ev(), &rd.flush_soon);
+    if (!rd.flush || !rd.ac)
+        return;
+    rd.flush = 0;
+    rd.flushing = 1;
+    redisAsyncHandleWrite(rd.ac);  /* may drop the connection */
+    rd.flushing = 0;
+}
+
+static void flush_hook(struct piapi_ev_hook *h) { (void)h; flush(); }
+static void flush_timer(struct piapi_ev_timer *t) { (void)t; flush(); }
+
+/* A command is buffered: before the connection is up, epoll says when it
+ * can be written; after, the round's end writes it (a timer already due
+ * covers a command made by a hook that runs after ours). */
+static void want_write(void)
+{
+    if (!rd.up || rd.flushing) {
+        rd.want |= EPOLLOUT;
+        rearm();
+        return;
+    }
+    rd.flush = 1;
+    if (!rd.flush_soon.slot)
+        piapi_ev_timer_set(piapi_loop_ev(), &rd.flush_soon, 0);
 }
 
 /* p: the context the hook is about (ev.data); one that is being freed
@@ -106,7 +160,7 @@ static int current(void *p) { return !rd.ac || p == rd.ac; }
 
 static void add_read(void *p) { if (current(p)) { rd.want |= EPOLLIN; rearm(); } }
 static void del_read(void *p) { if (current(p)) { rd.want &= ~(uint32_t)EPOLLIN; rearm(); } }
-static void add_write(void *p) { if (current(p)) { rd.want |= EPOLLOUT; rearm(); } }
+static void add_write(void *p) { if (current(p)) want_write(); }
 static void del_write(void *p) { if (current(p)) { rd.want &= ~(uint32_t)EPOLLOUT; rearm(); } }
 
 static void cleanup(void *p)
@@ -134,6 +188,8 @@ static void lost(void)
 {
     rd.ac = NULL;
     rd.up = 0;
+    rd.flush = 0;
+    piapi_ev_timer_stop(piapi_loop_ev(), &rd.flush_soon);
     atomic_store(&rd.healthy, 0);
     for (size_t i = 0; i < rd.nscripts; i++)
         rd.scripts[i].sha[0] = '\0';
@@ -224,6 +280,12 @@ static void connect_now(void)
     }
     rd.ac = ac;
     rd.io = (struct piapi_ev_io){ .cb = on_io, .fd = ac->c.fd };
+    rd.flush_soon.cb = flush_timer;
+    if (!rd.hooked) {
+        rd.round_end.fn = flush_hook;
+        piapi_ev_hook_add(piapi_loop_ev(), &rd.round_end);
+        rd.hooked = 1;
+    }
     ac->ev.addRead = add_read;
     ac->ev.delRead = del_read;
     ac->ev.addWrite = add_write;
@@ -363,11 +425,15 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
     free(c);
 }
 
+/* Sends c: its script (EVALSHA, or EVAL while the SHA is unknown), or
+ * its plain command. */
 static int send_eval(struct call *c)
 {
     const char *args[PIAPI_REDIS_ARGS_MAX + 3];
     char nk[12];
     int si = c->script;
+    if (si < 0)
+        return redisAsyncCommandArgv(rd.ac, on_reply, c, c->argc, c->argv, NULL);
     snprintf(nk, sizeof nk, "%d", c->nkeys);
     int sha = si >= 0 && rd.scripts[si].sha[0];
     args[0] = sha ? "EVALSHA" : "EVAL";
@@ -385,9 +451,9 @@ static int send_eval(struct call *c)
  * NULL when it cannot be made. */
 static struct call *call_new(const char *script, int nkeys, int argc, const char **argv)
 {
-    int si = script_index(script);
+    int si = script ? script_index(script) : -1;
     size_t len = 0;
-    if (si < 0 || argc > PIAPI_REDIS_ARGS_MAX)
+    if ((script && si < 0) || argc > PIAPI_REDIS_ARGS_MAX)
         return NULL;
     for (int i = 0; i < argc; i++)
         len += strlen(argv[i]) + 1;
@@ -403,6 +469,11 @@ static struct call *call_new(const char *script, int nkeys, int argc, const char
         p += n;
     }
     return c;
+}
+
+void piapi_redis_command(int argc, const char **argv, piapi_redis_done done, void *arg)
+{
+    piapi_redis_eval(NULL, 0, argc, argv, done, arg);
 }
 
 void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
@@ -435,4 +506,21 @@ int piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char 
         c = NULL;
     }
     return c ? 0 : -1;
+}
+
+static void on_plain_reply(redisAsyncContext *ac, void *reply, void *priv)
+{
+    redisReply *r = reply;
+    (void)ac;
+    (void)priv;
+    if (r && r->type == REDIS_REPLY_ERROR)
+        count_error("redis command failed", r->str);
+}
+
+int piapi_redis_command_nowait(int argc, const char **argv)
+{
+    if (!rd.ac || !rd.up)
+        return -1;
+    return redisAsyncCommandArgv(rd.ac, on_plain_reply, NULL, argc, argv, NULL) == REDIS_OK
+               ? 0 : -1;
 }

@@ -27,6 +27,7 @@
 #include "piapi/redis.h"
 #include "piapi/route.h"
 #include "piapi/routes.h"
+#include "piapi/routes_share.h"
 #include "piapi/tally.h"
 #include "piapi/util.h"
 
@@ -320,11 +321,14 @@ static void note_attempt(struct request *q, const char *outcome, double retry_af
     if (!outcome)
         return;
     piapi_metrics_attempt(c->provider->name, c->key->name, outcome);
-    if (strcmp(outcome, "ok") == 0)
-        piapi_routes_succeeded(c->provider->name, c->key->name);
-    else
+    const char *redis = piapi_config_settings(q->cfg)->redis;
+    if (strcmp(outcome, "ok") != 0) {
         piapi_routes_failed(c->provider->name, c->key->name, retry_after,
                             piapi_now_mono());
+        piapi_routes_share_failed(redis, c->provider->name, c->key->name);
+    } else if (piapi_routes_succeeded(c->provider->name, c->key->name)) {
+        piapi_routes_share_succeeded(redis, c->provider->name, c->key->name);
+    }
 }
 
 /* How the last attempt ended, from what the transfer reports. */

@@ -15,10 +15,16 @@
 #define BASE_COOLDOWN_S 10.0
 #define MAX_COOLDOWN_S 300.0
 
+/* mark: the shared state's read after which a read that lacks this
+ * failure means a success elsewhere (routes_share.c); LOCAL_ONLY while
+ * the failure is this instance's alone (not in Redis). */
+#define LOCAL_ONLY UINT64_MAX
+
 struct health {
     char *provider, *key;
     double until;      /* monotonic; skipped before this */
     unsigned fails;    /* consecutive */
+    uint64_t mark;
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -93,22 +99,39 @@ static void emit_all(void (*emit)(void *ud, const char *provider, const char *ke
     pthread_mutex_unlock(&lock);
 }
 
+/* Under lock: the entry of (provider, key), made healthy when new. */
+static struct health *entry(const char *provider, const char *key)
+{
+    struct health *h = find(provider, key);
+    if (h)
+        return h;
+    if (ntab == captab) {
+        captab = captab ? 2 * captab : 8;
+        tab = piapi_xrealloc(tab, captab * sizeof *tab);
+    }
+    h = &tab[ntab++];
+    *h = (struct health){ piapi_xstrdup(provider), piapi_xstrdup(key), 0, 0, LOCAL_ONLY };
+    return h;
+}
+
+/* Under lock. */
+static void set_fails(struct health *h, unsigned fails)
+{
+    if (!h->fails && fails)
+        atomic_fetch_add_explicit(&nfailing, 1, memory_order_release);
+    else if (h->fails && !fails)
+        atomic_fetch_sub_explicit(&nfailing, 1, memory_order_release);
+    h->fails = fails;
+}
+
 void piapi_routes_failed(const char *provider, const char *key, double retry_after_s,
                          double now)
 {
     piapi_metrics_set_cooling_probe(emit_all);
     pthread_mutex_lock(&lock);
-    struct health *h = find(provider, key);
-    if (!h) {
-        if (ntab == captab) {
-            captab = captab ? 2 * captab : 8;
-            tab = piapi_xrealloc(tab, captab * sizeof *tab);
-        }
-        h = &tab[ntab++];
-        *h = (struct health){ piapi_xstrdup(provider), piapi_xstrdup(key), 0, 0 };
-    }
-    if (h->fails++ == 0)
-        atomic_fetch_add_explicit(&nfailing, 1, memory_order_release);
+    struct health *h = entry(provider, key);
+    set_fails(h, h->fails + 1);
+    h->mark = LOCAL_ONLY;
     double d = retry_after_s;
     if (d < 0) {
         d = BASE_COOLDOWN_S;
@@ -123,24 +146,78 @@ void piapi_routes_failed(const char *provider, const char *key, double retry_aft
     pthread_mutex_unlock(&lock);
 }
 
-void piapi_routes_succeeded(const char *provider, const char *key)
+int piapi_routes_succeeded(const char *provider, const char *key)
 {
+    int was = 0;
     if (!atomic_load_explicit(&nfailing, memory_order_acquire))
-        return;
+        return 0;
     pthread_mutex_lock(&lock);
     struct health *h = find(provider, key);
     if (h && h->fails) {
-        h->fails = 0;
+        set_fails(h, 0);
         h->until = 0;
-        atomic_fetch_sub_explicit(&nfailing, 1, memory_order_release);
+        was = 1;
+    }
+    pthread_mutex_unlock(&lock);
+    return was;
+}
+
+int piapi_routes_health(const char *provider, const char *key, double *until,
+                        unsigned *fails)
+{
+    pthread_mutex_lock(&lock);
+    const struct health *h = find(provider, key);
+    int failing = h && h->fails;
+    if (failing)
+        *until = h->until, *fails = h->fails;
+    pthread_mutex_unlock(&lock);
+    return failing;
+}
+
+void piapi_routes_published(const char *provider, const char *key, uint64_t epoch)
+{
+    pthread_mutex_lock(&lock);
+    struct health *h = find(provider, key);
+    if (h && h->fails)
+        h->mark = epoch;
+    pthread_mutex_unlock(&lock);
+}
+
+static int listed(const struct health *h, const struct piapi_routes_remote *r, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(r[i].provider, h->provider) && !strcmp(r[i].key, h->key))
+            return 1;
+    return 0;
+}
+
+void piapi_routes_sync(const struct piapi_routes_remote *r, size_t n, uint64_t epoch)
+{
+    if (n)
+        piapi_metrics_set_cooling_probe(emit_all);
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < ntab; i++)
+        if (tab[i].fails && tab[i].mark < epoch && !listed(&tab[i], r, n)) {
+            set_fails(&tab[i], 0);  /* healed elsewhere */
+            tab[i].until = 0;
+        }
+    for (size_t i = 0; i < n; i++) {
+        if (!r[i].fails)
+            continue;
+        struct health *h = entry(r[i].provider, r[i].key);
+        if (r[i].until > h->until)
+            h->until = r[i].until;
+        if (r[i].fails > h->fails)
+            set_fails(h, r[i].fails);
+        if (h->mark == LOCAL_ONLY || h->mark < epoch)
+            h->mark = h->mark == LOCAL_ONLY && h->fails > r[i].fails ? LOCAL_ONLY : epoch;
     }
     pthread_mutex_unlock(&lock);
 }
 
 static void drop(size_t i)
 {
-    if (tab[i].fails)
-        atomic_fetch_sub_explicit(&nfailing, 1, memory_order_release);
+    set_fails(&tab[i], 0);
     free(tab[i].provider);
     free(tab[i].key);
     tab[i] = tab[--ntab];

@@ -39,12 +39,23 @@ int piapi_redis_want(const char *url);
 void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv,
                       piapi_redis_done done, void *arg);
 
+/* A plain command (no script), answered as piapi_redis_eval's calls. */
+void piapi_redis_command(int argc, const char **argv, piapi_redis_done done, void *arg);
+
 /* Fire and forget (a lease's release): no answer awaited. 0 when sent,
  * -1 when not (no connection). */
 int piapi_redis_eval_nowait(const char *script, int nkeys, int argc, const char **argv);
 
-/* Any thread: the reply's integer at index i of an array, or `dflt`. */
+/* Fire and forget, a plain command (no script, so nothing to send again
+ * after a flush): 0 when sent, -1 when not (no connection). An error
+ * answer is counted. */
+int piapi_redis_command_nowait(int argc, const char **argv);
+
+/* Any thread: the reply's integer at index i of an array, or `dflt`; its
+ * string there (not NUL-terminated: *len), or NULL; its element count. */
 long long piapi_redis_int(const struct redisReply *r, size_t i, long long dflt);
+const char *piapi_redis_str(const struct redisReply *r, size_t i, size_t *len);
+size_t piapi_redis_count(const struct redisReply *r);
 
 /* Any thread: errors so far (piapi_redis_errors_total), and whether a
  * Redis is configured and whether it is up (for /healthz). */

@@ -4,9 +4,8 @@
  * one success makes it healthy again. The state is this process's, kept
  * by names so that it survives a reload that keeps the candidate.
  *
- * Seam for shared cooldowns (settings.redis): piapi_routes_failed(),
- * piapi_routes_succeeded() and the lookup behind piapi_routes_pick() are
- * the only places that read or write the state. */
+ * With settings.redis the state is shared across instances by
+ * routes_share.h, through the last group of functions below. */
 #ifndef PIAPI_ROUTES_H
 #define PIAPI_ROUTES_H
 
@@ -28,7 +27,8 @@ int piapi_routes_pick(const struct piapi_route_set *r, uint32_t tried, uint64_t 
 /* A candidate failed at `now`; retry_after_s < 0: the upstream gave none. */
 void piapi_routes_failed(const char *provider, const char *key, double retry_after_s,
                          double now);
-void piapi_routes_succeeded(const char *provider, const char *key);
+/* 1 when the candidate was failing until now. */
+int piapi_routes_succeeded(const char *provider, const char *key);
 /* After a reload: forgets candidates cfg no longer names. */
 void piapi_routes_forget_absent(const struct piapi_config *cfg);
 /* A Retry-After value (delay-seconds or an HTTP date) in seconds from
@@ -36,5 +36,27 @@ void piapi_routes_forget_absent(const struct piapi_config *cfg);
 double piapi_routes_parse_retry_after(const char *v, size_t len, double now_real);
 /* Forgets every candidate's state (tests, exit). */
 void piapi_routes_reset(void);
+
+/* ---- the shared state's side (routes_share.c) ---- */
+
+/* 1 when the candidate is failing, with its cooldown's end (monotonic)
+ * and its consecutive failures. */
+int piapi_routes_health(const char *provider, const char *key, double *until,
+                        unsigned *fails);
+/* Its failure went to the shared state after `epoch` reads of it were
+ * asked for: a later read that lacks it means a success elsewhere. */
+void piapi_routes_published(const char *provider, const char *key, uint64_t epoch);
+
+/* A failing candidate as the shared state holds it. */
+struct piapi_routes_remote {
+    const char *provider, *key;
+    double until;      /* monotonic */
+    unsigned fails;
+};
+/* The epoch-th read of the shared state, every failing candidate in it:
+ * each one's later cooldown end and larger failure count are adopted; a
+ * candidate failing here, whose failure the read should show but does
+ * not, succeeded elsewhere and is healthy again. */
+void piapi_routes_sync(const struct piapi_routes_remote *r, size_t n, uint64_t epoch);
 
 #endif

@@ -316,9 +316,9 @@ class BrokenRedis(unittest.TestCase):
                        b'{"model":"gpt-5","messages":[{"role":"user","content":"hi"}]}')
         self.assertEqual(r.status, 200, r.body)
         day = time.strftime("%Y%m%d", time.gmtime())
-        key = f"piapi:tokens:{member}:{day}"
+        key = f"piapi:spend:{member}:{day[:6]}"
         self.assertTrue(harness.wait_until(
-            lambda: redis_cli(port, "GET", key).strip() not in ("", "0"), 2.0, 0.05),
+            lambda: redis_cli(port, "HGET", key, "tokens:" + day[6:]).strip() not in ("", "0"), 2.0, 0.05),
             redis_cli(port, "KEYS", "*"))
 
 

@@ -103,6 +103,52 @@ static void test_spread(void)
     piapi_routes_reset();
 }
 
+/* The shared state's side: a read adopts a later cooldown and a larger
+ * count; a failure the read should show but lacks healed elsewhere; one
+ * that never reached the shared state (or came after the read was asked
+ * for) stays. */
+static void test_sync(void)
+{
+    piapi_routes_reset();
+    struct piapi_route_set r = route(PIAPI_STRATEGY_FAILOVER, 3);
+    double until;
+    unsigned fails;
+    struct piapi_routes_remote remote[] = { { "a", "k", 130, 3 }, { "b", "k", 90, 1 } };
+    piapi_routes_sync(remote, 2, 1);
+    CU_ASSERT_EQUAL(piapi_routes_pick(&r, 0, 1, 100), 1);     /* a adopted; b's is over */
+    CU_ASSERT(piapi_routes_health("a", "k", &until, &fails));
+    CU_ASSERT_EQUAL(until, 130);
+    CU_ASSERT_EQUAL(fails, 3);
+    piapi_routes_failed("a", "k", -1, 100);                    /* 4th: 80 s */
+    CU_ASSERT(piapi_routes_health("a", "k", &until, &fails));
+    CU_ASSERT_EQUAL(until, 180);
+    CU_ASSERT_EQUAL(fails, 4);
+    /* an earlier cooldown and a smaller count do not shorten it */
+    struct piapi_routes_remote older = { "a", "k", 120, 2 };
+    piapi_routes_sync(&older, 1, 2);
+    CU_ASSERT(piapi_routes_health("a", "k", &until, &fails));
+    CU_ASSERT_EQUAL(until, 180);
+    CU_ASSERT_EQUAL(fails, 4);
+    /* a's 4th failure never reached the shared state: a read without it
+     * is no success elsewhere */
+    piapi_routes_sync(NULL, 0, 3);
+    CU_ASSERT(piapi_routes_health("a", "k", &until, &fails));
+    /* written after 3 reads were asked for: the 3rd read need not show it */
+    piapi_routes_published("a", "k", 3);
+    piapi_routes_sync(NULL, 0, 3);
+    CU_ASSERT(piapi_routes_health("a", "k", &until, &fails));
+    /* the 4th would: without it, a succeeded elsewhere */
+    piapi_routes_sync(NULL, 0, 4);
+    CU_ASSERT(!piapi_routes_health("a", "k", &until, &fails));
+    CU_ASSERT(!piapi_routes_health("b", "k", &until, &fails));
+    CU_ASSERT_EQUAL(piapi_routes_pick(&r, 0, 1, 100), 0);
+    /* a healthy candidate in a read with no failure is left alone */
+    struct piapi_routes_remote healed = { "c", "k", 500, 0 };
+    piapi_routes_sync(&healed, 1, 5);
+    CU_ASSERT(!piapi_routes_health("c", "k", &until, &fails));
+    piapi_routes_reset();
+}
+
 static const char yaml[] =
     "providers:\n"
     "  - name: a\n"
@@ -169,6 +215,7 @@ static const struct unit_case cases[] = {
     { "backoff and reset", test_backoff },
     { "Retry-After", test_retry_after },
     { "spread", test_spread },
+    { "shared state: adopt and heal", test_sync },
     { "config routes", test_config_routes },
     { NULL, NULL }
 };
