@@ -114,6 +114,10 @@ struct member {
     uint32_t in_flight;
     uint64_t limited[PIAPI_LIMIT_N];  /* piapi_limited_total */
     struct waiter *head, *tail;
+    /* the month's spend key has its expiry, set on that Redis connection
+     * (loop thread only) */
+    double expiring;
+    uint64_t expiring_on;
     struct member *next;
 };
 
@@ -956,6 +960,22 @@ struct spent {
     char user[];                /* whole, as the admission's keys have it */
 };
 
+/* 1 when the member's spend key of the month that expires at `at` has
+ * no expiry yet on this connection, which it has from now on (at 0:
+ * forget it). Once per member and month is enough: a key Redis lost with
+ * a restart comes back on a new connection. */
+static int spend_expiry_unset(const char *user, double at)
+{
+    uint64_t conn = piapi_redis_connection();
+    pthread_mutex_lock(&lim.lock);
+    struct member *m = member_get(user);
+    int unset = m->expiring != at || m->expiring_on != conn;
+    m->expiring = at;
+    m->expiring_on = conn;
+    pthread_mutex_unlock(&lim.lock);
+    return unset;
+}
+
 /* Plain commands, not a script: nothing here needs to be atomic, and
  * Redis runs them for less. */
 static void spent_on_loop(void *arg)
@@ -977,8 +997,11 @@ static void spent_on_loop(void *arg)
         piapi_redis_command_nowait(4, day);
         piapi_redis_command_nowait(4, month);
     }
-    const char *expire[] = { "EXPIREAT", sk.key, month_end };
-    piapi_redis_command_nowait(3, expire);
+    if (spend_expiry_unset(sp->user, next_month(sp->now) + DAY_S)) {
+        const char *expire[] = { "EXPIREAT", sk.key, month_end };
+        if (piapi_redis_command_nowait(3, expire) != 0)
+            spend_expiry_unset(sp->user, 0);  /* not sent: next time */
+    }
     free(sp);
 }
 

@@ -64,6 +64,7 @@ static struct {
     size_t nscripts;
     atomic_uint_fast64_t errors;
     atomic_int configured, healthy;
+    uint64_t connections;      /* made so far (each SELECT answered) */
 } rd;
 
 static void count_error(const char *what, const char *detail)
@@ -75,6 +76,11 @@ static void count_error(const char *what, const char *detail)
 uint64_t piapi_redis_errors(void)
 {
     return atomic_load_explicit(&rd.errors, memory_order_relaxed);
+}
+
+uint64_t piapi_redis_connection(void)
+{
+    return rd.connections;
 }
 
 void piapi_redis_state(int *configured, int *up)
@@ -239,6 +245,7 @@ static void on_selected(redisAsyncContext *ac, void *reply, void *priv)
     }
     piapi_ev_timer_stop(piapi_loop_ev(), &rd.retry);
     rd.up = 1;
+    rd.connections++;
     rd.backoff_ms = 0;
     atomic_store(&rd.healthy, 1);
     piapi_log_msg(PIAPI_LOG_INFO, "redis connected; limits shared", NULL, NULL);
@@ -425,6 +432,49 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
     free(c);
 }
 
+/* One command in Redis's wire format, written by hand: hiredis's own
+ * formatting (a printf-like append per argument) cost more than the rest
+ * of a call. Most commands fit the stack buffer. */
+/* "<c><v>\r\n" at p; its length. */
+static size_t put_header(char *p, char c, size_t v)
+{
+    char digits[24];
+    size_t n = 0, len = 0;
+    do
+        digits[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    p[len++] = c;
+    while (n)
+        p[len++] = digits[--n];
+    p[len++] = '\r';
+    p[len++] = '\n';
+    return len;
+}
+
+static int send_argv(redisCallbackFn *fn, void *priv, int argc, const char **argv)
+{
+    char stack[1024], *buf = stack;
+    size_t lens[PIAPI_REDIS_ARGS_MAX + 3], need = 16;
+    for (int i = 0; i < argc; i++) {
+        lens[i] = strlen(argv[i]);
+        need += lens[i] + 24;
+    }
+    if (need > sizeof stack)
+        buf = piapi_xmalloc(need);
+    size_t n = put_header(buf, '*', (size_t)argc);
+    for (int i = 0; i < argc; i++) {
+        n += put_header(buf + n, '$', lens[i]);
+        memcpy(buf + n, argv[i], lens[i]);
+        n += lens[i];
+        buf[n++] = '\r';
+        buf[n++] = '\n';
+    }
+    int rc = redisAsyncFormattedCommand(rd.ac, fn, priv, buf, n);
+    if (buf != stack)
+        free(buf);
+    return rc;
+}
+
 /* Sends c: its script (EVALSHA, or EVAL while the SHA is unknown), or
  * its plain command. */
 static int send_eval(struct call *c)
@@ -433,7 +483,7 @@ static int send_eval(struct call *c)
     char nk[12];
     int si = c->script;
     if (si < 0)
-        return redisAsyncCommandArgv(rd.ac, on_reply, c, c->argc, c->argv, NULL);
+        return send_argv(on_reply, c, c->argc, c->argv);
     snprintf(nk, sizeof nk, "%d", c->nkeys);
     int sha = si >= 0 && rd.scripts[si].sha[0];
     args[0] = sha ? "EVALSHA" : "EVAL";
@@ -444,7 +494,7 @@ static int send_eval(struct call *c)
     if (!sha)  /* learn the SHA for the next calls */
         redisAsyncCommand(rd.ac, on_loaded, &rd.scripts[si], "SCRIPT LOAD %s",
                           rd.scripts[si].text);
-    return redisAsyncCommandArgv(rd.ac, on_reply, c, c->argc + 3, args, NULL);
+    return send_argv(on_reply, c, c->argc + 3, args);
 }
 
 /* A call with its own copy of the arguments (sent again after NOSCRIPT);
@@ -521,6 +571,7 @@ int piapi_redis_command_nowait(int argc, const char **argv)
 {
     if (!rd.ac || !rd.up)
         return -1;
-    return redisAsyncCommandArgv(rd.ac, on_plain_reply, NULL, argc, argv, NULL) == REDIS_OK
-               ? 0 : -1;
+    if (argc > PIAPI_REDIS_ARGS_MAX)
+        return -1;
+    return send_argv(on_plain_reply, NULL, argc, argv) == REDIS_OK ? 0 : -1;
 }

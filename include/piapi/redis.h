@@ -62,6 +62,10 @@ size_t piapi_redis_count(const struct redisReply *r);
 uint64_t piapi_redis_errors(void);
 void piapi_redis_state(int *configured, int *up);
 
+/* On the loop: which connection is up (a new number after a reconnect,
+ * when Redis may have lost what it held). */
+uint64_t piapi_redis_connection(void);
+
 /* On the loop, at shutdown: closes the connection. */
 void piapi_redis_stop(void);
 
