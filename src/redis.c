@@ -423,8 +423,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
             }
         }
         if (!c->waits || c->done)
-            count_error(c->waits ? "redis script failed; this request used local limits"
-                                 : "redis script failed", r->str);
+            count_error(c->waits ? "redis call failed; its caller used local state"
+                                 : "redis call failed", r->str);
         r = NULL;
     }
     if (c->done)
@@ -432,9 +432,6 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
     free(c);
 }
 
-/* One command in Redis's wire format, written by hand: hiredis's own
- * formatting (a printf-like append per argument) cost more than the rest
- * of a call. Most commands fit the stack buffer. */
 /* "<c><v>\r\n" at p; its length. */
 static size_t put_header(char *p, char c, size_t v)
 {
@@ -451,13 +448,16 @@ static size_t put_header(char *p, char c, size_t v)
     return len;
 }
 
+/* One command in Redis's wire format, written by hand: hiredis's own
+ * formatting (a printf-like append per argument) cost more than the rest
+ * of a call. Most commands fit the stack buffer. */
 static int send_argv(redisCallbackFn *fn, void *priv, int argc, const char **argv)
 {
     char stack[1024], *buf = stack;
-    size_t lens[PIAPI_REDIS_ARGS_MAX + 3], need = 16;
+    size_t lens[PIAPI_REDIS_ARGS_MAX + 3], need = 32;
     for (int i = 0; i < argc; i++) {
         lens[i] = strlen(argv[i]);
-        need += lens[i] + 24;
+        need += lens[i] + 32;  /* "$<len>\r\n" and "\r\n" */
     }
     if (need > sizeof stack)
         buf = piapi_xmalloc(need);
@@ -485,7 +485,7 @@ static int send_eval(struct call *c)
     if (si < 0)
         return send_argv(on_reply, c, c->argc, c->argv);
     snprintf(nk, sizeof nk, "%d", c->nkeys);
-    int sha = si >= 0 && rd.scripts[si].sha[0];
+    int sha = rd.scripts[si].sha[0] != '\0';
     args[0] = sha ? "EVALSHA" : "EVAL";
     args[1] = sha ? rd.scripts[si].sha : rd.scripts[si].text;
     args[2] = nk;
