@@ -1,0 +1,239 @@
+"""Shared cooldowns (settings.redis) against a hostile or broken Redis:
+piapi:cooling of the wrong type, fields with values no piapi writes (an
+end far in the future as from a clock far ahead, negative, a failure
+count at the top of its range, names of no candidate), a Redis that
+refuses writes (maxmemory reached) while it still answers reads, a
+client that leaves. piapi keeps serving, keeps its own cooldowns when it
+cannot share them, and adopts nothing it would not set itself.
+
+Two instances (each behind its own nginx) on one redis-server; one
+recording mock plays every candidate, its query saying how it fails."""
+import shutil
+import socket
+import subprocess
+import time
+import unittest
+
+import harness
+from test_observability import Metrics
+
+SCENARIOS = {
+    "wt": [("wt-a", "mock_fail=529"), ("wt-b", None)],
+    "wl": [("wl-a", "mock_fail=529"), ("wl-b", None)],
+    "oom": [("oom-a", "mock_fail=529"), ("oom-b", None)],
+    "ff": [("ff-a", None), ("ff-b", None)],
+    "neg": [("neg-a", None), ("neg-b", None)],
+    "hf": [("hf-a", "mock_fail=529"), ("hf-b", None)],
+    "gb": [("gb-a", "mock_fail=529"), ("gb-b", None)],
+    "ab": [("ab-a", "mock_delay=1.5"), ("ab-b", None)],
+}
+
+
+def pkey(prov):
+    return f"sk-{prov}-hostile-7c1e"
+
+
+def member_key(user):
+    return f"piapi-user-{user}-Rh0st1le"
+
+
+def config_for(port):
+    def config(stack):
+        mock = f"http://127.0.0.1:{stack.mock.port}"
+        providers, users, routes = [], [], {}
+        for user, cands in SCENARIOS.items():
+            for prov, query in cands:
+                providers.append({"name": prov, "apiKeys": {"k": pkey(prov)},
+                                  "services": [{"type": "cc",
+                                                "baseUrl": f"{mock}/{prov}" +
+                                                (f"?{query}" if query else ""),
+                                                "auth": {"mode": "header",
+                                                         "name": "x-api-key"}}]})
+            routes[f"r-{user}"] = {"strategy": "failover",
+                                   "candidates": [{"providerName": p, "providerKeyName": "k"}
+                                                  for p, _ in cands]}
+            users.append({"name": user, "apiKey": member_key(user),
+                          "providerName": cands[-1][0], "providerKeyName": "k",
+                          "services": {"cc": {"route": f"r-{user}"}}})
+        return {"providers": providers, "routes": routes, "users": users,
+                "settings": {"redis": f"redis://127.0.0.1:{port}/0"}}
+    return config
+
+
+@unittest.skipUnless(shutil.which("redis-server") and shutil.which("redis-cli"),
+                     "redis-server not installed")
+class TestSharedCooldownsHostile(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port = harness.free_port()
+        cls.redis = harness.start_redis(cls.port)
+        cfg = config_for(cls.port)
+        cls.a = harness.Stack("nginx", cfg, name="routes-redis-hostile-a").start()
+        cls.b = harness.Stack("nginx", cfg, name="routes-redis-hostile-b").start()
+        for s in (cls.a, cls.b):
+            assert harness.wait_until(
+                lambda: s.request("GET", "/healthz").body == b"ok\n", 5.0, 0.05)
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in (cls.a, cls.b):
+            s.stop()
+        cls.redis.stop()
+
+    def tearDown(self):
+        self.cli("CONFIG", "SET", "maxmemory", "0")
+        self.cli("DEL", "piapi:cooling")
+
+    # -- helpers --
+
+    def cli(self, *args):
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args],
+                             capture_output=True, timeout=5)
+        return out.stdout.decode()
+
+    def call(self, stack, user):
+        return stack.request("POST", "/piapi/cc/echo",
+                             [("x-api-key", member_key(user)),
+                              ("Content-Type", "application/json")],
+                             body=b'{"model":"m","x":1}', timeout=15)
+
+    def reqs(self, stack, prov):
+        return [r for r in stack.mock.requests() if r["path"].startswith(f"/{prov}/")]
+
+    def metrics(self, stack):
+        return Metrics(stack.request("GET", "/metrics").body.decode())
+
+    def errors(self, stack):
+        return self.metrics(stack).get("piapi_redis_errors_total")
+
+    @staticmethod
+    def wait_reads():
+        time.sleep(1.2)   # two reads of piapi:cooling at least (one each 0.5 s)
+
+    def assert_up(self, stack):
+        self.assertEqual(stack.request("GET", "/healthz").body, b"ok\n")
+
+    # -- attacks --
+
+    def test_wrong_type_keeps_own_cooldowns(self):
+        """piapi:cooling a string, then a list: reads and writes fail (and
+        are counted); the instance keeps its own cooldown."""
+        for kind, user in (("string", "wt"), ("list", "wl")):
+            with self.subTest(kind=kind):
+                self.cli("DEL", "piapi:cooling")
+                if kind == "string":
+                    self.cli("SET", "piapi:cooling", "garbage")
+                else:
+                    self.cli("RPUSH", "piapi:cooling", "x", "y")
+                before = self.errors(self.a)
+                r = self.call(self.a, user)
+                self.assertEqual(r.status, 200)
+                self.assertEqual(len(self.reqs(self.a, f"{user}-a")), 1)
+                self.wait_reads()
+                r = self.call(self.a, user)
+                self.assertEqual(r.status, 200)
+                self.assertEqual(len(self.reqs(self.a, f"{user}-a")), 1)  # still cooling
+                self.assertGreater(self.errors(self.a), before)
+                self.assert_up(self.a)
+
+    def test_refused_writes_keep_own_cooldowns(self):
+        """A Redis at maxmemory refuses the failure's write but still
+        answers reads: a read that lacks the failure says nothing about a
+        success elsewhere, and the cooldown must stay."""
+        self.cli("CONFIG", "SET", "maxmemory", "1")
+        before = self.errors(self.a)
+        r = self.call(self.a, "oom")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "oom-a")), 1)
+        self.wait_reads()
+        r = self.call(self.a, "oom")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "oom-a")), 1, "cooldown forgotten")
+        self.assertEqual(self.metrics(self.a).get("piapi_candidate_cooling",
+                                                  provider="oom-a", key="k"), 1)
+        self.assertGreater(self.errors(self.a), before)
+
+    def test_far_future_end_not_adopted(self):
+        """An end no piapi writes (past its own 10-minute cap: garbage, or
+        an instance whose clock is far ahead) keeps nobody off a healthy
+        candidate for longer than piapi itself would."""
+        far = int(time.time() * 1000) + 3600 * 1000   # a clock an hour ahead
+        self.cli("HSET", "piapi:cooling", "ff-a\tk", f"{far} 1",
+                 "neg-a\tk", "-1 1")
+        self.wait_reads()
+        for user in ("ff", "neg"):
+            with self.subTest(user=user):
+                r = self.call(self.b, user)
+                self.assertEqual(r.status, 200)
+                self.assertEqual(len(self.reqs(self.b, f"{user}-a")), 1)
+                self.assertEqual(self.reqs(self.b, f"{user}-b"), [])
+        self.assert_up(self.b)
+
+    def test_top_failure_count_still_cools(self):
+        """A failure count at the top of its range, adopted from Redis, must
+        not wrap to 0 at the next failure (the candidate would not cool)."""
+        soon = int(time.time() * 1000) + 300
+        self.cli("HSET", "piapi:cooling", "hf-a\tk", f"{soon} 4294967295")
+        self.wait_reads()   # adopted, and its end passed
+        r = self.call(self.a, "hf")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "hf-a")), 1)
+        r = self.call(self.a, "hf")   # at once: before a read adopts the count again
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "hf-a")), 1, "not cooling after a failure")
+        self.wait_reads()
+        r = self.call(self.a, "hf")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "hf-a")), 1, "not cooling after a failure")
+
+    def test_garbage_fields_ignored(self):
+        """Thousands of fields of no candidate, names with extra tabs,
+        huge or non-numeric values: piapi keeps serving, adopts none of
+        them, and its own failure's cooldown holds."""
+        args = []
+        for i in range(3000):
+            args += [f"nope-{i}\tk", f"{int(time.time() * 1000) + 60000} 3"]
+        args += ["gb-b\tk\textra", "99999999999999999999999 1", "gb-b", "1 1",
+                 "\t", "x", "gb-b\tk2", f"{int(time.time() * 1000) + 60000} 1",
+                 "wt-b\tk", "abc def", "ff-b\tk", "1e30 5"]
+        self.cli("HSET", "piapi:cooling", *args)
+        self.wait_reads()
+        r = self.call(self.a, "gb")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "gb-a")), 1)
+        self.assertEqual(len(self.reqs(self.a, "gb-b")), 1)
+        self.wait_reads()
+        r = self.call(self.a, "gb")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "gb-a")), 1)   # own cooldown holds
+        m = self.metrics(self.a)
+        for prov in ("gb-b", "wt-b", "ff-b"):
+            self.assertEqual(m.get("piapi_candidate_cooling", provider=prov, key="k"), 0, prov)
+        self.assertNotIn("nope-1", str(m.label_values("provider")))
+        # the own failure went in next to the garbage
+        self.assertIn("gb-a\tk", self.cli("HKEYS", "piapi:cooling"))
+        self.assert_up(self.a)
+
+    def test_client_leaving_is_not_shared(self):
+        """A client that leaves mid-attempt is no failure: nothing goes to
+        Redis, and the other instance uses the candidate."""
+        s = socket.create_connection(("127.0.0.1", self.a.port), timeout=5)
+        body = b'{"model":"m","x":1}'
+        s.sendall(b"POST /piapi/cc/echo HTTP/1.1\r\nHost: x\r\n" +
+                  f"x-api-key: {member_key('ab')}\r\n".encode() +
+                  b"Content-Type: application/json\r\n" +
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert harness.wait_until(lambda: self.reqs(self.a, "ab-a"), 5.0)
+        s.close()
+        time.sleep(2.0)   # ab-a's answer time passed
+        self.assertNotIn("ab-a", self.cli("HKEYS", "piapi:cooling"))
+        self.wait_reads()
+        r = self.call(self.b, "ab")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.b, "ab-a")), 1)
+        self.assertEqual(self.reqs(self.b, "ab-b"), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
