@@ -166,12 +166,12 @@ static void on_read(void *arg, const struct redisReply *reply)
     static char names[REMOTE_MAX][2 * NAME_MAX + 1];
     struct piapi_routes_remote r[REMOTE_MAX];
     uint64_t epoch = (uint64_t)(uintptr_t)arg;
-    size_t n = 0, count = piapi_redis_count(reply);
+    size_t n = 0, count = piapi_redis_count(reply), i = 0;
     if (!reply)
         return;  /* no answer: the state stays as it is */
     struct piapi_config *cfg = piapi_config_current();
     double now_mono = piapi_now_mono(), now_real = piapi_now_real();
-    for (size_t i = 0; i + 1 < count && n < REMOTE_MAX; i += 2) {
+    for (; i + 1 < count && n < REMOTE_MAX; i += 2) {
         size_t flen, vlen;
         const char *f = piapi_redis_str(reply, i, &flen);
         const char *v = piapi_redis_str(reply, i + 1, &vlen);
@@ -181,7 +181,9 @@ static void on_read(void *arg, const struct redisReply *reply)
             n++;
     }
     piapi_config_release(cfg);
-    piapi_routes_sync(r, n, epoch);
+    /* a read cut short at REMOTE_MAX may lack a failure it holds: then it
+     * says of none that it healed elsewhere (epoch 0) */
+    piapi_routes_sync(r, n, i + 1 < count ? 0 : epoch);
 }
 
 static void poll_now(struct piapi_ev_timer *t)

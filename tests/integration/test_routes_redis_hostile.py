@@ -26,7 +26,11 @@ SCENARIOS = {
     "hf": [("hf-a", "mock_fail=529"), ("hf-b", None)],
     "gb": [("gb-a", "mock_fail=529"), ("gb-b", None)],
     "ab": [("ab-a", "mock_delay=1.5"), ("ab-b", None)],
+    "mx": [("mx-a", "mock_fail=529"), ("mx-b", None)],
 }
+# More candidates than one read adopts at once (64): a provider outage
+# that cools them all.
+FILL = [f"fill-{i}" for i in range(70)]
 
 
 def pkey(prov):
@@ -55,6 +59,16 @@ def config_for(port):
             users.append({"name": user, "apiKey": member_key(user),
                           "providerName": cands[-1][0], "providerKeyName": "k",
                           "services": {"cc": {"route": f"r-{user}"}}})
+        for i in range(0, len(FILL), 14):
+            for prov in FILL[i:i + 14]:
+                providers.append({"name": prov, "apiKeys": {"k": pkey(prov)},
+                                  "services": [{"type": "cc", "baseUrl": f"{mock}/{prov}"}]})
+            routes[f"r-fill-{i}"] = {"strategy": "failover",
+                                     "candidates": [{"providerName": p, "providerKeyName": "k"}
+                                                    for p in FILL[i:i + 14]]}
+            users.append({"name": f"fill{i}", "apiKey": member_key(f"fill{i}"),
+                          "providerName": FILL[i], "providerKeyName": "k",
+                          "services": {"cc": {"route": f"r-fill-{i}"}}})
         return {"providers": providers, "routes": routes, "users": users,
                 "settings": {"redis": f"redis://127.0.0.1:{port}/0"}}
     return config
@@ -214,6 +228,23 @@ class TestSharedCooldownsHostile(unittest.TestCase):
         # the own failure went in next to the garbage
         self.assertIn("gb-a\tk", self.cli("HKEYS", "piapi:cooling"))
         self.assert_up(self.a)
+
+    def test_many_cooling_keep_own_cooldown(self):
+        """More failing candidates in piapi:cooling than one read adopts:
+        the ones left out are not thereby healed elsewhere."""
+        until = int(time.time() * 1000) + 60000
+        args = []
+        for prov in FILL:
+            args += [f"{prov}\tk", f"{until} 1"]
+        self.cli("HSET", "piapi:cooling", *args)
+        r = self.call(self.a, "mx")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "mx-a")), 1)
+        assert harness.wait_until(lambda: "mx-a" in self.cli("HKEYS", "piapi:cooling"), 2.0)
+        self.wait_reads()
+        r = self.call(self.a, "mx")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(self.reqs(self.a, "mx-a")), 1, "cooldown forgotten")
 
     def test_client_leaving_is_not_shared(self):
         """A client that leaves mid-attempt is no failure: nothing goes to
