@@ -17,7 +17,7 @@ from test_observability import Metrics
 from test_limits import chat, slow_stream
 
 KEY = "sk-limits-redis-hostile-5b7d"
-NAMES = ("queue", "spend", "pause")
+NAMES = ("queue", "spend", "pause", "wrong")
 KEYS = {n: f"piapi-user-{n}-h0stRq7" for n in NAMES}
 
 
@@ -43,7 +43,8 @@ def config_for(port):
             "users": [user("queue", "anthropic", concurrentRequests=1, queueMs=8000),
                       user("spend", "openai", tokensPerDay=1000000000,
                            dailyBudgetUsd="100000"),
-                      user("pause", "openai", requestsPerMinute=1000)],
+                      user("pause", "openai", requestsPerMinute=1000),
+                      user("wrong", "openai", tokensPerDay=1000000000)],
             "pricing": [{"model": "gpt-5*", "input": "1.25", "output": "10.00"}],
             "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
         }
@@ -140,6 +141,25 @@ class TestSharedLimitsHostile(unittest.TestCase):
         self.assertEqual(self.cli("HGET", key, "usd_nano"),
                          self.cli("HGET", key, f"usd_nano:{now:%d}"))
         self.assertGreater(int(self.cli("TTL", key)), 86400)
+
+    def test_spend_key_of_another_type(self):
+        """piapi:spend of the member a string: its admissions fall back to
+        local state (counted), none is refused or hangs."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        key = f"piapi:spend:wrong:{now:%Y%m}"
+        self.cli("SET", key, "garbage")
+        errors = lambda s: Metrics(s.request("GET", "/metrics").body.decode()).get(
+            "piapi_redis_errors_total")
+        before = errors(self.a)
+        try:
+            for i in range(3):
+                r = self.a.request("POST", "/piapi/cx/chat/completions", auth_of("wrong"),
+                                   body=chat(f"wt-{i}"), timeout=15)
+                self.assertEqual(r.status, 200)
+            self.assertGreater(errors(self.a), before)
+            self.assertEqual(self.cli("GET", key), "garbage")
+        finally:
+            self.cli("DEL", key)
 
     def test_paused_redis_mid_traffic(self):
         """Redis SIGSTOPped (every call past 50 ms) while requests flow:
