@@ -5,12 +5,13 @@
  * hangs on order: Redis answers one connection's calls in the order they
  * were sent, so a read asked for after a failure was written shows that
  * failure unless something deleted it since. routes.c marks each failure
- * with the number of reads asked for when it was written (epochs). */
+ * with the number of reads asked for when it was written (epochs), once
+ * Redis took the write. */
 #include "piapi/routes_share.h"
 
 #include <stdint.h>
-#include <stdlib.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "piapi/config.h"
