@@ -58,9 +58,16 @@ static int field_of(char *out, size_t n, const char *provider, const char *key)
     return len > 0 && (size_t)len < n ? 0 : -1;
 }
 
+/* Whether the connection is up, whichever Redis the live config names: a
+ * request that began before a reload names the Redis of its time, and
+ * asking for that one (piapi_redis_want) would drop the live one. */
 static int shared(const char *redis)
 {
-    return redis && piapi_loop_on_thread() && piapi_redis_want(redis);
+    int configured, up;
+    if (!redis || !piapi_loop_on_thread())
+        return 0;
+    piapi_redis_state(&configured, &up);
+    return up;
 }
 
 /* A failure's write in flight: which candidate, and the reads asked for

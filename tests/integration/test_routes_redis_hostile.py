@@ -11,6 +11,7 @@ recording mock plays every candidate, its query saying how it fails."""
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import unittest
 
@@ -264,6 +265,82 @@ class TestSharedCooldownsHostile(unittest.TestCase):
         self.assertEqual(r.status, 200)
         self.assertEqual(len(self.reqs(self.b, "ab-a")), 1)
         self.assertEqual(self.reqs(self.b, "ab-b"), [])
+
+
+def moved_config(port):
+    def config(stack):
+        mock = f"http://127.0.0.1:{stack.mock.port}"
+        cands = [("mv-a", "mock_delay=2&mock_fail=529"), ("mv-b", None)]
+        return {
+            "providers": [{"name": p, "apiKeys": {"k": pkey(p)},
+                           "services": [{"type": "cc",
+                                         "baseUrl": f"{mock}/{p}" + (f"?{q}" if q else ""),
+                                         "auth": {"mode": "header", "name": "x-api-key"}}]}
+                          for p, q in cands],
+            "routes": {"r-mv": {"strategy": "failover",
+                                "candidates": [{"providerName": p, "providerKeyName": "k"}
+                                               for p, _ in cands]}},
+            "users": [{"name": "mv", "apiKey": member_key("mv"), "providerName": "mv-b",
+                       "providerKeyName": "k", "services": {"cc": {"route": "r-mv"}}}],
+            "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
+        }
+    return config
+
+
+@unittest.skipUnless(shutil.which("redis-server") and shutil.which("redis-cli"),
+                     "redis-server not installed")
+class TestSharedCooldownsRedisMoved(unittest.TestCase):
+    """A reload names another Redis while a request that began before it
+    is still in its attempt: that attempt's failure goes to the live
+    Redis, and the request's old one is not connected to again (which
+    would drop the live connection until the next read)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.old_port, cls.new_port = harness.free_port(), harness.free_port()
+        cls.old = harness.start_redis(cls.old_port)
+        cls.new = harness.start_redis(cls.new_port)
+        cls.stack = harness.Stack("nginx", moved_config(cls.old_port),
+                                  name="routes-redis-moved").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stack.stop()
+        cls.old.stop()
+        cls.new.stop()
+
+    def cli(self, port, *args):
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                              timeout=5).stdout.decode()
+
+    def connections(self, port):
+        info = self.cli(port, "INFO", "stats")
+        return int(info.split("total_connections_received:")[1].split()[0])
+
+    def test_failure_after_reload_goes_to_the_live_redis(self):
+        out = []
+        t = threading.Thread(target=lambda: out.append(self.stack.request(
+            "POST", "/piapi/cc/echo", [("x-api-key", member_key("mv")),
+                                       ("Content-Type", "application/json")],
+            body=b'{"model":"m","x":1}', timeout=15)), daemon=True)
+        t.start()
+        assert harness.wait_until(
+            lambda: any(r["path"].startswith("/mv-a/") for r in self.stack.mock.requests()), 5.0)
+        before = len([l for l in self.stack.piapi_log() if l.get("msg") == "config reloaded"])
+        harness.write_config(self.stack.config_path, moved_config(self.new_port)(self.stack))
+        self.assertTrue(harness.wait_until(
+            lambda: len([l for l in self.stack.piapi_log()
+                         if l.get("msg") == "config reloaded"]) > before, 5))
+        self.assertTrue(harness.wait_until(lambda: self.connections(self.new_port) >= 1, 3.0))
+        old_conns = self.connections(self.old_port)
+        t.join(15)
+        self.assertEqual(out[0].status, 200)
+        self.assertTrue(harness.wait_until(
+            lambda: "mv-a\tk" in self.cli(self.new_port, "HKEYS", "piapi:cooling"),
+            2.0), self.cli(self.new_port, "HGETALL", "piapi:cooling"))
+        time.sleep(0.6)
+        # redis-cli's own INFO is the one connection more
+        self.assertEqual(self.connections(self.old_port), old_conns + 1)
 
 
 if __name__ == "__main__":
