@@ -150,12 +150,14 @@ static int parse_pair(const char *f, size_t flen, const char *v, size_t vlen,
     char val[64];
     const char *tab = memchr(f, '\t', flen), *p;
     unsigned long long ms, fails;
-    if (!tab || flen >= 2 * NAME_MAX || vlen >= sizeof val)
+    if (!tab || flen >= 2 * NAME_MAX)
         return -1;
     memcpy(names, f, flen);
     names[tab - f] = '\0';
     names[flen] = '\0';
     *r = (struct piapi_routes_remote){ .provider = names, .key = names + (tab - f) + 1 };
+    if (vlen >= sizeof val)
+        return 0;
     memcpy(val, v, vlen);
     val[vlen] = '\0';
     if (number(val, &p, UINT64_MAX / 2, &ms) != 0 || *p != ' ' ||

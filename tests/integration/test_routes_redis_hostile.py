@@ -28,6 +28,8 @@ SCENARIOS = {
     "gb": [("gb-a", "mock_fail=529"), ("gb-b", None)],
     "ab": [("ab-a", "mock_delay=1.5"), ("ab-b", None)],
     "mx": [("mx-a", "mock_fail=529"), ("mx-b", None)],
+    "gv": [("gv-a", "mock_fail=529"), ("gv-b", None)],
+    "gw": [("gw-a", "mock_fail=529"), ("gw-b", None)],
 }
 # More candidates than one read adopts at once (64): a provider outage
 # that cools them all.
@@ -246,6 +248,22 @@ class TestSharedCooldownsHostile(unittest.TestCase):
         r = self.call(self.a, "mx")
         self.assertEqual(r.status, 200)
         self.assertEqual(len(self.reqs(self.a, "mx-a")), 1, "cooldown forgotten")
+
+    def test_garbage_value_of_own_failure_keeps_it(self):
+        """The field of this instance's own failure overwritten with
+        garbage (too long, not two numbers): no success elsewhere said so,
+        the cooldown holds."""
+        for user, value in (("gv", "7" * 100 + " 1"), ("gw", "abc def")):
+            with self.subTest(value=value):
+                r = self.call(self.a, user)
+                self.assertEqual(r.status, 200)
+                self.assertTrue(harness.wait_until(
+                    lambda: f"{user}-a\tk" in self.cli("HKEYS", "piapi:cooling"), 2.0))
+                self.cli("HSET", "piapi:cooling", f"{user}-a\tk", value)
+                self.wait_reads()
+                r = self.call(self.a, user)
+                self.assertEqual(r.status, 200)
+                self.assertEqual(len(self.reqs(self.a, f"{user}-a")), 1, "cooldown forgotten")
 
     def test_client_leaving_is_not_shared(self):
         """A client that leaves mid-attempt is no failure: nothing goes to
