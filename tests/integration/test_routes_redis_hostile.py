@@ -30,6 +30,7 @@ SCENARIOS = {
     "mx": [("mx-a", "mock_fail=529"), ("mx-b", None)],
     "gv": [("gv-a", "mock_fail=529"), ("gv-b", None)],
     "gw": [("gw-a", "mock_fail=529"), ("gw-b", None)],
+    "rx": [("rx-a", "mock_fail=429&mock_retry_after=600"), ("rx-b", None)],
 }
 # More candidates than one read adopts at once (64): a provider outage
 # that cools them all.
@@ -283,6 +284,23 @@ class TestSharedCooldownsHostile(unittest.TestCase):
         self.assertEqual(r.status, 200)
         self.assertEqual(len(self.reqs(self.b, "ab-a")), 1)
         self.assertEqual(self.reqs(self.b, "ab-b"), [])
+
+    def test_z_redis_restarted_empty(self):
+        """Redis restarted with nothing in it: an instance that skipped a
+        candidate only because Redis said so (B) is not stuck on it."""
+        r = self.call(self.a, "rx")
+        self.assertEqual(r.status, 200)
+        self.wait_reads()
+        self.assertEqual(self.call(self.b, "rx").status, 200)
+        self.assertEqual(self.reqs(self.b, "rx-a"), [])   # B adopted A's 600 s
+        self.redis.stop()
+        type(self).redis = harness.start_redis(self.port)
+        for s in (self.a, self.b):
+            self.assertTrue(harness.wait_until(
+                lambda: s.request("GET", "/healthz").body == b"ok\n", 8.0, 0.1))
+        self.wait_reads()
+        self.assertEqual(self.call(self.b, "rx").status, 200)
+        self.assertEqual(len(self.reqs(self.b, "rx-a")), 1)   # not stuck on 600 s
 
 
 def moved_config(port):
