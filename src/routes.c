@@ -130,7 +130,8 @@ void piapi_routes_failed(const char *provider, const char *key, double retry_aft
     piapi_metrics_set_cooling_probe(emit_all);
     pthread_mutex_lock(&lock);
     struct health *h = entry(provider, key);
-    set_fails(h, h->fails + 1);
+    if (h->fails + 1 != 0)  /* a count adopted at its top must not wrap to 0 */
+        set_fails(h, h->fails + 1);
     h->mark = LOCAL_ONLY;
     double d = retry_after_s;
     if (d < 0) {

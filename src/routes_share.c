@@ -5,11 +5,13 @@
  * hangs on order: Redis answers one connection's calls in the order they
  * were sent, so a read asked for after a failure was written shows that
  * failure unless something deleted it since. routes.c marks each failure
- * with the number of reads asked for when it was written (epochs). */
+ * with the number of reads asked for when it was written (epochs), once
+ * Redis took the write. */
 #include "piapi/routes_share.h"
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "piapi/config.h"
@@ -27,6 +29,9 @@
 /* The hash goes a day after its last failure: a team that dropped a
  * provider leaves nothing behind for long. */
 #define KEEP_MS "86400000"
+/* The latest cooldown end adopted: piapi's own longest (a Retry-After's
+ * cap), with a minute for clocks apart. */
+#define UNTIL_MAX_S (PIAPI_ROUTES_RETRY_AFTER_MAX_S + 60.0)
 
 /* ARGV: field, cooldown end (unix ms), consecutive failures. */
 static const char COOL_LUA[] =
@@ -53,9 +58,35 @@ static int field_of(char *out, size_t n, const char *provider, const char *key)
     return len > 0 && (size_t)len < n ? 0 : -1;
 }
 
+/* Whether the connection is up, whichever Redis the live config names: a
+ * request that began before a reload names the Redis of its time, and
+ * asking for that one (piapi_redis_want) would drop the live one. */
 static int shared(const char *redis)
 {
-    return redis && piapi_loop_on_thread() && piapi_redis_want(redis);
+    int configured, up;
+    if (!redis || !piapi_loop_on_thread())
+        return 0;
+    piapi_redis_state(&configured, &up);
+    return up;
+}
+
+/* A failure's write in flight: which candidate, and the reads asked for
+ * before it went. */
+struct sent {
+    uint64_t epoch;
+    char *key;       /* into names */
+    char names[];    /* provider, NUL, key, NUL */
+};
+
+/* Only a write Redis took marks the failure shared: one it refused (a
+ * full Redis, a key of another type) leaves the cooldown this
+ * instance's, or the next read, lacking it, would end it. */
+static void on_written(void *arg, const struct redisReply *reply)
+{
+    struct sent *s = arg;
+    if (reply)
+        piapi_routes_published(s->names, s->key, s->epoch);
+    free(s);
 }
 
 void piapi_routes_share_failed(const char *redis, const char *provider, const char *key)
@@ -69,9 +100,14 @@ void piapi_routes_share_failed(const char *redis, const char *provider, const ch
     snprintf(until_ms, sizeof until_ms, "%.0f",
              (piapi_now_real() + until - piapi_now_mono()) * 1000.0);
     snprintf(fails_s, sizeof fails_s, "%u", fails);
+    size_t plen = strlen(provider), klen = strlen(key);
+    struct sent *s = piapi_xmalloc(sizeof *s + plen + klen + 2);
+    s->epoch = st.epoch;
+    memcpy(s->names, provider, plen + 1);
+    s->key = s->names + plen + 1;
+    memcpy(s->key, key, klen + 1);
     const char *argv[] = { KEY, field, until_ms, fails_s, KEEP_MS };
-    if (piapi_redis_eval_nowait(COOL_LUA, 1, 5, argv) == 0)
-        piapi_routes_published(provider, key, st.epoch);
+    piapi_redis_eval(COOL_LUA, 1, 5, argv, on_written, s);
 }
 
 void piapi_routes_share_succeeded(const char *redis, const char *provider, const char *key)
@@ -83,29 +119,55 @@ void piapi_routes_share_succeeded(const char *redis, const char *provider, const
     piapi_redis_command_nowait(3, argv);
 }
 
+/* A decimal number of at most max, digits only (sscanf would take a
+ * sign, blanks, a wrap); its end in *end. */
+static int number(const char *s, const char **end, unsigned long long max,
+                  unsigned long long *out)
+{
+    unsigned long long v = 0;
+    const char *p = s;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > (max - (unsigned long long)(*p - '0')) / 10)
+            return -1;
+        v = v * 10 + (unsigned long long)(*p - '0');
+    }
+    if (p == s)
+        return -1;
+    *end = p;
+    *out = v;
+    return 0;
+}
+
 /* One "<provider>\t<key>" / "<until ms> <fails>" pair of the read into
- * r, names copied to names (2 * NAME_MAX bytes); 0 when it is one. */
+ * r, names copied to names (2 * NAME_MAX bytes); 0 when the names are
+ * one candidate's. A value no piapi writes (garbage, an end past piapi's
+ * own longest cooldown: a clock far ahead) gives fails 0: the candidate
+ * is failing somewhere, but nothing of it is adopted. */
 static int parse_pair(const char *f, size_t flen, const char *v, size_t vlen,
                       char *names, struct piapi_routes_remote *r, double now_mono,
                       double now_real)
 {
     char val[64];
-    const char *tab = memchr(f, '\t', flen);
-    unsigned long long ms;
-    unsigned fails;
-    if (!tab || flen >= 2 * NAME_MAX || vlen >= sizeof val)
+    const char *tab = memchr(f, '\t', flen), *p;
+    unsigned long long ms, fails;
+    if (!tab || flen >= 2 * NAME_MAX)
         return -1;
     memcpy(names, f, flen);
     names[tab - f] = '\0';
     names[flen] = '\0';
+    *r = (struct piapi_routes_remote){ .provider = names, .key = names + (tab - f) + 1 };
+    if (vlen >= sizeof val)
+        return 0;
     memcpy(val, v, vlen);
     val[vlen] = '\0';
-    if (sscanf(val, "%llu %u", &ms, &fails) != 2)
-        return -1;
-    *r = (struct piapi_routes_remote){
-        .provider = names, .key = names + (tab - f) + 1, .fails = fails,
-        .until = now_mono + ((double)ms / 1000.0 - now_real),
-    };
+    if (number(val, &p, UINT64_MAX / 2, &ms) != 0 || *p != ' ' ||
+        number(p + 1, &p, (unsigned)-1, &fails) != 0 || *p)
+        return 0;
+    double until = now_mono + ((double)ms / 1000.0 - now_real);
+    if (until > now_mono + UNTIL_MAX_S)
+        return 0;
+    r->until = until;
+    r->fails = (unsigned)fails;
     return 0;
 }
 
@@ -114,12 +176,12 @@ static void on_read(void *arg, const struct redisReply *reply)
     static char names[REMOTE_MAX][2 * NAME_MAX + 1];
     struct piapi_routes_remote r[REMOTE_MAX];
     uint64_t epoch = (uint64_t)(uintptr_t)arg;
-    size_t n = 0, count = piapi_redis_count(reply);
+    size_t n = 0, count = piapi_redis_count(reply), i = 0;
     if (!reply)
         return;  /* no answer: the state stays as it is */
     struct piapi_config *cfg = piapi_config_current();
     double now_mono = piapi_now_mono(), now_real = piapi_now_real();
-    for (size_t i = 0; i + 1 < count && n < REMOTE_MAX; i += 2) {
+    for (; i + 1 < count && n < REMOTE_MAX; i += 2) {
         size_t flen, vlen;
         const char *f = piapi_redis_str(reply, i, &flen);
         const char *v = piapi_redis_str(reply, i + 1, &vlen);
@@ -129,7 +191,9 @@ static void on_read(void *arg, const struct redisReply *reply)
             n++;
     }
     piapi_config_release(cfg);
-    piapi_routes_sync(r, n, epoch);
+    /* a read cut short at REMOTE_MAX may lack a failure it holds: then it
+     * says of none that it healed elsewhere (epoch 0) */
+    piapi_routes_sync(r, n, i + 1 < count ? 0 : epoch);
 }
 
 static void poll_now(struct piapi_ev_timer *t)
