@@ -177,7 +177,9 @@ static void refuse(struct piapi_limits_refusal *r, enum piapi_limit l, double wa
 
 static double next_month(double now)
 {
-    return piapi_tally_month_start(piapi_tally_month_start(now) + 32 * DAY_S);
+    int y, m, d;
+    piapi_utc_date(now, &y, &m, &d);
+    return m == 12 ? piapi_utc_midnight(y + 1, 1, 1) : piapi_utc_midnight(y, m + 1, 1);
 }
 
 /* tokensPerDay and the budgets: admitted while under them. */
@@ -598,6 +600,14 @@ static void key_of(char *out, size_t n, const char *kind, const char *user)
     snprintf(out, n, "piapi:%s:%s", kind, user);
 }
 
+/* "DD" and a NUL at p. */
+static void two_digits(char *p, int v)
+{
+    p[0] = (char)('0' + v / 10);
+    p[1] = (char)('0' + v % 10);
+    p[2] = '\0';
+}
+
 /* The member's spend of the UTC month `now` is in, one hash: the day's
  * tokens and nano-USD as fields of the day (integers: sums stay exact,
  * and HINCRBY is cheaper than its float twin), and the month's nano-USD. */
@@ -607,13 +617,13 @@ struct spend_keys {
 
 static void spend_keys(struct spend_keys *k, const char *user, double now)
 {
-    time_t t = (time_t)now;
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    snprintf(k->key, sizeof k->key, "piapi:spend:%s:%04d%02d", user, tm.tm_year + 1900,
-             tm.tm_mon + 1);
-    snprintf(k->tokens, sizeof k->tokens, "tokens:%02d", tm.tm_mday);
-    snprintf(k->usd, sizeof k->usd, "usd_nano:%02d", tm.tm_mday);
+    int y, m, d;
+    piapi_utc_date(now, &y, &m, &d);
+    snprintf(k->key, sizeof k->key, "piapi:spend:%s:%04d%02d", user, y, m);
+    memcpy(k->tokens, "tokens:", 7);
+    memcpy(k->usd, "usd_nano:", 9);
+    two_digits(k->tokens + 7, d);
+    two_digits(k->usd + 9, d);
 }
 
 /* USD in whole nano-USD, within what a Redis integer holds. */
@@ -845,20 +855,22 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
 
 static void try_shared(struct attempt *a)
 {
-    char rpm[16], conc[16], ttl[16], kw[160], kl[160], tok[24], dusd[24], musd[24];
+    char rpm[24], conc[24], ttl[24], kw[160], kl[160], tok[24], dusd[24], musd[24];
     struct spend_keys sk;
     const struct piapi_limits *l = &a->u->limits;
-    snprintf(rpm, sizeof rpm, "%u", l->per_minute);
-    snprintf(conc, sizeof conc, "%u", l->concurrent);
-    snprintf(ttl, sizeof ttl, "%d", LEASE_TTL_MS);
-    snprintf(tok, sizeof tok, "%llu", (unsigned long long)l->tokens_per_day);
-    snprintf(dusd, sizeof dusd, "%lld", nano_usd(l->daily_usd));
-    snprintf(musd, sizeof musd, "%lld", nano_usd(l->monthly_usd));
+    piapi_u64_str(rpm, l->per_minute);
+    piapi_u64_str(conc, l->concurrent);
+    piapi_u64_str(ttl, LEASE_TTL_MS);
+    piapi_u64_str(tok, l->tokens_per_day);
+    piapi_u64_str(dusd, (uint64_t)nano_usd(l->daily_usd));
+    piapi_u64_str(musd, (uint64_t)nano_usd(l->monthly_usd));
     spend_keys(&sk, a->u->name, a->now);
     if (sh.norphans)
         orphans_return();
-    snprintf(a->slot->lease, sizeof a->slot->lease, "%s:%llu", sh.instance,
-             (unsigned long long)++sh.seq);
+    size_t ilen = strlen(sh.instance);  /* 16 hex digits: ":" and a u64 fit */
+    memcpy(a->slot->lease, sh.instance, ilen);
+    a->slot->lease[ilen] = ':';
+    piapi_u64_str(a->slot->lease + ilen + 1, ++sh.seq);
     key_of(kw, sizeof kw, "rpm", a->u->name);
     key_of(kl, sizeof kl, "lease", a->u->name);
     const char *argv[] = { kw, kl, sk.key, rpm, conc, a->slot->lease, ttl, tok, dusd, musd,
@@ -984,9 +996,10 @@ static void spent_on_loop(void *arg)
     struct spend_keys sk;
     char tok[24], usd[24], month_end[24];
     spend_keys(&sk, sp->user, sp->now);
-    snprintf(tok, sizeof tok, "%lld", (long long)sp->tokens);
-    snprintf(usd, sizeof usd, "%lld", nano_usd(sp->cost));
-    snprintf(month_end, sizeof month_end, "%.0f", next_month(sp->now) + DAY_S);
+    double expires = next_month(sp->now) + DAY_S;
+    piapi_u64_str(tok, sp->tokens > 0 ? (uint64_t)sp->tokens : 0);
+    piapi_u64_str(usd, (uint64_t)nano_usd(sp->cost));
+    piapi_u64_str(month_end, (uint64_t)expires);
     if (sp->tokens > 0) {
         const char *argv[] = { "HINCRBY", sk.key, sk.tokens, tok };
         piapi_redis_command_nowait(4, argv);
@@ -997,7 +1010,7 @@ static void spent_on_loop(void *arg)
         piapi_redis_command_nowait(4, day);
         piapi_redis_command_nowait(4, month);
     }
-    if (spend_expiry_unset(sp->user, next_month(sp->now) + DAY_S)) {
+    if (spend_expiry_unset(sp->user, expires)) {
         const char *expire[] = { "EXPIREAT", sk.key, month_end };
         if (piapi_redis_command_nowait(3, expire) != 0)
             spend_expiry_unset(sp->user, 0);  /* not sent: next time */

@@ -27,10 +27,9 @@ static int64_t day_of(double now)
 
 static int64_t month_of(double now)
 {
-    time_t t = (time_t)now;
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    return (int64_t)tm.tm_year * 12 + tm.tm_mon;
+    int y, m, d;
+    piapi_utc_date(now, &y, &m, &d);
+    return (int64_t)y * 12 + m;
 }
 
 double piapi_tally_day_start(double now)
@@ -40,12 +39,9 @@ double piapi_tally_day_start(double now)
 
 double piapi_tally_month_start(double now)
 {
-    time_t t = (time_t)now;
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    tm.tm_mday = 1;
-    tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
-    return (double)timegm(&tm);
+    int y, m, d;
+    piapi_utc_date(now, &y, &m, &d);
+    return piapi_utc_midnight(y, m, 1);
 }
 
 static void grow(void)

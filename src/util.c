@@ -180,6 +180,48 @@ static double clock_seconds(clockid_t id)
 double piapi_now_mono(void) { return clock_seconds(CLOCK_MONOTONIC); }
 double piapi_now_real(void) { return clock_seconds(CLOCK_REALTIME); }
 
+/* Days since 1970-01-01 and the proleptic Gregorian calendar, by eras of
+ * 400 years (146,097 days) counted from 0000-03-01, so that February,
+ * the odd month, ends each year. */
+void piapi_utc_date(double t, int *year, int *month, int *day)
+{
+    int64_t days = (int64_t)(t / 86400.0);
+    if ((double)days * 86400.0 > t)
+        days--;  /* toward the earlier day before 1970 */
+    int64_t z = days + 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    int64_t doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    int64_t mp = (5 * doy + 2) / 153;
+    *day = (int)(doy - (153 * mp + 2) / 5 + 1);
+    *month = (int)(mp < 10 ? mp + 3 : mp - 9);
+    *year = (int)(yoe + era * 400 + (*month <= 2));
+}
+
+double piapi_utc_midnight(int year, int month, int day)
+{
+    int64_t y = year - (month <= 2);
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5 + day - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return (double)(era * 146097 + doe - 719468) * 86400.0;
+}
+
+size_t piapi_u64_str(char *buf, uint64_t v)
+{
+    char digits[20];
+    size_t n = 0, len = 0;
+    do
+        digits[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    while (n)
+        buf[len++] = digits[--n];
+    buf[len] = '\0';
+    return len;
+}
+
 void piapi_buf_reserve(struct piapi_buf *b, size_t extra)
 {
     if (b->len + extra + 1 <= b->cap)

@@ -34,6 +34,15 @@ uint64_t piapi_hash(const void *data, size_t len);
 double piapi_now_mono(void);   /* seconds, CLOCK_MONOTONIC */
 double piapi_now_real(void);   /* seconds since the epoch */
 
+/* The UTC calendar date of t (seconds since the epoch), month 1-12, and
+ * back: 00:00 UTC of a date. Arithmetic only: gmtime_r and timegm take
+ * libc's time zone lock, and these run for every request with limits. */
+void piapi_utc_date(double t, int *year, int *month, int *day);
+double piapi_utc_midnight(int year, int month, int day);
+
+/* v in decimal at buf (room for 21 bytes), NUL-terminated; its length. */
+size_t piapi_u64_str(char *buf, uint64_t v);
+
 /* Growable byte buffer, always NUL-terminated after data[len]. The owner
  * calls piapi_buf_dispose(); a zeroed struct is an empty buffer. */
 struct piapi_buf {

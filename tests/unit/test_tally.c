@@ -1,8 +1,10 @@
 /* tally: a member's day and month roll over at UTC midnight and the first
  * of the month; a restore replaces the period it is in; members apart. */
 #include <string.h>
+#include <time.h>
 
 #include "piapi/tally.h"
+#include "piapi/util.h"
 #include "unit.h"
 
 /* 2026-03-31 23:59:30 UTC and the moments after */
@@ -24,6 +26,38 @@ static void test_periods_start(void)
     CU_ASSERT_EQUAL(piapi_tally_month_start(T0), 1772323200.0);   /* 2026-03-01 */
     CU_ASSERT_EQUAL(piapi_tally_month_start(NEXT_DAY), 1775001600.0);
     CU_ASSERT_EQUAL(piapi_tally_day_start(NEXT_DAY), 1775001600.0);
+}
+
+/* The calendar arithmetic agrees with libc's gmtime_r and timegm every
+ * 7 hours and 13 seconds from 1901 to 2299 (leap years, centuries, 2000,
+ * before 1970), and at the last second of each day around a leap day. */
+static void test_utc_calendar(void)
+{
+    int bad = 0;
+    for (double t = -2145916800.0; t < 10413792000.0 && bad < 5; t += 7 * 3600 + 13) {
+        time_t tt = (time_t)t;
+        struct tm tm;
+        gmtime_r(&tt, &tm);
+        int y, m, d;
+        piapi_utc_date(t, &y, &m, &d);
+        tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+        if (y != tm.tm_year + 1900 || m != tm.tm_mon + 1 || d != tm.tm_mday ||
+            piapi_utc_midnight(y, m, d) != (double)timegm(&tm))
+            bad++;
+    }
+    CU_ASSERT_EQUAL(bad, 0);
+    int y, m, d;
+    piapi_utc_date(951868799.0, &y, &m, &d);   /* 2000-02-29 23:59:59 */
+    CU_ASSERT(y == 2000 && m == 2 && d == 29);
+    piapi_utc_date(951868800.0, &y, &m, &d);
+    CU_ASSERT(y == 2000 && m == 3 && d == 1);
+    piapi_utc_date(-1.0, &y, &m, &d);          /* 1969-12-31 23:59:59 */
+    CU_ASSERT(y == 1969 && m == 12 && d == 31);
+    char buf[21];
+    CU_ASSERT_EQUAL(piapi_u64_str(buf, 0), 1);
+    CU_ASSERT_STRING_EQUAL(buf, "0");
+    CU_ASSERT_EQUAL(piapi_u64_str(buf, UINT64_MAX), 20);
+    CU_ASSERT_STRING_EQUAL(buf, "18446744073709551615");
 }
 
 static void test_roll_over(void)
@@ -74,6 +108,7 @@ static void test_restore(void)
 
 static const struct unit_case tests[] = {
     { "period starts (UTC)", test_periods_start },
+    { "UTC calendar arithmetic", test_utc_calendar },
     { "day and month roll over", test_roll_over },
     { "restore and many members", test_restore },
     { NULL, NULL }
