@@ -489,48 +489,70 @@ static enum piapi_limits_verdict admit_local(const struct piapi_user *u, double 
 #define LEASE_REFRESH_S 1.5
 #define RETRY_MS 50
 
-/* KEYS: window, leases, the member's spend of the month (a hash);
- * ARGV: requestsPerMinute, concurrentRequests, lease id, lease ttl (ms),
+/* One call admits a member's requests of a loop round, in order, as if
+ * each came alone: the Lua glue around a script and its redis.calls is
+ * most of what an admission costs Redis, and it is paid once.
+ * KEYS: window, leases, the member's spend of the month (a hash);
+ * ARGV: requestsPerMinute, concurrentRequests, lease ttl (ms),
  * tokensPerDay, dailyBudgetUsd, monthlyBudgetUsd (in nano-USD; 0: no
- * limit), the day's token and nano-USD fields. {0}: admitted; {1, ms}:
- * window full; {2}: slots taken; {3}, {4}, {5}: tokens, daily, monthly
- * reached. Every redis.call costs Redis about a microsecond on top of the
- * command, so the script makes few: a set is pruned (admissions older
- * than the window, a crashed instance's leases) only when it looks full,
- * since a count that includes stale entries and is still under the limit
- * is under it; so each set holds at most its limit's number of entries. */
+ * limit), the day's token and nano-USD fields, then each request's lease
+ * id. Answer {verdict, ms, admitted}: the first `admitted` requests are;
+ * the rest get the verdict: 1 window full (ms until a place frees), 2
+ * slots taken, 3, 4, 5 tokens, daily, monthly budget reached. A set is
+ * pruned (admissions older than the window, a crashed instance's leases)
+ * only when it looks too full, since a count that includes stale entries
+ * and still has room has room; so each set holds at most its limit's
+ * number of entries. */
 static const char ADMIT_LUA[] =
-    "local tpd, dusd, musd = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])\n"
+    "local tpd, dusd, musd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])\n"
     "if tpd > 0 or dusd > 0 or musd > 0 then\n"
-    "  local v = redis.call('HMGET', KEYS[3], ARGV[8], ARGV[9], 'usd_nano')\n"
-    "  if tpd > 0 and tonumber(v[1] or '0') >= tpd then return {3, 0} end\n"
-    "  if dusd > 0 and tonumber(v[2] or '0') >= dusd then return {4, 0} end\n"
-    "  if musd > 0 and tonumber(v[3] or '0') >= musd then return {5, 0} end\n"
+    "  local v = redis.call('HMGET', KEYS[3], ARGV[7], ARGV[8], 'usd_nano')\n"
+    "  if tpd > 0 and tonumber(v[1] or '0') >= tpd then return {3, 0, 0} end\n"
+    "  if dusd > 0 and tonumber(v[2] or '0') >= dusd then return {4, 0, 0} end\n"
+    "  if musd > 0 and tonumber(v[3] or '0') >= musd then return {5, 0, 0} end\n"
     "end\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-    "local rpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
-    "local ttl = tonumber(ARGV[4])\n"
-    "if conc > 0 and redis.call('ZCARD', KEYS[2]) >= conc then\n"
-    "  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)\n"
-    "  if redis.call('ZCARD', KEYS[2]) >= conc then return {2, 0} end\n"
-    "end\n"
-    "if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then\n"
-    "  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)\n"
-    "  if redis.call('ZCARD', KEYS[1]) >= rpm then\n"
-    "    local o = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
-    "    return {1, tonumber(o[2]) + 60000 - now}\n"
+    "local rpm, conc, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+    "local n = #ARGV - 8\n"
+    "local k, verdict, wait = n, 0, 0\n"
+    "if conc > 0 then\n"
+    "  local c = redis.call('ZCARD', KEYS[2])\n"
+    "  if c + k > conc then\n"
+    "    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)\n"
+    "    c = redis.call('ZCARD', KEYS[2])\n"
+    "    if c + k > conc then k = math.max(conc - c, 0); verdict = 2 end\n"
     "  end\n"
     "end\n"
     "if rpm > 0 then\n"
-    "  redis.call('ZADD', KEYS[1], now, ARGV[3])\n"
-    "  redis.call('PEXPIRE', KEYS[1], 60000)\n"
+    "  local c = redis.call('ZCARD', KEYS[1])\n"
+    "  if c + k > rpm then\n"
+    "    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)\n"
+    "    c = redis.call('ZCARD', KEYS[1])\n"
+    "    if c + k > rpm then\n"
+    "      k = math.max(rpm - c, 0)\n"
+    "      verdict = 1\n"
+    "      local o = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')\n"
+    "      wait = o[2] and tonumber(o[2]) + 60000 - now or 60000\n"
+    "    end\n"
+    "  end\n"
     "end\n"
-    "if conc > 0 then\n"
-    "  redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])\n"
-    "  redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "if k > 0 then\n"
+    "  local w, l = {}, {}\n"
+    "  for i = 1, k do\n"
+    "    w[2 * i - 1], w[2 * i] = now, ARGV[8 + i]\n"
+    "    l[2 * i - 1], l[2 * i] = now + ttl, ARGV[8 + i]\n"
+    "  end\n"
+    "  if rpm > 0 then\n"
+    "    redis.call('ZADD', KEYS[1], unpack(w))\n"
+    "    redis.call('PEXPIRE', KEYS[1], 60000)\n"
+    "  end\n"
+    "  if conc > 0 then\n"
+    "    redis.call('ZADD', KEYS[2], unpack(l))\n"
+    "    redis.call('PEXPIRE', KEYS[2], ttl)\n"
+    "  end\n"
     "end\n"
-    "return {0, 0}\n";
+    "return {verdict, wait, k}\n";
 
 static const char REFRESH_LUA[] =
     "local t = redis.call('TIME')\n"
@@ -562,6 +584,10 @@ struct attempt {
     struct piapi_limits_refusal ref;
 };
 
+/* Admissions of one round, at most, and per Redis call. */
+#define QUEUE_MAX 256
+#define BATCH_MAX 32
+
 /* Leases asked for whose answer never came (Redis slow, or gone with
  * the call out): the script may still have run, late, so each goes back
  * once Redis answers again, instead of holding a slot until it expires.
@@ -581,13 +607,20 @@ static struct {
     uint64_t seq;
     char instance[17];
     struct attempt *grave;
+    struct attempt *queued[QUEUE_MAX];  /* for the round's end */
+    size_t nqueued;
     struct piapi_ev_hook round_end;
     int hooked;
 } sh;
 
-static void free_attempts(struct piapi_ev_hook *h)
+static void send_queued(void);
+
+/* The round's end: its admissions go to Redis, the attempts that ended
+ * are freed. */
+static void end_round(struct piapi_ev_hook *h)
 {
     (void)h;
+    send_queued();
     while (sh.grave) {
         struct attempt *a = sh.grave;
         sh.grave = a->grave;
@@ -775,11 +808,11 @@ static int local_window_full(const struct piapi_user *u, double now,
     return full;
 }
 
-static void on_admit_reply(void *arg, const struct redisReply *reply)
+/* What Redis said of one attempt: ADMIT_LUA's verdict (0: admitted; <0:
+ * no answer), wait_ms with a full window. */
+static void attempt_verdict(struct attempt *a, long long verdict, long long wait_ms)
 {
-    struct attempt *a = arg;
     a->pending = 0;
-    long long verdict = piapi_redis_int(reply, 0, -1);
     if (a->gone) {
         if (verdict == 0)
             lease_return(a->u->name, a->slot->lease);
@@ -802,7 +835,7 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
         attempt_end(a, PIAPI_LIMITS_ADMITTED);
         return;
     case 1:
-        refuse(&a->ref, PIAPI_LIMIT_PER_MINUTE, piapi_redis_int(reply, 1, 1000) / 1000.0,
+        refuse(&a->ref, PIAPI_LIMIT_PER_MINUTE, wait_ms / 1000.0,
                "rate limit reached: %u requests per minute (requestsPerMinute)",
                a->u->limits.per_minute);
         attempt_end(a, PIAPI_LIMITS_REFUSED);
@@ -853,30 +886,85 @@ static void on_admit_reply(void *arg, const struct redisReply *reply)
     }
 }
 
-static void try_shared(struct attempt *a)
+/* A member's attempts of a round, in one ADMIT_LUA call. */
+struct batch {
+    size_t n;
+    struct attempt *a[BATCH_MAX];
+};
+
+static void on_batch_reply(void *arg, const struct redisReply *reply)
+{
+    struct batch *b = arg;
+    long long verdict = piapi_redis_int(reply, 0, -1);
+    long long wait_ms = piapi_redis_int(reply, 1, 1000);
+    long long admitted = verdict < 0 ? 0 : piapi_redis_int(reply, 2, 0);
+    for (size_t i = 0; i < b->n; i++)
+        attempt_verdict(b->a[i], (long long)i < admitted ? 0 : verdict, wait_ms);
+    free(b);
+}
+
+static void send_batch(struct batch *b)
 {
     char rpm[24], conc[24], ttl[24], kw[160], kl[160], tok[24], dusd[24], musd[24];
+    const char *argv[11 + BATCH_MAX];
+    const struct attempt *first = b->a[0];
+    const struct piapi_limits *l = &first->u->limits;
     struct spend_keys sk;
-    const struct piapi_limits *l = &a->u->limits;
     piapi_u64_str(rpm, l->per_minute);
     piapi_u64_str(conc, l->concurrent);
     piapi_u64_str(ttl, LEASE_TTL_MS);
     piapi_u64_str(tok, l->tokens_per_day);
     piapi_u64_str(dusd, (uint64_t)nano_usd(l->daily_usd));
     piapi_u64_str(musd, (uint64_t)nano_usd(l->monthly_usd));
-    spend_keys(&sk, a->u->name, a->now);
+    spend_keys(&sk, first->u->name, first->now);
+    key_of(kw, sizeof kw, "rpm", first->u->name);
+    key_of(kl, sizeof kl, "lease", first->u->name);
+    const char *fixed[] = { kw, kl, sk.key, rpm, conc, ttl, tok, dusd, musd, sk.tokens, sk.usd };
+    memcpy(argv, fixed, sizeof fixed);
+    for (size_t i = 0; i < b->n; i++)
+        argv[11 + i] = b->a[i]->slot->lease;
+    piapi_redis_eval(ADMIT_LUA, 3, (int)(11 + b->n), argv, on_batch_reply, b);
+}
+
+/* The round's attempts go, a call per member (per config snapshot: the
+ * same limits), in the order they came. Their replies may come before
+ * this returns (Redis away): the queue is copied out first. */
+static void send_queued(void)
+{
+    struct attempt *q[QUEUE_MAX];
+    size_t n = sh.nqueued;
+    if (!n)
+        return;
+    memcpy(q, sh.queued, n * sizeof *q);
+    sh.nqueued = 0;
     if (sh.norphans)
         orphans_return();
+    for (size_t i = 0; i < n; i++) {
+        if (!q[i])
+            continue;
+        const struct piapi_user *u = q[i]->u;
+        struct batch *b = piapi_xcalloc(1, sizeof *b);
+        for (size_t j = i; j < n && b->n < BATCH_MAX; j++)
+            if (q[j] && q[j]->u == u) {
+                b->a[b->n++] = q[j];
+                q[j] = NULL;
+            }
+        send_batch(b);
+    }
+    piapi_redis_flush();
+}
+
+/* Queued for the round's end (send_queued, from the round-end hook). */
+static void try_shared(struct attempt *a)
+{
     size_t ilen = strlen(sh.instance);  /* 16 hex digits: ":" and a u64 fit */
     memcpy(a->slot->lease, sh.instance, ilen);
     a->slot->lease[ilen] = ':';
     piapi_u64_str(a->slot->lease + ilen + 1, ++sh.seq);
-    key_of(kw, sizeof kw, "rpm", a->u->name);
-    key_of(kl, sizeof kl, "lease", a->u->name);
-    const char *argv[] = { kw, kl, sk.key, rpm, conc, a->slot->lease, ttl, tok, dusd, musd,
-                           sk.tokens, sk.usd };
     a->pending = 1;
-    piapi_redis_eval(ADMIT_LUA, 3, 12, argv, on_admit_reply, a);
+    if (sh.nqueued == QUEUE_MAX)
+        send_queued();
+    sh.queued[sh.nqueued++] = a;
 }
 
 static void on_retry(struct piapi_ev_timer *t)
@@ -910,7 +998,7 @@ static enum piapi_limits_verdict admit_shared(const struct piapi_user *u, double
         snprintf(sh.instance, sizeof sh.instance, "%016llx", (unsigned long long)id);
     }
     if (!sh.hooked) {
-        sh.round_end.fn = free_attempts;
+        sh.round_end.fn = end_round;
         piapi_ev_hook_add(ev, &sh.round_end);
         sh.hooked = 1;
     }

@@ -142,6 +142,8 @@ static void flush(void)
     rd.flushing = 0;
 }
 
+void piapi_redis_flush(void) { flush(); }
+
 static void flush_hook(struct piapi_ev_hook *h) { (void)h; flush(); }
 static void flush_timer(struct piapi_ev_timer *t) { (void)t; flush(); }
 

@@ -20,7 +20,7 @@
 
 #define PIAPI_REDIS_DEADLINE_MS 50
 /* Arguments of a script call, at most. */
-#define PIAPI_REDIS_ARGS_MAX 13
+#define PIAPI_REDIS_ARGS_MAX 48
 
 /* hiredis's reply, seen through the few fields a script's answer needs. */
 struct redisReply;
@@ -41,6 +41,10 @@ void piapi_redis_eval(const char *script, int nkeys, int argc, const char **argv
 
 /* A plain command (no script), answered as piapi_redis_eval's calls. */
 void piapi_redis_command(int argc, const char **argv, piapi_redis_done done, void *arg);
+
+/* Writes the commands buffered so far now, not at the round's end (for
+ * a round-end hook that may run after redis's own). */
+void piapi_redis_flush(void);
 
 /* Fire and forget (a lease's release): no answer awaited. 0 when sent,
  * -1 when not (no connection). */

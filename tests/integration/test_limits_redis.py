@@ -17,7 +17,7 @@ from test_observability import Metrics
 from test_limits import auth, chat, slow_stream
 
 KEY = "sk-limits-redis-9f2e4c1a"
-NAMES = ("shared", "pair", "again", "budget")
+NAMES = ("shared", "pair", "again", "budget", "burst", "burstc")
 KEYS = {n: f"piapi-user-{n}-lim4x9Tq2" for n in NAMES}
 
 
@@ -39,7 +39,9 @@ def redis_config(port):
             "users": [user("shared", "openai", requestsPerMinute=4),
                       user("pair", "anthropic", concurrentRequests=2, queueMs=0),
                       user("again", "openai", requestsPerMinute=2),
-                      user("budget", "openai", dailyBudgetUsd="2", tokensPerDay=10000000)],
+                      user("budget", "openai", dailyBudgetUsd="2", tokensPerDay=10000000),
+                      user("burst", "openai", requestsPerMinute=10),
+                      user("burstc", "anthropic", concurrentRequests=3, queueMs=0)],
             "pricing": [{"model": "gpt-5*", "input": "1.25", "output": "10.00"}],
             "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
         }
@@ -109,6 +111,39 @@ class TestSharedLimits(unittest.TestCase):
         self.assertGreaterEqual(int(r.header("Retry-After")), 1)
         local = self.a.request("GET", "/usage", auth_of("budget")).json()
         self.assertAlmostEqual(local["today"]["cost_usd"], 1.25)   # A's own tally
+
+    def burst(self, jobs):
+        """Runs every (stack, member, body) of jobs at once; their statuses."""
+        out, gate = [], threading.Barrier(len(jobs))
+
+        def run(stack, name, body):
+            gate.wait(5)
+            path = "/piapi/cc/v1/messages" if name == "burstc" else "/piapi/cx/chat/completions"
+            out.append(stack.request("POST", path, auth_of(name), body=body, timeout=30).status)
+        threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return out
+
+    def test_1c_bursts_are_admitted_exactly(self):
+        """A member's requests arriving together are admitted by one
+        script call per loop round: still exactly the limit, across two
+        instances bursting at once."""
+        jobs = [(s, "burst", chat(f"burst-{i}")) for i, s in enumerate([self.a] * 16 + [self.b] * 8)]
+        got = self.burst(jobs)
+        self.assertEqual(len(got), 24, got)
+        self.assertEqual(got.count(200), 10, got)
+        self.assertEqual(got.count(429), 14, got)
+        reached = [r for s in (self.a, self.b) for r in s.mock.requests()
+                   if b"burst-" in r["body"]]
+        self.assertEqual(len(reached), 10)
+        # concurrency: three slots, no queue: three of eight streams run
+        jobs = [(self.a, "burstc", slow_stream(f"burstc-{i}", 1.0)) for i in range(8)]
+        got = self.burst(jobs)
+        self.assertEqual(sorted(got), [200] * 3 + [429] * 5, got)
+        self.assertEqual(self.errors(self.a) + self.errors(self.b), 0)
 
     def streams(self, stack, n, seconds, out):
         threads = []
