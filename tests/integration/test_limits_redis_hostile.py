@@ -5,7 +5,9 @@ must add up exactly in piapi:spend:<member>:<YYYYMM>, and a Redis paused
 (SIGSTOP) mid-traffic. Two piapi instances (each behind its own nginx)
 on one redis-server."""
 import datetime
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -180,12 +182,12 @@ class TestSharedLimitsHostile(unittest.TestCase):
             for n, t in enumerate(threads):
                 t.start()
                 if n == 4:
-                    subprocess.run(["kill", "-STOP", str(pid)], check=True)
+                    os.kill(pid, signal.SIGSTOP)
                 time.sleep(0.02)
             for t in threads:
                 t.join(15)
         finally:
-            subprocess.run(["kill", "-CONT", str(pid)], check=True)
+            os.kill(pid, signal.SIGCONT)
         self.assertEqual(statuses, [200] * 20)
         for s in (self.a, self.b):
             self.assertTrue(harness.wait_until(
