@@ -17,7 +17,7 @@ import harness
 from test_limits import chat, slow_stream
 
 KEY = "sk-limits-redis-batch-8c3e"
-NAMES = ("big", "other", "bigc", "stop", "cq", "rl")
+NAMES = ("big", "other", "bigc", "stop", "cq", "rl", "werr")
 KEYS = {n: f"piapi-user-{n}-b4tchQ9" for n in NAMES}
 
 
@@ -45,6 +45,7 @@ def config_for(port, knobs):
                       user("bigc", "anthropic", concurrentRequests=33, queueMs=0),
                       user("stop", "anthropic", concurrentRequests=100, queueMs=0),
                       user("cq", "anthropic", concurrentRequests=3, queueMs=15000),
+                      user("werr", "anthropic", concurrentRequests=4, queueMs=0),
                       user("rl", "openai", requestsPerMinute=20, queueMs=knobs["rl_queue_ms"])],
             "pricing": [{"model": "gpt-5*", "input": "1.25", "output": "10.00"}],
             "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
@@ -187,6 +188,25 @@ class TestBatchedAdmissions(unittest.TestCase):
         got = self.burst(jobs)
         t.join(5)
         self.assertEqual(sorted(s for _, s, _ in got), [200] * 20 + [429] * 20, got)
+
+    def test_6_redis_erring_for_a_batch(self):
+        """The member's lease key of another type: Redis errs for the
+        whole batch, each of its requests falls back to this instance's
+        limits (still concurrentRequests on it); the key fixed, shared
+        admissions resume and leave no lease behind."""
+        key = "piapi:lease:werr"
+        self.cli("SET", key, "garbage")
+        try:
+            got = self.burst([(self.a, "werr", slow_stream(f"werr-{i}", 0.5))
+                              for i in range(10)])
+            self.assertEqual(sorted(s for _, s, _ in got), [200] * 4 + [429] * 6, got)
+            self.assertEqual(self.cli("GET", key), "garbage")
+        finally:
+            self.cli("DEL", key)
+        got = self.burst([(s, "werr", slow_stream(f"werr-ok-{i}", 0.3))
+                          for i, s in enumerate([self.a, self.b] * 4)])
+        self.assertEqual(sorted(s for _, s, _ in got), [200] * 4 + [429] * 4, got)
+        self.assertTrue(harness.wait_until(lambda: self.cli("ZCARD", key) == "0", 3.0))
 
 
 if __name__ == "__main__":
