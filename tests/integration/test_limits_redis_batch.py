@@ -8,6 +8,7 @@ took go back once Redis is back (not left to expire)."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,9 +16,10 @@ import unittest
 
 import harness
 from test_limits import chat, slow_stream
+from test_observability import Metrics
 
 KEY = "sk-limits-redis-batch-8c3e"
-NAMES = ("big", "other", "bigc", "stop", "cq", "rl", "werr")
+NAMES = ("big", "other", "bigc", "stop", "cq", "rl", "werr", "hold")
 KEYS = {n: f"piapi-user-{n}-b4tchQ9" for n in NAMES}
 
 
@@ -46,6 +48,7 @@ def config_for(port, knobs):
                       user("stop", "anthropic", concurrentRequests=100, queueMs=0),
                       user("cq", "anthropic", concurrentRequests=3, queueMs=15000),
                       user("werr", "anthropic", concurrentRequests=4, queueMs=0),
+                      user("hold", "anthropic", concurrentRequests=2, queueMs=6000),
                       user("rl", "openai", requestsPerMinute=20, queueMs=knobs["rl_queue_ms"])],
             "pricing": [{"model": "gpt-5*", "input": "1.25", "output": "10.00"}],
             "settings": {"redis": f"redis://127.0.0.1:{port}/0"},
@@ -207,6 +210,70 @@ class TestBatchedAdmissions(unittest.TestCase):
                           for i, s in enumerate([self.a, self.b] * 4)])
         self.assertEqual(sorted(s for _, s, _ in got), [200] * 4 + [429] * 4, got)
         self.assertTrue(harness.wait_until(lambda: self.cli("ZCARD", key) == "0", 3.0))
+
+    def raw_post(self, stack, name, body):
+        """A request whose client can leave (close) at any time."""
+        c = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
+        c.sendall(b"POST /piapi/cc/v1/messages HTTP/1.1\r\nHost: x\r\n" +
+                  f"Authorization: Bearer {KEYS[name]}\r\n".encode() +
+                  b"Content-Type: application/json\r\nConnection: close\r\n" +
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        return c
+
+    def test_7_waiters_leaving_and_redis_paused_mid_retry(self):
+        """B's requests wait for slots A holds, retrying together (one
+        batch a round); half of their clients leave, then Redis pauses
+        with a retry batch out: the rest are answered (local state), none
+        hangs, and once Redis is back no lease is left behind."""
+        holders = self.burst([(self.a, "hold", slow_stream(f"hold-{i}", 0.0))
+                              for i in range(2)])  # warm: both instances' routes
+        self.assertEqual([s for _, s, _ in holders], [200, 200])
+        held = []
+        ts = [threading.Thread(target=lambda i=i: held.append(self.a.request(
+            "POST", "/piapi/cc/v1/messages", auth_of("hold"),
+            body=slow_stream(f"hold-long-{i}", 1.2), timeout=20).status), daemon=True)
+            for i in range(2)]
+        for t in ts:
+            t.start()
+        self.assertTrue(harness.wait_until(lambda: Metrics(
+            self.a.request("GET", "/metrics").body.decode()).get(
+            "piapi_user_in_flight", user="hold") == 2, 5.0))
+        waiters = [self.raw_post(self.b, "hold", slow_stream(f"hold-w-{i}", 0.1))
+                   for i in range(6)]
+        time.sleep(0.3)   # all six retry every 50 ms
+        for c in waiters[:3]:
+            c.close()
+        time.sleep(0.1)
+        pid = self.redis.popen.pid
+        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        try:
+            statuses = []
+            for c in waiters[3:]:
+                c.settimeout(15)
+                head = harness.read_head(c)
+                statuses.append(int(head.split(b" ")[1]) if head else None)
+                c.close()
+        finally:
+            subprocess.run(["kill", "-CONT", str(pid)], check=True)
+        for t in ts:
+            t.join(20)
+        self.assertEqual(held, [200, 200])
+        self.assertEqual(len(statuses), 3)
+        self.assertTrue(all(s in (200, 429) for s in statuses), statuses)
+        for s in (self.a, self.b):
+            self.assertTrue(harness.wait_until(
+                lambda: s.request("GET", "/healthz").body == b"ok\n", 8.0, 0.1))
+        time.sleep(0.3)   # the answered ones' streams end
+        for s in (self.a, self.b):
+            r = s.request("POST", "/piapi/cc/v1/messages", auth_of("hold"),
+                          body=slow_stream("hold-after", 0.05), timeout=20)
+            self.assertEqual(r.status, 200, r.body)
+        self.assertTrue(harness.wait_until(
+            lambda: self.cli("ZCARD", "piapi:lease:hold") == "0", 2.0),
+            self.cli("ZRANGE", "piapi:lease:hold", "0", "-1", "WITHSCORES"))
+        for s in (self.a, self.b):
+            self.assertEqual(Metrics(s.request("GET", "/metrics").body.decode()).get(
+                "piapi_user_in_flight", user="hold"), 0)
 
 
 if __name__ == "__main__":
