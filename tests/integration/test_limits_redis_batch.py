@@ -191,6 +191,10 @@ class TestBatchedAdmissions(unittest.TestCase):
         got = self.burst(jobs)
         t.join(5)
         self.assertEqual(sorted(s for _, s, _ in got), [200] * 20 + [429] * 20, got)
+        for s in (self.a, self.b):   # the reload did happen
+            self.assertTrue(harness.wait_until(lambda: Metrics(
+                s.request("GET", "/metrics").body.decode()).get(
+                "piapi_config_reloads_total", result="success") >= 1, 5.0))
 
     def test_6_redis_erring_for_a_batch(self):
         """The member's lease key of another type: Redis errs for the
