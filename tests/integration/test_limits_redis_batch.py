@@ -137,12 +137,12 @@ class TestBatchedAdmissions(unittest.TestCase):
         local state); once Redis runs again the late scripts' leases are
         returned by the next admission, well before they would expire."""
         pid = self.redis.popen.pid
-        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        os.kill(pid, signal.SIGSTOP)
         try:
             out = self.burst([(s, "stop", slow_stream(f"stop-{i}", 0.2))
                               for i, s in enumerate([self.a, self.b] * 30)])
         finally:
-            subprocess.run(["kill", "-CONT", str(pid)], check=True)
+            os.kill(pid, signal.SIGCONT)
         self.assertEqual([s for _, s, _ in out], [200] * 60, out)
         for s in (self.a, self.b):
             self.assertTrue(harness.wait_until(
@@ -249,7 +249,7 @@ class TestBatchedAdmissions(unittest.TestCase):
             c.close()
         time.sleep(0.1)
         pid = self.redis.popen.pid
-        subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        os.kill(pid, signal.SIGSTOP)
         try:
             statuses = []
             for c in waiters[3:]:
@@ -258,7 +258,7 @@ class TestBatchedAdmissions(unittest.TestCase):
                 statuses.append(int(head.split(b" ")[1]) if head else None)
                 c.close()
         finally:
-            subprocess.run(["kill", "-CONT", str(pid)], check=True)
+            os.kill(pid, signal.SIGCONT)
         for t in ts:
             t.join(20)
         self.assertEqual(held, [200, 200])
