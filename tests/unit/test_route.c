@@ -113,6 +113,10 @@ static const struct parse_case parse_cases[] = {
     { "/piapi/cx/a%252%2566b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/a%252%25%36%36b", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%252%2565%252%2565/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    /* a ';' so spelled: ".%253%2562" is ".;" three decodings on, "." to
+     * a server that drops ";params" */
+    { "/piapi/cx/.%253%2562/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/..%253b/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     /* percent-encoded bytes that are not UTF-8 (overlong '.', surrogates...) */
     { "/piapi/cx/%c0%ae%c0%ae/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%C0%AE", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
