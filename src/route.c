@@ -79,11 +79,12 @@ static int dot_or_slash_lookalike(unsigned long cp)
 #define DECODE_ROUNDS 4
 
 /* After a "%25", whether what follows, as sent or decoded once or more,
- * starts with "2e", "2f", "5c", "25" or "3b" (%252e, %25%32%65,
- * %25252e, %252%2566, %253%2562...): an escape of '.', '/', '\', '%' or
- * ';' is then left, which an upstream that decodes once more turns into
- * a dot segment, a separator, or ";params" that servers such as Tomcat
- * drop before resolving ".;". Each round shrinks what it decodes to a third at most, so
+ * starts with "2e", "2f", "5c", "25", "3b" or "20" (%252e, %25%32%65,
+ * %25252e, %252%2566, %253%2562, %252%30...): an escape of '.', '/',
+ * '\', '%', ';' or ' ' is then left, which an upstream that decodes once
+ * more turns into a dot segment, a separator, ";params" that servers such
+ * as Tomcat drop before resolving ".;", or a space that some trim around
+ * a ". ". Each round shrinks what it decodes to a third at most, so
  * the first 3^DECODE_ROUNDS bytes decide it. */
 static int multi_encoded(const char *s, size_t n)
 {
@@ -96,7 +97,7 @@ static int multi_encoded(const char *s, size_t n)
         int lo = m >= 2 ? piapi_hex_digit(buf[1]) : -1;
         if (hi >= 0 && lo >= 0) {
             int v = hi * 16 + lo;
-            return v == '.' || v == '/' || v == '\\' || v == '%' || v == ';';
+            return v == '.' || v == '/' || v == '\\' || v == '%' || v == ';' || v == ' ';
         }
         size_t k = 0;
         for (size_t i = 0; i < m; i++) {
@@ -115,7 +116,7 @@ static int multi_encoded(const char *s, size_t n)
 /* The bytes of one segment (between raw '/'): allowed raw bytes,
  * well-formed escapes, nothing that decodes to a control character, to
  * invalid UTF-8 or to a look-alike of '.', '/' or '\', no multiply
- * encoded '.', '/', '\', '%' or ';'. NULL when fine, else why not. */
+ * encoded '.', '/', '\', '%', ';' or ' '. NULL when fine, else why not. */
 static const char *segment_bytes_why(const char *s, size_t n)
 {
     struct utf8_state u = { 0 };

@@ -117,6 +117,9 @@ static const struct parse_case parse_cases[] = {
      * a server that drops ";params" */
     { "/piapi/cx/.%253%2562/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/..%253b/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    /* and a space: ".%252%30;" is ". ;" two decodings on */
+    { "/piapi/cx/.%252%30;/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
+    { "/piapi/cx/..%2520/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     /* percent-encoded bytes that are not UTF-8 (overlong '.', surrogates...) */
     { "/piapi/cx/%c0%ae%c0%ae/x", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
     { "/piapi/cx/%C0%AE", PIAPI_ROUTE_BAD_PATH, 0, 0, 0 },
