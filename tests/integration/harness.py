@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 import urllib.request
 from pathlib import Path
 
@@ -159,6 +160,42 @@ def redis_ping(port):
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def redis_cli(port, *args, db=0):
+    """redis-cli's answer to one command, as text."""
+    return subprocess.run(["redis-cli", "-p", str(port), "-n", str(db)] + list(args),
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+class RedisPair(unittest.TestCase):
+    """Two piapi instances, each behind its own nginx, on one throw-away
+    redis-server: NAME names them, config(port) gives their config
+    callable."""
+    NAME = "redis-pair"
+
+    @classmethod
+    def config(cls, port):
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port = free_port()
+        cls.redis = start_redis(cls.port)
+        cfg = cls.config(cls.port)
+        cls.a = Stack("nginx", cfg, name=f"{cls.NAME}-a").start()
+        cls.b = Stack("nginx", cfg, name=f"{cls.NAME}-b").start()
+        for s in (cls.a, cls.b):
+            assert wait_until(lambda: s.request("GET", "/healthz").body == b"ok\n", 5.0, 0.05)
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in (cls.a, cls.b):
+            s.stop()
+        cls.redis.stop()
+
+    def cli(self, *args):
+        return redis_cli(self.port, *args).strip()
 
 
 def start_redis(port, *extra):

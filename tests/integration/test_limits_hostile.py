@@ -163,11 +163,6 @@ class ReloadRaisesConcurrency(unittest.TestCase):
         self.assertLess(got[1][1], 2.5, got)
 
 
-def redis_cli(port, *args, db=0):
-    return subprocess.run(["redis-cli", "-p", str(port), "-n", str(db)] + list(args),
-                          capture_output=True, text=True, timeout=10).stdout
-
-
 def redis_major():
     try:
         out = subprocess.run(["redis-server", "--version"], capture_output=True,
@@ -232,15 +227,15 @@ class BrokenRedis(unittest.TestCase):
                          "requestsPerMinute": 1000})
         self.assertTrue(harness.wait_until(lambda: health(st) == "ok\n", 5.0, 0.05))
         self.assertEqual(self.post(st), 200)
-        self.assertIn("piapi:rpm:alice", redis_cli(port, "KEYS", "*", db=2))
+        self.assertIn("piapi:rpm:alice", harness.redis_cli(port, "KEYS", "*", db=2))
         for round_ in range(3):
-            redis_cli(port, "SCRIPT", "FLUSH")
+            harness.redis_cli(port, "SCRIPT", "FLUSH")
             got = [self.post(st) for _ in range(4)]
             self.assertEqual(got, [200] * 4, round_)
         self.assertTrue(harness.wait_until(
-            lambda: redis_cli(port, "ZCARD", "piapi:lease:alice", db=2).strip() == "0", 2.0, 0.05))
+            lambda: harness.redis_cli(port, "ZCARD", "piapi:lease:alice", db=2).strip() == "0", 2.0, 0.05))
         self.assertEqual(metric(st, "piapi_redis_errors_total"), 0)
-        keys = redis_cli(port, "KEYS", "*", db=2) + redis_cli(port, "KEYS", "*")
+        keys = harness.redis_cli(port, "KEYS", "*", db=2) + harness.redis_cli(port, "KEYS", "*")
         self.assertNotIn(ALICE, keys)
 
     @unittest.skipUnless(redis_major() >= 7 or redis_major() in (5, 6), "redis-server version")
@@ -253,7 +248,7 @@ class BrokenRedis(unittest.TestCase):
         st = self.stack(f"redis://127.0.0.1:{port}/0", "limits-hostile-sleep")
         self.assertTrue(harness.wait_until(lambda: health(st) == "ok\n", 5.0, 0.05))
         before = metric(st, "piapi_redis_errors_total")
-        sleeper = threading.Thread(target=redis_cli, args=(port, "DEBUG", "SLEEP", "2"))
+        sleeper = threading.Thread(target=harness.redis_cli, args=(port, "DEBUG", "SLEEP", "2"))
         sleeper.start()
         time.sleep(0.2)
         got = [self.post(st) for _ in range(8)]
@@ -263,7 +258,7 @@ class BrokenRedis(unittest.TestCase):
         sleeper.join()
         self.assertTrue(harness.wait_until(lambda: health(st) == "ok\n", 8.0, 0.1), health(st))
         self.assertEqual(self.post(st), 200)
-        self.assertIn("piapi:rpm:alice", redis_cli(port, "KEYS", "*"))
+        self.assertIn("piapi:rpm:alice", harness.redis_cli(port, "KEYS", "*"))
 
     def test_missing_database(self):
         """SELECT 9 on a Redis with 4 databases fails: before, the error was
@@ -273,7 +268,7 @@ class BrokenRedis(unittest.TestCase):
         time.sleep(0.5)
         got = [self.post(st) for _ in range(3)]
         self.assertEqual(got, [200] * 3)
-        self.assertEqual(redis_cli(port, "KEYS", "*").strip(), "")
+        self.assertEqual(harness.redis_cli(port, "KEYS", "*").strip(), "")
         self.assertIn("redis: unreachable", health(st))
         self.assertGreater(metric(st, "piapi_redis_errors_total"), 0)
 
@@ -318,8 +313,8 @@ class BrokenRedis(unittest.TestCase):
         day = time.strftime("%Y%m%d", time.gmtime())
         key = f"piapi:spend:{member}:{day[:6]}"
         self.assertTrue(harness.wait_until(
-            lambda: redis_cli(port, "HGET", key, "tokens:" + day[6:]).strip() not in ("", "0"), 2.0, 0.05),
-            redis_cli(port, "KEYS", "*"))
+            lambda: harness.redis_cli(port, "HGET", key, "tokens:" + day[6:]).strip() not in ("", "0"), 2.0, 0.05),
+            harness.redis_cli(port, "KEYS", "*"))
 
 
 if __name__ == "__main__":

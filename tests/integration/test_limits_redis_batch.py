@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import unittest
@@ -58,30 +57,13 @@ def config_for(port, knobs):
 
 @unittest.skipUnless(shutil.which("redis-server") and shutil.which("redis-cli"),
                      "redis-server not installed")
-class TestBatchedAdmissions(unittest.TestCase):
+class TestBatchedAdmissions(harness.RedisPair):
+    NAME = "limits-redis-batch"
 
     @classmethod
-    def setUpClass(cls):
-        cls.port = harness.free_port()
-        cls.redis = harness.start_redis(cls.port)
+    def config(cls, port):
         cls.knobs = {"rl_queue_ms": 1000}   # a reload changes it: a new snapshot
-        cfg = config_for(cls.port, cls.knobs)
-        cls.a = harness.Stack("nginx", cfg, name="limits-redis-batch-a").start()
-        cls.b = harness.Stack("nginx", cfg, name="limits-redis-batch-b").start()
-        for s in (cls.a, cls.b):
-            assert harness.wait_until(
-                lambda: s.request("GET", "/healthz").body == b"ok\n", 5.0, 0.05)
-
-    @classmethod
-    def tearDownClass(cls):
-        for s in (cls.a, cls.b):
-            s.stop()
-        cls.redis.stop()
-
-    def cli(self, *args):
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args],
-                             capture_output=True, timeout=5)
-        return out.stdout.decode().strip()
+        return config_for(port, cls.knobs)
 
     @staticmethod
     def burst(jobs):

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import unittest
@@ -55,29 +54,12 @@ def config_for(port):
 
 @unittest.skipUnless(shutil.which("redis-server") and shutil.which("redis-cli"),
                      "redis-server not installed")
-class TestSharedLimitsHostile(unittest.TestCase):
+class TestSharedLimitsHostile(harness.RedisPair):
+    NAME = "limits-redis-hostile"
 
     @classmethod
-    def setUpClass(cls):
-        cls.port = harness.free_port()
-        cls.redis = harness.start_redis(cls.port)
-        cfg = config_for(cls.port)
-        cls.a = harness.Stack("nginx", cfg, name="limits-redis-hostile-a").start()
-        cls.b = harness.Stack("nginx", cfg, name="limits-redis-hostile-b").start()
-        for s in (cls.a, cls.b):
-            assert harness.wait_until(
-                lambda: s.request("GET", "/healthz").body == b"ok\n", 5.0, 0.05)
-
-    @classmethod
-    def tearDownClass(cls):
-        for s in (cls.a, cls.b):
-            s.stop()
-        cls.redis.stop()
-
-    def cli(self, *args):
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args],
-                             capture_output=True, timeout=5)
-        return out.stdout.decode().strip()
+    def config(cls, port):
+        return config_for(port)
 
     def in_flight(self, stack, user):
         return Metrics(stack.request("GET", "/metrics").body.decode()).get(

@@ -80,35 +80,18 @@ def config_for(port):
 
 @unittest.skipUnless(shutil.which("redis-server") and shutil.which("redis-cli"),
                      "redis-server not installed")
-class TestSharedCooldownsHostile(unittest.TestCase):
+class TestSharedCooldownsHostile(harness.RedisPair):
+    NAME = "routes-redis-hostile"
 
     @classmethod
-    def setUpClass(cls):
-        cls.port = harness.free_port()
-        cls.redis = harness.start_redis(cls.port)
-        cfg = config_for(cls.port)
-        cls.a = harness.Stack("nginx", cfg, name="routes-redis-hostile-a").start()
-        cls.b = harness.Stack("nginx", cfg, name="routes-redis-hostile-b").start()
-        for s in (cls.a, cls.b):
-            assert harness.wait_until(
-                lambda: s.request("GET", "/healthz").body == b"ok\n", 5.0, 0.05)
-
-    @classmethod
-    def tearDownClass(cls):
-        for s in (cls.a, cls.b):
-            s.stop()
-        cls.redis.stop()
+    def config(cls, port):
+        return config_for(port)
 
     def tearDown(self):
         self.cli("CONFIG", "SET", "maxmemory", "0")
         self.cli("DEL", "piapi:cooling")
 
     # -- helpers --
-
-    def cli(self, *args):
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *args],
-                             capture_output=True, timeout=5)
-        return out.stdout.decode()
 
     def call(self, stack, user):
         return stack.request("POST", "/piapi/cc/echo",
